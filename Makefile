@@ -1,0 +1,38 @@
+# make demo — set up, then run the Fashion-MNIST demo (compress run examples/fashion_mnist.yaml)
+# make test — set up, then the test suite (what .ci/run calls)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FMNIST ?= /usr/share/datasets/fashion-mnist
+FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+
+.PHONY: setup demo test fashion-mnist clean
+
+setup: $(VENV)/.installed
+	@$(MAKE) -s fashion-mnist || true
+
+# torch==2.13.0 first: it is a CPU build on disk here, and it satisfies pyproject's range,
+# so `pip install -e .` adds no other torch (a bare requirement pulls a multi-GB CUDA build).
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# Installs Fashion-MNIST with apt when its files are missing and apt is usable.
+fashion-mnist:
+	@missing=0; for f in $(FMNIST_FILES); do [ -f "$(FMNIST)/$$f" ] || missing=1; done; \
+	if [ $$missing = 1 ] && command -v apt-get >/dev/null 2>&1; then \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || true; \
+	fi
+
+demo: setup
+	@for f in $(FMNIST_FILES); do [ -f "$(FMNIST)/$$f" ] || { \
+	  echo "Fashion-MNIST not found in $(FMNIST): install it with 'apt-get install dataset-fashion-mnist', or put the four IDX .gz files in a folder and run 'make demo FMNIST=/that/folder' (sets data.root)."; exit 1; }; done
+	$(VENV)/bin/compress run examples/fashion_mnist.yaml --set data.root=$(FMNIST)
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Data for compression runs: datasets, calibration subsets, data-free calibration."""

@@ -1,0 +1,178 @@
+"""Datasets as in-memory uint8 tensors plus the normalization that defines them.
+
+A dataset is kept as raw uint8 images (N, C, H, W) and int64 labels; the float
+transform (scale 1/255, then mean/std) is part of the dataset definition so the same
+numbers can be written into every deployment manifest and applied by any runtime.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from compress.errors import UserError
+
+FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# Statistics of the Fashion-MNIST training images after scaling to [0, 1].
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+
+
+class DataError(UserError):
+    """A dataset path or file that cannot be used; the message names the file."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8, (N, C, H, W)
+    labels: torch.Tensor  # int64, (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: torch.Tensor) -> "Split":
+        return Split(self.images[idx], self.labels[idx])
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+    mean: list[float]
+    std: list[float]
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) -> normalized float32, the model's input."""
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+    def normalize_np(self, images: np.ndarray) -> np.ndarray:
+        """The same transform in numpy, as a deployment applies it from the manifest."""
+        mean = np.asarray(self.mean, np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(self.std, np.float32).reshape(1, -1, 1, 1)
+        return ((images.astype(np.float32) * np.float32(1 / 255.0)) - mean) / std
+
+    def preprocessing(self) -> dict:
+        """What a deployment needs to turn raw pixels into the model's input."""
+        return {"scale": 1 / 255.0, "mean": list(self.mean), "std": list(self.std),
+                "layout": "NCHW", "dtype": "float32"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped): the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read IDX file ({e})") from e
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path}: not an IDX file (expected magic 0x0000 then type and rank)")
+    dtype_code, ndim = data[2], data[3]
+    if dtype_code != 0x08:
+        raise DataError(f"{path}: IDX element type 0x{dtype_code:02x}, expected 0x08 (uint8)")
+    header = 4 + 4 * ndim
+    dims = struct.unpack(">" + "I" * ndim, data[4:header])
+    expected = int(np.prod(dims)) if dims else 0
+    if len(data) - header != expected:
+        raise DataError(f"{path}: header says {dims} = {expected} bytes, file holds "
+                        f"{len(data) - header}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def check_fashion_mnist_root(root: str | Path) -> Path:
+    """Fail early, naming the missing files, before any work starts."""
+    root = Path(root)
+    missing = [n for n in FASHION_MNIST_FILES.values() if not (root / n).is_file()]
+    if missing:
+        raise DataError(
+            f"data.root={root}: Fashion-MNIST files missing: {', '.join(missing)}. "
+            f"Install them with `apt-get install dataset-fashion-mnist` (files land in "
+            f"{FASHION_MNIST_DEFAULT_ROOT}) or point data.root at a folder holding the four "
+            f"IDX .gz files.")
+    return root
+
+
+def fashion_mnist(root: str | Path = FASHION_MNIST_DEFAULT_ROOT) -> Dataset:
+    root = check_fashion_mnist_root(root)
+    arrays = {k: read_idx(root / n) for k, n in FASHION_MNIST_FILES.items()}
+    for part in ("train", "test"):
+        n_img, n_lab = len(arrays[f"{part}_images"]), len(arrays[f"{part}_labels"])
+        if n_img != n_lab or arrays[f"{part}_images"].ndim != 3:
+            raise DataError(f"{root}: {part} split has {n_img} images (rank "
+                            f"{arrays[f'{part}_images'].ndim}) but {n_lab} labels")
+
+    def split(part: str) -> Split:
+        imgs = torch.from_numpy(arrays[f"{part}_images"].copy()).unsqueeze(1)
+        return Split(imgs, torch.from_numpy(arrays[f"{part}_labels"].astype(np.int64)))
+
+    return Dataset("fashion_mnist", split("train"), split("test"), 10,
+                   [FASHION_MNIST_MEAN], [FASHION_MNIST_STD], list(FASHION_MNIST_CLASSES))
+
+
+def synthetic(num_classes: int = 10, train_size: int = 2048, test_size: int = 512,
+              image_size: int = 28, channels: int = 1, noise: float = 0.15,
+              seed: int = 0) -> Dataset:
+    """A seeded, learnable image classification set for tests and smoke runs.
+
+    Each class is a smooth random prototype; samples are the prototype shifted by up to
+    two pixels, with random contrast and pixel noise, so a small CNN needs its spatial
+    filters (not just a mean) to separate the classes, but learns them in an epoch or two.
+    """
+    g = torch.Generator().manual_seed(seed)
+    coarse = (torch.rand(num_classes, channels, 7, 7, generator=g) > 0.5).float()
+    protos = torch.nn.functional.interpolate(coarse, size=(image_size, image_size),
+                                             mode="bilinear", align_corners=False)
+
+    def make(n: int) -> Split:
+        labels = torch.randint(0, num_classes, (n,), generator=g)
+        x = protos[labels]
+        shifts = torch.randint(-2, 3, (n, 2), generator=g)
+        x = torch.stack([torch.roll(img, (int(s[0]), int(s[1])), dims=(1, 2))
+                         for img, s in zip(x, shifts)])
+        contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)
+        x = (x - 0.5) * contrast + 0.5 + noise * torch.randn(x.shape, generator=g)
+        images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+        return Split(images, labels.long())
+
+    train, test = make(train_size), make(test_size)
+    mean = [float(train.images.float().mean() / 255)]
+    std = [float(train.images.float().std() / 255)]
+    return Dataset("synthetic", train, test, num_classes, mean * channels, std * channels,
+                   [f"class{i}" for i in range(num_classes)])
+
+
+def resolve_factory(spec: str, what: str) -> Callable:
+    """Resolve a "pkg.module:factory" string; the one place configs name code."""
+    if ":" not in spec:
+        raise UserError(f"{what}={spec!r}: expected a built-in name or 'pkg.module:factory'")
+    mod_name, attr = spec.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise UserError(f"{what}={spec!r}: cannot import module {mod_name!r} ({e})") from e
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise UserError(f"{what}={spec!r}: module {mod_name!r} has no callable {attr!r}")
+    return fn

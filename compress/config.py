@@ -1,0 +1,213 @@
+"""The run configuration: one YAML file, pydantic models per section.
+
+Stage configs live beside their code (compress/distill, prune.py, quantize.py) and are
+gathered here into one discriminated union on `kind`. Unknown keys are errors that name
+the key path and the file; `--set a.b=c` overrides are applied before validation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from calib.datasets import FASHION_MNIST_DEFAULT_ROOT
+from compress.distill import DistillConfig
+from compress.errors import UserError
+from compress.models import check_model_spec
+from compress.prune import PruneConfig
+from compress.quantize import QuantizeConfig
+from compress.train import TrainConfig
+
+
+class ConfigError(UserError):
+    """A config that cannot be used; str() is the complete message for a person."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticConfig(Strict):
+    """The seeded synthetic classification set (tests, smoke runs)."""
+    num_classes: int = Field(10, ge=2, description="classes of the synthetic set")
+    train_size: int = Field(2048, ge=16, description="training examples")
+    test_size: int = Field(512, ge=16, description="test examples")
+    image_size: int = Field(28, ge=8, description="square image side in pixels")
+    channels: int = Field(1, ge=1, description="image channels")
+    noise: float = Field(0.15, ge=0, description="pixel noise std (0..1 scale)")
+
+
+class DataConfig(Strict):
+    """Where the images come from and how they are batched."""
+    dataset: str = Field("fashion_mnist", description="fashion_mnist | synthetic | 'pkg.module:factory' returning calib.datasets.Dataset")
+    root: str = Field(FASHION_MNIST_DEFAULT_ROOT, description="folder with the four Fashion-MNIST IDX .gz files")
+    batch_size: int = Field(128, ge=1, description="training batch size")
+    eval_batch_size: int = Field(500, ge=1, description="batch size for accuracy passes")
+    calib_samples: int = Field(1024, ge=1, description="calibration subset size (stratified, seeded)")
+    limit_train: Optional[int] = Field(None, ge=1, description="use a stratified subset of this many training examples")
+    limit_test: Optional[int] = Field(None, ge=1, description="use a stratified subset of this many test examples")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="used when dataset is synthetic")
+
+
+class TeacherTrainConfig(TrainConfig):
+    """Training of the teacher when no checkpoint is given (CE only)."""
+    optimizer: Literal["adamw", "sgd"] = Field("sgd", description="adamw or sgd (momentum, nesterov)")
+    lr: float = Field(0.1, gt=0, description="peak learning rate")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="on the CE term")
+    kd_weight: float = Field(0.0, ge=0, le=0, description="teachers train on labels only")
+
+
+class TeacherConfig(Strict):
+    """The trained model to compress: a checkpoint, or trained here first."""
+    model: str = Field("resnet_teacher", description="zoo name or 'pkg.module:factory'")
+    checkpoint: Optional[str] = Field(None, description="state_dict (.safetensors, or .pt read with weights_only=True); relative to the config file")
+    train: Optional[TeacherTrainConfig] = Field(None, description="train the teacher as the first stage when no checkpoint is given")
+
+    _check_model = field_validator("model")(lambda cls, v: check_model_spec(v))
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.checkpoint is None) == (self.train is None):
+            raise ValueError("give exactly one of teacher.checkpoint (a trained teacher) "
+                             "or teacher.train (train it here)")
+        return self
+
+
+class StudentConfig(Strict):
+    """The smaller architecture the teacher is distilled into."""
+    model: str = Field("resnet8", description="zoo name or 'pkg.module:factory'")
+    checkpoint: Optional[str] = Field(None, description="optional initial weights for the student")
+
+    _check_model = field_validator("model")(lambda cls, v: check_model_spec(v))
+
+
+StageConfig = Annotated[Union[DistillConfig, PruneConfig, QuantizeConfig],
+                        Field(discriminator="kind")]
+
+
+class ExportConfig(Strict):
+    """ONNX / OpenVINO IR export of each stage's model."""
+    opset: int = Field(17, ge=13, le=18, description="ONNX opset of float exports (13-18)")
+    openvino_ir: bool = Field(True, description="also convert each ONNX to OpenVINO IR (.xml/.bin)")
+    stages: Optional[list[str]] = Field(None, description="stage names to export and deploy (default: teacher and every stage)")
+
+
+class TargetConfig(Strict):
+    """One backend the exported models are deployed and measured on."""
+    backend: Literal["onnxruntime", "openvino", "tensorrt"] = Field(description="runtime to deploy on")
+    threads: Optional[int] = Field(None, ge=1, description="intra-op threads (default: all cores)")
+    device: str = Field("cpu", description="cpu, or cuda/gpu where the backend supports it")
+
+
+class ProfileConfig(Strict):
+    """The timing harness shared by every backend."""
+    warmup: int = Field(20, ge=0, description="untimed runs before timing")
+    runs: int = Field(200, ge=100, description="timed batch-1 runs (>= 100 for a stable p99)")
+    throughput_batch: int = Field(64, ge=1, description="batch size of the throughput measurement")
+    throughput_runs: int = Field(30, ge=1, description="timed runs at the throughput batch")
+
+
+class OutputConfig(Strict):
+    """Where runs are written."""
+    dir: str = Field("runs", description="runs land in <dir>/<name>/")
+
+
+class RunConfig(Strict):
+    name: str = Field(description="run name: the folder under output.dir")
+    seed: int = Field(0, description="seed for init, shuffling, augmentation and sampling")
+    device: str = Field("auto", description="training device: auto | cpu | cuda")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    stages: list[StageConfig] = Field(default_factory=list, description="ordered list of stages, each {kind: distill|prune|quantize, ...}")
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    targets: list[TargetConfig] = Field(default_factory=lambda: [
+        TargetConfig(backend="onnxruntime"), TargetConfig(backend="openvino"),
+        TargetConfig(backend="tensorrt")])
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    config_dir: str = Field(".", exclude=True, description="(set by the loader) folder of the YAML file")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return v
+
+    def resolve_path(self, p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else Path(self.config_dir) / path
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `a.b.0.c=value` override (value parsed as YAML) to the raw config dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
+    path, value = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node: Any = raw
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(keys[:i + 1])
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(f"--set {path}: {where}: list index out of range "
+                                  f"(the list has {len(node)} items)")
+            k = int(k)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {path}: {'.'.join(keys[:i])} is not a section")
+        if last:
+            node[k] = yaml.safe_load(value)
+        else:
+            if isinstance(node, dict) and node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config ({err.error_count()} error"
+             f"{'s' if err.error_count() != 1 else ''})"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())  # safe_load: no tags that import or call code
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for o in overrides:
+        apply_override(raw, o)
+    if "config_dir" in raw:
+        raise ConfigError(f"{path}: config_dir: unknown key")
+    raw["config_dir"] = str(path.parent.resolve())
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, str(path))) from None
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable hash of config pieces (pydantic models or plain data)."""
+    def plain(p):
+        return p.model_dump(mode="json") if isinstance(p, BaseModel) else p
+    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,108 @@
+"""Export every stage, run each artifact on each configured backend, and measure it there:
+accuracy on the runtime (with the manifest's preprocessing), agreement with torch,
+executed precision, latency and throughput. Nothing here knows about training."""
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from compress.checkpoint import write_json
+from compress.config import config_hash
+from compress.evaluate import compare, logits_of, preprocess
+from compress.errors import UserError
+from compress.export import export_model, is_quantized
+from compress.report import write_report
+from compress.train import predict
+from targets import base
+from targets.profile import profile
+
+
+def _export(pipe, stage: str, model, sdir: Path, data) -> dict:
+    metrics = json.loads((sdir / "metrics.json").read_text())
+    h = config_hash(metrics["config_hash"], pipe.cfg.export.opset, pipe.cfg.export.openvino_ir)
+    mpath = sdir / "manifest.json"
+    if mpath.is_file():
+        manifest = json.loads(mpath.read_text())
+        if manifest.get("source_hash") == h and all((sdir / f).is_file() for f in manifest["files"].values()):
+            return manifest
+    t0 = time.time()
+    manifest = export_model(model, sdir, data, pipe.cfg.export.opset, pipe.cfg.export.openvino_ir, stage)
+    manifest["source_hash"] = h
+    write_json(mpath, manifest)
+    pipe.log(f"[{stage}] exported {', '.join(manifest['files'].values())} ({time.time() - t0:.1f}s)")
+    return manifest
+
+
+def artifact_size(path: Path) -> int:
+    size = path.stat().st_size
+    if path.suffix == ".xml":
+        size += path.with_suffix(".bin").stat().st_size
+    return size
+
+
+def deploy_one(pipe, stage: str, sdir: Path, manifest: dict, tcfg, x: np.ndarray,
+               labels: np.ndarray, ref: np.ndarray) -> dict:
+    target = base.get(tcfg.backend)
+    precision = manifest["precision"]
+    row = {"stage": stage, "backend": tcfg.backend, "precision": precision, "status": "ok",
+           "reason": None, "executed_precision": None, "accuracy": None, "agreement": None,
+           "max_abs_diff": None, "latency_ms": None, "throughput": None, "size_bytes": None,
+           "artifact": None}
+    ok, why = target.available()
+    if not ok:
+        return {**row, "status": "skipped", "reason": why}
+    fname = manifest["files"].get(target.artifact)
+    if fname is None:
+        return {**row, "status": "skipped", "reason": f"no {target.artifact} artifact exported "
+                                                       f"(export.openvino_ir is off)"}
+    path = sdir / fname
+    row["artifact"] = str(path.relative_to(pipe.run_dir))
+    row["size_bytes"] = artifact_size(path)
+    try:
+        runner = target.compile(path, base.TargetConfig(threads=tcfg.threads, device=tcfg.device,
+                                                        precision=precision, work_dir=sdir))
+        logits = logits_of(runner, x, pipe.cfg.data.eval_batch_size)
+        row.update(compare(logits, labels, ref))
+        p = pipe.cfg.profile
+        row.update(profile(runner, x[:64], warmup=p.warmup, runs=p.runs,
+                           throughput_batch=p.throughput_batch, throughput_runs=p.throughput_runs))
+        row["latency_ms"]["threads"] = runner.info.get("threads")
+        row["executed_precision"] = runner.info["executed_precision"]
+        row["runtime"] = {k: v for k, v in runner.info.items() if k != "executed_precision"}
+    except Exception as e:  # a backend failure is a result to report, not a crash of the run
+        pipe.log(traceback.format_exc())
+        return {**row, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
+    ep = row["executed_precision"]
+    if precision == "int8" and ep["int8_layers"] < ep["compute_layers"]:
+        row["status"] = "failed"
+        row["reason"] = (f"int8 artifact but only {ep['int8_layers']} of {ep['compute_layers']} "
+                         f"compute layers ran an int8 kernel: {ep['detail']}")
+    return row
+
+
+def deploy_all(pipe, rows: list[dict], models: dict, ctx) -> dict:
+    data = ctx.data
+    wanted = pipe.cfg.export.stages or list(models)
+    unknown = [s for s in wanted if s not in models]
+    if unknown:
+        raise UserError(f"export.stages: {unknown} are not stages of this run ({list(models)})")
+    labels = data.test.labels.numpy()
+    deployments = []
+    for stage in wanted:
+        model, sdir, _ = models[stage]
+        manifest = _export(pipe, stage, model, sdir, data)
+        # the inputs every backend sees: raw test pixels through the manifest's preprocessing
+        x = preprocess(data.test.images.numpy(), manifest)
+        ref = predict(model, data.test, data, pipe.cfg.data.eval_batch_size)
+        for tcfg in pipe.cfg.targets:
+            row = deploy_one(pipe, stage, sdir, manifest, tcfg, x, labels, ref)
+            msg = row["reason"] if row["status"] != "ok" else (
+                f"acc {row['accuracy']:.4f} agree {row['agreement']:.4f} "
+                f"p50 {row['latency_ms']['p50']:.3f} ms, {row['executed_precision']['summary']}")
+            pipe.log(f"[{stage} @ {tcfg.backend}] {row['status']}: {msg}")
+            deployments.append(row)
+    return write_report(pipe, rows, deployments)

@@ -1,0 +1,28 @@
+"""Task metrics for any callable on preprocessed float batches (torch or a backend)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+
+def preprocess(images_u8: np.ndarray, manifest: dict) -> np.ndarray:
+    """Raw uint8 NCHW pixels -> model input, using only what the manifest says."""
+    inp = manifest["input"]
+    c = images_u8.shape[1]
+    mean = np.asarray(inp["mean"], np.float32).reshape(1, c, 1, 1)
+    std = np.asarray(inp["std"], np.float32).reshape(1, c, 1, 1)
+    return (images_u8.astype(np.float32) * np.float32(inp["scale"]) - mean) / std
+
+
+def logits_of(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([np.asarray(run(x[i:i + batch]), np.float32)
+                           for i in range(0, len(x), batch)])
+
+
+def compare(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict:
+    """Accuracy on the labels, top-1 agreement and max |delta logit| against a reference."""
+    pred = logits.argmax(1)
+    return {"accuracy": float((pred == labels).mean()),
+            "agreement": float((pred == reference.argmax(1)).mean()),
+            "max_abs_diff": float(np.abs(logits - reference).max())}

@@ -1,0 +1,37 @@
+"""`compress validate --explain`: every config field with its type, value and one-line
+description, straight from the pydantic schema (the schema is the help)."""
+from __future__ import annotations
+
+from typing import get_args
+
+from pydantic import BaseModel
+
+
+def _rows(model: BaseModel, prefix: str, out: list[str]) -> None:
+    for name, field in type(model).model_fields.items():
+        if field.exclude:
+            continue
+        value = getattr(model, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.append(f"{key}:  {type(value).__doc__.splitlines()[0] if type(value).__doc__ else ''}".rstrip())
+            _rows(value, key + ".", out)
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            out.append(f"{key}:  {field.description or ''}")
+            for i, item in enumerate(value):
+                _rows(item, f"{key}.{i}.", out)
+        else:
+            out.append(f"{key} = {value!r}  # {field.description or ''}".rstrip(" #"))
+
+
+def explain_config(cfg: BaseModel) -> str:
+    out: list[str] = []
+    _rows(cfg, "", out)
+    from compress.config import StageConfig
+    out.append("\nstage kinds (stages.N.kind) and their fields:")
+    for cls in get_args(get_args(StageConfig)[0]):
+        out.append(f"  {cls.model_fields['kind'].default}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for name, f in cls.model_fields.items():
+            if name != "kind":
+                out.append(f"    {name} = {f.default!r}  # {f.description or ''}")
+    return "\n".join(out)

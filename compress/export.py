@@ -1,0 +1,167 @@
+"""ONNX export (float, or QCDQ for brevitas-quantized models), graph clean-up for the
+runtimes, OpenVINO IR conversion, and the deployment manifest beside each artifact."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from compress.checkpoint import atomic_write, write_json
+from compress.errors import UserError
+
+INPUT, OUTPUT = "input", "logits"
+# Both exports use torch's TorchScript-based exporter (dynamo=False): brevitas' QCDQ
+# export rejects quantized bias under dynamo, and the dynamo exporter silently keeps
+# opset 18 and writes weights to a side .onnx.data file unless told otherwise.
+_DYNAMIC = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}
+
+
+class ExportError(UserError):
+    pass
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("brevitas") for m in model.modules())
+
+
+def export_float(model: nn.Module, path: Path, input_shape, opset: int) -> None:
+    x = torch.zeros(1, *input_shape)
+
+    def write(tmp: Path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.eval(), (x,), str(tmp), dynamo=False, opset_version=opset,
+                              input_names=[INPUT], output_names=[OUTPUT], dynamic_axes=_DYNAMIC)
+        clean_graph(tmp)
+    atomic_write(path, write)
+
+
+def export_qcdq(model: nn.Module, path: Path, input_shape) -> None:
+    from brevitas.export import export_onnx_qcdq
+    x = torch.zeros(1, *input_shape)
+
+    def write(tmp: Path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_onnx_qcdq(model.eval(), args=x, export_path=str(tmp), dynamo=False,
+                             input_names=[INPUT], output_names=[OUTPUT], dynamic_axes=_DYNAMIC)
+        clean_graph(tmp, fold_clips=True)
+    atomic_write(path, write)
+
+
+def fold_weight_clips(graph: onnx.GraphProto) -> int:
+    """Fold brevitas' Clip(int8 initializer) into the initializer itself.
+
+    brevitas writes  W_int8 -> Clip(-127, 127) -> DequantizeLinear  for each weight; the
+    values are already in range, but OpenVINO then no longer sees a constant int8 weight
+    and runs the convolution in bf16/f32 (measured: 1538 vs 2684 img/s once folded).
+    """
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    folded, keep = 0, []
+    for n in graph.node:
+        if n.op_type == "Clip" and n.input and n.input[0] in inits and all(
+                i in inits for i in n.input[1:] if i):
+            w = numpy_helper.to_array(inits[n.input[0]])
+            lo = numpy_helper.to_array(inits[n.input[1]]) if len(n.input) > 1 and n.input[1] else None
+            hi = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] else None
+            clipped = np.clip(w, lo, hi).astype(w.dtype)
+            graph.initializer.append(numpy_helper.from_array(clipped, n.output[0]))
+            folded += 1
+            continue
+        keep.append(n)
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    live = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    return folded
+
+
+def clean_graph(path: Path, fold_clips: bool = False) -> None:
+    """Make the graph what the runtimes fuse best: no initializers listed as graph inputs
+    (ORT treats those as overridable and will not constant-fold or fuse them), weight
+    Clips folded, then the ONNX checker."""
+    model = onnx.load(str(path))
+    inits = {i.name for i in model.graph.initializer}
+    real_inputs = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(real_inputs)
+    if fold_clips:
+        fold_weight_clips(model.graph)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{path}: exported graph fails onnx.checker: {e}") from e
+    onnx.save(model, str(path))
+
+
+def check_onnx_file(path: Path) -> onnx.ModelProto:
+    """For user-supplied ONNX files: one clear error naming the file."""
+    if not path.is_file():
+        raise ExportError(f"{path}: ONNX file not found")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise ExportError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0][:200]})") from e
+    return model
+
+
+def to_openvino(onnx_path: Path, xml_path: Path) -> None:
+    import openvino as ov
+    model = ov.convert_model(str(onnx_path))
+    # compress_to_fp16=False: the IR keeps the weights exactly as exported; FP16 storage
+    # would change the float model's numbers before any precision was asked for.
+    tmp_xml = xml_path.with_name(f".{xml_path.stem}.tmp.xml")
+    ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+    tmp_xml.with_suffix(".bin").replace(xml_path.with_suffix(".bin"))
+    tmp_xml.replace(xml_path)
+
+
+def versions() -> dict:
+    out = {}
+    for pkg in ("torch", "onnx", "onnxruntime", "openvino", "brevitas", "torch-pruning"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def export_model(model: nn.Module, out_dir: Path, data, opset: int, openvino_ir: bool,
+                 stage: str) -> dict:
+    """Write model.onnx (+ model.xml/.bin) and manifest.json; returns the manifest."""
+    quant = is_quantized(model)
+    onnx_path = out_dir / "model.onnx"
+    if quant:
+        export_qcdq(model, onnx_path, data.input_shape)
+    else:
+        export_float(model, onnx_path, data.input_shape, opset)
+    files = {"onnx": onnx_path.name}
+    if openvino_ir:
+        to_openvino(onnx_path, out_dir / "model.xml")
+        files["openvino"] = "model.xml"
+    manifest = {
+        "stage": stage, "files": files,
+        "input": {"name": INPUT, "shape": ["batch", *data.input_shape], "layout": "NCHW",
+                  "dtype": "float32", **{k: v for k, v in data.preprocessing().items()
+                                          if k in ("scale", "mean", "std")}},
+        "output": {"name": OUTPUT, "kind": "logits", "num_classes": data.num_classes,
+                   "classes": data.classes},
+        "precision": "int8" if quant else "fp32",
+        "quantization": "QCDQ (int8 per-channel weights, int8/uint8 per-tensor activations, int32 bias)" if quant else None,
+        "versions": versions(),
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest

@@ -1,0 +1,88 @@
+"""The quantize stage: prepare (brevitas graph quantization) -> calibrate -> QAT with KD.
+
+Weights int8 per output channel, activations int8/uint8 per tensor, biases int32 (so
+runtimes can fuse Conv+bias into one integer kernel). BatchNorm is merged into the
+convolutions first, as every integer runtime does at deployment anyway.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from compress.train import TrainConfig, batches, fit
+
+
+class QuantizeConfig(TrainConfig):
+    """Quantization-aware distillation: brevitas PTQ calibration, then QAT epochs with KD."""
+    kind: Literal["quantize"] = "quantize"
+    weight_bits: Literal[8] = Field(8, description="weight bit width (per-channel, symmetric)")
+    act_bits: Literal[8] = Field(8, description="activation bit width (per-tensor)")
+    calib_batches: int = Field(8, ge=1, description="batches of the calibration subset used for activation ranges")
+    epochs: float = Field(1, ge=0, description="QAT epochs with KD (0 = post-training quantization only)")
+    lr: float = Field(2e-4, gt=0, description="QAT learning rate (small: the model is already trained)")
+    weight_decay: float = Field(0.0, ge=0, description="none by default: decay would pull weights off their quantization grid")
+    ce_weight: float = Field(0.1, ge=0, description="weight of cross-entropy with the labels")
+    kd_weight: float = Field(0.9, ge=0, description="weight of KD from the teacher")
+    precision: Literal["auto", "bf16", "fp32"] = Field("fp32", description="fake-quant QAT runs in fp32 (bf16 would blur the int8 grid)")
+    channels_last: bool = Field(False, description="NHWC while training")
+
+
+def settings(cfg: QuantizeConfig) -> dict:
+    """What rebuilding the quantized structure needs (recorded in structure.json)."""
+    return {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits,
+            "weight_scaling": "per_channel", "bias": "int32", "merge_bn": True}
+
+
+def prepare(model: nn.Module, qsettings: dict) -> nn.Module:
+    """Float model -> brevitas fake-quant graph model (structure only, no calibration)."""
+    import brevitas.nn as qnn
+    from brevitas.graph.quantize import COMPUTE_LAYER_MAP, preprocess_for_quantize, quantize
+    from brevitas.quant import Int8WeightPerChannelFloat, Int32Bias
+
+    layer_kwargs = {"weight_quant": Int8WeightPerChannelFloat, "bias_quant": Int32Bias,
+                    "return_quant_tensor": True}
+    compute_map = dict(COMPUTE_LAYER_MAP)
+    compute_map[nn.Conv2d] = (qnn.QuantConv2d, layer_kwargs)
+    compute_map[nn.Linear] = (qnn.QuantLinear, layer_kwargs)
+    model = preprocess_for_quantize(model.eval(), merge_bn=qsettings.get("merge_bn", True))
+    return quantize(model, compute_layer_map=compute_map)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, ctx, n_batches: int) -> None:
+    """Activation ranges from the (stratified, seeded) calibration subset."""
+    from brevitas.graph.calibrate import calibration_mode
+    model.eval()
+    with calibration_mode(model):
+        for i, (x, _) in enumerate(batches(ctx.calib, ctx.batch_size)):
+            if i >= n_batches:
+                break
+            model(ctx.data.normalize(x))
+
+
+def rebuild_quantized(model: nn.Module, qsettings: dict, input_shape) -> nn.Module:
+    model = prepare(model, qsettings)
+    model.eval()
+    with torch.no_grad():  # one pass initialises lazily-shaped quantizer state
+        model(torch.zeros(1, *input_shape))
+    return model
+
+
+def run(model: nn.Module, ctx, cfg: QuantizeConfig) -> nn.Module:
+    qs = settings(cfg)
+    qmodel = prepare(model, qs)
+    calibrate(qmodel, ctx, cfg.calib_batches)
+    from compress.train import accuracy, predict
+    ptq_acc = accuracy(predict(qmodel, ctx.data.test, ctx.data), ctx.data.test.labels)
+    ctx.metrics["ptq_accuracy"] = ptq_acc
+    ctx.log(f"  calibrated on {min(len(ctx.calib), cfg.calib_batches * ctx.batch_size)} "
+            f"images: PTQ accuracy {ptq_acc:.4f}")
+    if cfg.epochs > 0:
+        ctx.history = fit(qmodel, ctx.data, cfg, batch_size=ctx.batch_size, teacher=ctx.teacher,
+                          seed=ctx.seed, device=ctx.device, log=ctx.log, desc="qat",
+                          eval_split=ctx.data.test if ctx.eval_each_epoch else None)
+    ctx.structure["quantize"] = qs
+    return qmodel.eval()

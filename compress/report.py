@@ -1,0 +1,82 @@
+"""report.json (the contract tools and CI read: extend, never rename), report.md, and
+the table printed at the end of a run."""
+from __future__ import annotations
+
+import platform
+import sys
+from datetime import datetime, timezone
+
+from compress.checkpoint import atomic_write, write_json
+from compress.config import config_hash
+from compress.export import versions
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    import torch
+    v = versions()
+    return {"python": sys.version.split()[0], "torch": v["torch"], "onnxruntime": v["onnxruntime"],
+            "openvino": v["openvino"], "brevitas": v["brevitas"], "torch_pruning": v["torch-pruning"],
+            "cpu": cpu_name(), "cores": __import__("os").cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+STAGE_KEYS = ("name", "accuracy", "params", "macs", "size_bytes", "seconds")
+
+
+def _fmt(v, spec="") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"# {report['name']}", "", f"created {report['created']} · config {report['config_hash']}",
+             "", "## Stages (torch)", "", "| stage | accuracy | params | MACs | weights (bytes) | seconds |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for s in report["stages"]:
+        lines.append(f"| {s['name']} | {s['accuracy']:.4f} | {s['params']:,} | {s['macs']:,} | "
+                     f"{s['size_bytes']:,} | {s['seconds']:.0f} |")
+    lines += ["", "## Deployments (measured on the runtime)", "",
+              "| stage | backend | precision | status | accuracy | agreement | max abs diff | p50 ms (b1) | p99 ms | items/s | size (bytes) | executed |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for d in report["deployments"]:
+        lat, thr = d.get("latency_ms") or {}, d.get("throughput") or {}
+        executed = (d.get("executed_precision") or {}).get("summary") or d.get("reason") or ""
+        lines.append(
+            f"| {d['stage']} | {d['backend']} | {d['precision']} | {d['status']} | "
+            f"{_fmt(d['accuracy'], '.4f')} | {_fmt(d['agreement'], '.4f')} | "
+            f"{_fmt(d['max_abs_diff'], '.2e')} | {_fmt(lat.get('p50'), '.3f')} | "
+            f"{_fmt(lat.get('p99'), '.3f')} | {_fmt(thr.get('items_per_s'), ',.0f')} | "
+            f"{_fmt(d['size_bytes'], ',')} | {executed} |")
+    env = report["environment"]
+    lines += ["", f"threads: {', '.join(sorted({str((d.get('latency_ms') or {}).get('threads')) for d in report['deployments'] if d.get('latency_ms')}))} · "
+              f"cpu: {env['cpu']} ({env['cores']} cores) · gpu: {env['gpu']} · torch {env['torch']} · "
+              f"onnxruntime {env['onnxruntime']} · openvino {env['openvino']} · brevitas {env['brevitas']}", ""]
+    return "\n".join(lines)
+
+
+def write_report(pipe, rows: list[dict], deployments: list[dict]) -> dict:
+    report = {
+        "name": pipe.cfg.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config_hash": config_hash(pipe.cfg),
+        "environment": environment(),
+        "stages": [{**{k: r.get(k) for k in STAGE_KEYS},
+                    **{k: v for k, v in r.items() if k not in STAGE_KEYS and k not in ("history", "config_hash")}}
+                   for r in rows],
+        "deployments": deployments,
+    }
+    write_json(pipe.run_dir / "report.json", report)
+    md = to_markdown(report)
+    atomic_write(pipe.run_dir / "report.md", lambda p: p.write_text(md))
+    pipe.log("\n" + md)
+    pipe.log(f"report: {pipe.run_dir / 'report.json'}, {pipe.run_dir / 'report.md'}")
+    return report

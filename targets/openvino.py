@@ -1,0 +1,76 @@
+"""OpenVINO: compile the IR for CPU with an explicit inference precision, and read the
+precision each layer actually ran from the runtime model."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from targets.base import TargetConfig, executed_precision
+
+COMPUTE_TYPES = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution",
+                 "GroupDeconvolution", "FullyConnectedCompressed"}
+
+
+def runtime_layers(compiled) -> list[dict]:
+    out = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        rt = op.get_rt_info()
+        get = lambda k: str(rt[k].astype(str)) if k in rt else ""  # noqa: E731
+        out.append({"name": op.get_friendly_name(), "layerType": get("layerType"),
+                    "primitiveType": get("primitiveType"),
+                    "runtimePrecision": get("runtimePrecision")})
+    return out
+
+
+def is_int8_layer(layer: dict) -> bool:
+    prim, prec = layer["primitiveType"].lower(), layer["runtimePrecision"].lower()
+    return prim.endswith("_i8") or prim.endswith("_u8") or prec in ("i8", "u8")
+
+
+class OvRunner:
+    def __init__(self, path: Path, cfg: TargetConfig):
+        import openvino as ov
+        core = ov.Core()
+        threads = cfg.threads or os.cpu_count() or 1
+        # f32 explicitly: on CPUs with bf16 support OpenVINO otherwise runs "FP32" models
+        # in bf16. An int8 model keeps its int8 layers either way; the hint governs the rest.
+        props = {"INFERENCE_PRECISION_HINT": cfg.options.get("inference_precision", "f32"),
+                 "PERFORMANCE_HINT": cfg.options.get("performance_hint", "LATENCY"),
+                 "INFERENCE_NUM_THREADS": threads}
+        device = "GPU" if cfg.device in ("gpu", "cuda") else "CPU"
+        self.compiled = core.compile_model(core.read_model(str(path)), device, props)
+        self.request = self.compiled.create_infer_request()
+        layers = runtime_layers(self.compiled)
+        compute = [l for l in layers if l["layerType"] in COMPUTE_TYPES]
+        int8 = [l for l in compute if is_int8_layer(l)]
+        kernels = Counter(f"{l['layerType']}:{l['primitiveType']}" for l in compute)
+        self.info = {
+            "provider": f"openvino-{device}", "threads": threads, "version": ov.__version__,
+            "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
+            "executed_precision": executed_precision(len(int8), len(compute), dict(kernels)),
+        }
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        res = self.request.infer({0: np.ascontiguousarray(batch, np.float32)})
+        return next(iter(res.values()))
+
+
+class OpenVinoTarget:
+    name = "openvino"
+    artifact = "openvino"
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import openvino  # noqa: F401
+        except ImportError as e:
+            return False, f"openvino is not importable ({e})"
+        return True, ""
+
+    def compile(self, path: Path, cfg: TargetConfig) -> OvRunner:
+        return OvRunner(path, cfg)
+
+
+TARGET = OpenVinoTarget()

@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from compress.config import ConfigError, load_config
+from tests.conftest import ROOT
+
+MINIMAL = """
+name: t
+teacher:
+  model: resnet_tiny_teacher
+  train: {epochs: 1}
+stages:
+  - kind: distill
+    epochs: 1
+"""
+
+
+def write(tmp_path, text, name="c.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_path_and_file(tmp_path):
+    p = write(tmp_path, MINIMAL + "    epochz: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "stages.0.distill.epochz: unknown key" in msg
+
+
+def test_unknown_stage_kind_and_bad_values(tmp_path):
+    p = write(tmp_path, MINIMAL.replace("kind: distill", "kind: distil"))
+    with pytest.raises(ConfigError, match="stages.0"):
+        load_config(p)
+    p = write(tmp_path, MINIMAL + "  - kind: prune\n    ratio: 1.5\n")
+    with pytest.raises(ConfigError, match="stages.1.prune.ratio"):
+        load_config(p)
+
+
+def test_teacher_needs_exactly_one_source(tmp_path):
+    p = write(tmp_path, "name: t\nteacher: {model: resnet8}\n")
+    with pytest.raises(ConfigError, match="teacher.checkpoint.*teacher.train"):
+        load_config(p)
+
+
+def test_unknown_model_name_lists_zoo(tmp_path):
+    p = write(tmp_path, MINIMAL.replace("resnet_tiny_teacher", "resnet999"))
+    with pytest.raises(ConfigError, match="teacher.model: unknown model 'resnet999'.*resnet8"):
+        load_config(p)
+
+
+def test_set_overrides(tmp_path):
+    p = write(tmp_path, MINIMAL)
+    cfg = load_config(p, ["stages.0.epochs=2.5", "data.batch_size=32", "seed=7"])
+    assert cfg.stages[0].epochs == 2.5 and cfg.data.batch_size == 32 and cfg.seed == 7
+    with pytest.raises(ConfigError, match="list index out of range"):
+        load_config(p, ["stages.3.epochs=1"])
+    with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
+        load_config(p, ["seed"])
+    with pytest.raises(ConfigError, match="data.bogus: unknown key"):
+        load_config(p, ["data.bogus=1"])
+
+
+def test_yaml_tags_do_not_execute(tmp_path):
+    p = write(tmp_path, MINIMAL + "seed: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_validates(path):
+    cfg = load_config(path)
+    assert cfg.name and cfg.teacher.model
+
+
+def test_cli_validate_misspelled_key_no_traceback(tmp_path):
+    p = write(tmp_path, MINIMAL.replace("name: t", "name: t\nsed: 1"))
+    res = CliRunner().invoke(app, ["validate", str(p)])
+    assert res.exit_code == 2
+    assert "sed: unknown key" in res.output and "Traceback" not in res.output
+
+
+def test_cli_validate_prints_resolved_and_explains(tmp_path):
+    p = write(tmp_path, MINIMAL)
+    res = CliRunner().invoke(app, ["validate", str(p), "--set", "stages.0.lr=0.5"])
+    assert res.exit_code == 0 and "lr: 0.5" in res.output
+    res = CliRunner().invoke(app, ["validate", "--explain", str(p)])
+    assert res.exit_code == 0
+    assert "stages.0.kd_weight = 0.9  # weight of Hinton KD" in res.output
+    assert "round_to = 8" in res.output

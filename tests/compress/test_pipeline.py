@@ -1,0 +1,140 @@
+"""The whole chain on examples/tiny.yaml, as a user runs it (through the CLI)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from compress.config import load_config
+from compress.evaluate import preprocess
+from compress.pipeline import load_data, rebuild
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+TINY = str(ROOT / "examples" / "tiny.yaml")
+STAGES = ["teacher", "distill", "prune", "quantize"]
+
+
+def run_cli(*args):
+    return CliRunner().invoke(app, ["run", TINY, *args])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    res = run_cli("--set", f"output.dir={out}")
+    assert res.exit_code == 0, res.output
+    run_dir = out / "tiny"
+    return run_dir, json.loads((run_dir / "report.json").read_text()), res.output, out
+
+
+def test_report_contract(tiny_run):
+    _, report, output, _ = tiny_run
+    assert {"name", "created", "config_hash", "environment", "stages", "deployments"} <= set(report)
+    assert {"python", "torch", "onnxruntime", "openvino", "brevitas", "torch_pruning", "cpu",
+            "gpu"} <= set(report["environment"])
+    assert [s["name"] for s in report["stages"]] == STAGES
+    for s in report["stages"]:
+        assert {"accuracy", "params", "macs", "size_bytes", "seconds"} <= set(s)
+    assert len(report["deployments"]) == len(STAGES) * 3
+    keys = {"stage", "backend", "precision", "status", "reason", "executed_precision", "accuracy",
+            "agreement", "max_abs_diff", "latency_ms", "throughput", "size_bytes", "artifact"}
+    for d in report["deployments"]:
+        assert keys <= set(d)
+        if d["backend"] == "tensorrt" and d["status"] == "skipped":
+            assert d["reason"]
+        else:
+            assert d["status"] == "ok", d
+            assert {"batch", "threads", "p50", "p90", "p99"} <= set(d["latency_ms"])
+            assert d["latency_ms"]["batch"] == 1 and d["throughput"]["batch"] == 64
+    assert "| quantize | openvino | int8 | ok |" in output  # the table is printed
+
+
+def test_stages_shrink_and_keep_accuracy(tiny_run):
+    _, report, _, _ = tiny_run
+    s = {r["name"]: r for r in report["stages"]}
+    assert s["teacher"]["accuracy"] >= 0.95
+    assert s["distill"]["accuracy"] >= 0.9
+    assert s["prune"]["params"] < s["distill"]["params"] and s["prune"]["macs"] < s["distill"]["macs"]
+    assert s["quantize"]["accuracy"] >= 0.8
+    assert s["quantize"]["size_bytes"] < s["prune"]["size_bytes"] * 1.2
+
+
+def test_int8_deployments_run_int8_kernels_and_agree(tiny_run):
+    _, report, _, _ = tiny_run
+    for d in report["deployments"]:
+        if d["stage"] == "quantize" and d["status"] == "ok":
+            ep = d["executed_precision"]
+            assert ep["int8_layers"] == ep["compute_layers"] > 0, d["backend"]
+            assert d["agreement"] >= 0.98, d["backend"]
+        elif d["status"] == "ok":
+            assert d["executed_precision"]["int8_layers"] == 0
+            assert d["agreement"] == 1.0 and d["max_abs_diff"] < 1e-3
+
+
+def test_artifacts_and_manifest_reproduce_reported_accuracy(tiny_run):
+    import onnxruntime as ort
+    run_dir, report, _, _ = tiny_run
+    for i, name in enumerate(STAGES):
+        d = run_dir / f"{i:02d}-{name}"
+        for f in ("model.safetensors", "structure.json", "metrics.json", "model.onnx",
+                  "model.xml", "model.bin", "manifest.json"):
+            assert (d / f).is_file(), d / f
+    qdir = run_dir / "03-quantize"
+    manifest = json.loads((qdir / "manifest.json").read_text())
+    assert manifest["precision"] == "int8" and manifest["input"]["scale"] == pytest.approx(1 / 255)
+    # a user: the file, the manifest, the test split; nothing from our pipeline
+    data = load_data(load_config(TINY))
+    sess = ort.InferenceSession(str(qdir / "model.onnx"))
+    x = preprocess(data.test.images.numpy(), manifest)
+    acc = float((sess.run(None, {manifest["input"]["name"]: x})[0].argmax(1) == data.test.labels.numpy()).mean())
+    row = next(r for r in report["deployments"] if r["stage"] == "quantize" and r["backend"] == "onnxruntime")
+    assert acc == pytest.approx(row["accuracy"], abs=1e-9)
+    # and the stage model rebuilds from factory + structure.json + safetensors
+    model = rebuild(json.loads((qdir / "structure.json").read_text()), qdir / "model.safetensors")
+    with torch.no_grad():
+        torch_pred = model(torch.from_numpy(x)).argmax(1).numpy()
+    assert (torch_pred == data.test.labels.numpy()).mean() == pytest.approx(
+        report["stages"][3]["accuracy"], abs=1e-9)
+
+
+def test_rerun_resumes_and_changed_stage_reruns_alone(tiny_run):
+    run_dir, _, _, out = tiny_run
+    distill_mtime = (run_dir / "01-distill" / "metrics.json").stat().st_mtime
+    res = run_cli("--set", f"output.dir={out}", "--set", "targets=[{backend: onnxruntime, threads: 1}]")
+    assert res.exit_code == 0, res.output
+    for name in STAGES:
+        assert f"[{name}] up to date, skipped" in res.output
+    res = run_cli("--set", f"output.dir={out}", "--set", "stages.2.lr=0.001",
+                  "--set", "targets=[{backend: onnxruntime, threads: 1}]")
+    assert res.exit_code == 0, res.output
+    assert "[distill] up to date, skipped" in res.output and "[prune] up to date, skipped" in res.output
+    assert "[quantize] running" in res.output
+    assert (run_dir / "01-distill" / "metrics.json").stat().st_mtime == distill_mtime
+
+
+def test_missing_dataset_fails_before_work_with_one_clear_line(tmp_path):
+    res = run_cli("--set", f"output.dir={tmp_path}", "--set", "data.dataset=fashion_mnist",
+                  "--set", f"data.root={tmp_path / 'nowhere'}")
+    assert res.exit_code == 2
+    assert "data.root=" in res.output and "train-images-idx3-ubyte.gz" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "tiny").exists()
+
+
+def test_wrong_teacher_checkpoint_is_named(tmp_path):
+    from compress.checkpoint import save_weights
+    from compress.models import build_model
+    save_weights(build_model("resnet8", 10, 1), tmp_path / "t.safetensors")
+    res = run_cli("--set", f"output.dir={tmp_path}", "--set", "teacher.train=null",
+                  "--set", f"teacher.checkpoint={tmp_path / 't.safetensors'}")
+    assert res.exit_code == 2
+    assert "teacher.checkpoint=" in res.output and "does not fit the model" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_unknown_prune_exclusion_fails_before_training(tmp_path):
+    res = run_cli("--set", f"output.dir={tmp_path}", "--set", "stages.1.ignored=[fc, layer.0]")
+    assert res.exit_code == 2 and "stages.1.ignored: no module named 'layer.0'" in res.output
+    assert not (tmp_path / "tiny" / "00-teacher").exists()

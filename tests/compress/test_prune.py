@@ -1,0 +1,46 @@
+import copy
+
+import pytest
+import torch
+
+from compress.checkpoint import apply_shapes, load_into, read_state_dict, record_shapes, save_weights
+from compress.models import build_model, count_params
+from compress.prune import PruneConfig, check, prune_channels
+
+X = torch.zeros(1, 1, 28, 28)
+
+
+def test_pruning_removes_channels_and_model_still_works(trained_tiny, tiny_data):
+    model = copy.deepcopy(trained_tiny)
+    before = count_params(model)
+    prune_channels(model, PruneConfig(ratio=0.5, round_to=4), X)
+    assert count_params(model) < 0.7 * before
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert convs["stem.0"].out_channels == 4 and all(m.out_channels % 4 == 0 for m in convs.values())
+    assert model.fc.out_features == 10  # ignored: the classifier keeps its classes
+    assert model.fc.in_features == convs["layers.1.conv2"].out_channels
+    out = model.eval()(tiny_data.normalize(tiny_data.test.images[:8]))
+    assert out.shape == (8, 10) and torch.isfinite(out).all()
+
+
+def test_round_to_and_ignored_layers(trained_tiny):
+    model = copy.deepcopy(trained_tiny)
+    prune_channels(model, PruneConfig(ratio=0.5, round_to=8, ignored=["fc", "stem.0"]), X)
+    assert model.stem[0].out_channels == 8 and model.stem[0].in_channels == 1
+    assert model.layers[1].conv1.out_channels == 8  # 16 -> 8: a multiple of round_to
+
+
+def test_pruned_model_rebuilds_from_factory_in_fresh_process_state(trained_tiny, tmp_path):
+    model = copy.deepcopy(trained_tiny)
+    prune_channels(model, PruneConfig(ratio=0.5, round_to=4), X)
+    save_weights(model, tmp_path / "m.safetensors")
+    shapes = record_shapes(model)
+    rebuilt = apply_shapes(build_model("resnet_tiny", 10, 1), shapes)
+    load_into(rebuilt, read_state_dict(tmp_path / "m.safetensors"), "m")
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(model.eval()(x), rebuilt.eval()(x))
+
+
+def test_unknown_ignored_name_suggests_closest(trained_tiny):
+    with pytest.raises(ValueError, match=r"prune.ignored: no module named 'layers.0.conv' .*closest: .*layers.0.conv1"):
+        check(trained_tiny, PruneConfig(ignored=["layers.0.conv"]), "prune")

@@ -1,0 +1,62 @@
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from calib.sampling import calibration_split
+from compress.checkpoint import apply_shapes, load_into, read_state_dict, record_shapes, save_weights
+from compress.export import export_model
+from compress.models import build_model
+from compress.quantize import QuantizeConfig, rebuild_quantized, run
+from compress.train import accuracy, predict
+from targets import base
+
+
+@pytest.fixture(scope="module")
+def quantized(trained_tiny, tiny_data):
+    ctx = SimpleNamespace(data=tiny_data, calib=calibration_split(tiny_data.train, 256, 0),
+                          batch_size=64, teacher=trained_tiny, seed=0, device=torch.device("cpu"),
+                          log=lambda s: None, eval_each_epoch=False, metrics={}, structure={},
+                          history=[])
+    q = run(copy.deepcopy(trained_tiny), ctx, QuantizeConfig(epochs=0.5, augment=False))
+    return q, ctx
+
+
+def test_quantized_model_keeps_accuracy(quantized, trained_tiny, tiny_data):
+    q, ctx = quantized
+    acc_f = accuracy(predict(trained_tiny, tiny_data.test, tiny_data), tiny_data.test.labels)
+    acc_q = accuracy(predict(q, tiny_data.test, tiny_data), tiny_data.test.labels)
+    assert acc_q >= acc_f - 0.05 and ctx.metrics["ptq_accuracy"] >= acc_f - 0.1
+    assert ctx.structure["quantize"]["weight_bits"] == 8
+
+
+def test_qcdq_export_runs_int8_on_both_cpu_backends(quantized, tiny_data, tmp_path):
+    q, _ = quantized
+    manifest = export_model(q, tmp_path, tiny_data, 17, True, "quantize")
+    assert manifest["precision"] == "int8"
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") >= 5 and ops.count("DequantizeLinear") >= 10
+    assert "Clip" not in ops  # folded into the int8 weights
+    assert not {i.name for i in graph.input} & {i.name for i in graph.initializer}
+    x = tiny_data.normalize_np(tiny_data.test.images.numpy())
+    ref = predict(q, tiny_data.test, tiny_data)
+    for backend, f in (("onnxruntime", "model.onnx"), ("openvino", "model.xml")):
+        runner = base.get(backend).compile(tmp_path / f, base.TargetConfig(threads=1, work_dir=tmp_path))
+        out = np.concatenate([runner(x[i:i + 100]) for i in range(0, len(x), 100)])
+        ep = runner.info["executed_precision"]
+        assert ep["compute_layers"] == 7 and ep["int8_layers"] == 7, (backend, ep)
+        assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.98, backend
+
+
+def test_quantized_rebuilds_without_unpickling(quantized, tmp_path):
+    q, ctx = quantized
+    save_weights(q, tmp_path / "q.safetensors")
+    rebuilt = rebuild_quantized(build_model("resnet_tiny", 10, 1), ctx.structure["quantize"], (1, 28, 28))
+    load_into(rebuilt, read_state_dict(tmp_path / "q.safetensors"), "q")
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(q.eval()(x), rebuilt.eval()(x), atol=1e-6)

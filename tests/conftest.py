@@ -1,0 +1,28 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests run small models: one thread avoids oversubscribing CI's two cores.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    from calib.datasets import synthetic
+    return synthetic(num_classes=10, train_size=2048, test_size=256, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_data):
+    """resnet_tiny trained to high accuracy on the synthetic set (a few seconds)."""
+    from compress.models import build_model
+    from compress.train import TrainConfig, fit
+    model = build_model("resnet_tiny", 10, 1)
+    fit(model, tiny_data, TrainConfig(epochs=4, lr=1e-2, augment=False), batch_size=64,
+        log=lambda s: None)
+    return model.eval()
