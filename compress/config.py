@@ -52,6 +52,15 @@ class DataConfig(Strict):
     limit_test: Optional[int] = Field(None, ge=1, description="use a stratified subset of this many test examples")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="used when dataset is synthetic")
 
+    def identity(self) -> dict:
+        """The fields that change which examples a run sees (hashed for resume); paths and
+        evaluation batch sizes do not, so moving the data folder keeps finished stages."""
+        keep = {"dataset": self.dataset, "limit_train": self.limit_train,
+                "limit_test": self.limit_test}
+        if self.dataset == "synthetic":
+            keep["synthetic"] = self.synthetic.model_dump()
+        return keep
+
 
 class TeacherTrainConfig(TrainConfig):
     """Training of the teacher when no checkpoint is given (CE only)."""

@@ -126,14 +126,15 @@ class Pipeline:
         self.device = pick_device(cfg.device)
 
     def _save_stage(self, sdir: Path, name: str, model: nn.Module, float_model: nn.Module,
-                    structure: dict, h: str, seconds: float, ctx: RunContext) -> dict:
+                    structure: dict, h: str, seconds: float, ctx: RunContext, stage_cfg) -> dict:
         save_weights(model, sdir / "model.safetensors", {"stage": name, "config_hash": h})
         write_json(sdir / "structure.json", structure)
         logits = predict(model, ctx.data.test, ctx.data, self.cfg.data.eval_batch_size)
         metrics = {"name": name, "config_hash": h, "accuracy": accuracy(logits, ctx.data.test.labels),
                    **model_stats(model, float_model, ctx.data),
                    "size_bytes": (sdir / "model.safetensors").stat().st_size,
-                   "seconds": round(seconds, 2), "history": ctx.history, **ctx.metrics}
+                   "seconds": round(seconds, 2), "history": ctx.history, **ctx.metrics,
+                   "config": stage_cfg.model_dump(mode="json")}
         write_json(sdir / "metrics.json", metrics)  # written last: marks the stage complete
         self.log(f"[{name}] torch accuracy {metrics['accuracy']:.4f}, params {metrics['params']:,}, "
                  f"MACs {metrics['macs']:,} ({seconds:.0f}s)")
@@ -143,7 +144,7 @@ class Pipeline:
         tc = self.cfg.teacher
         sdir = self.run_dir / "00-teacher"
         source = file_digest(self.cfg.resolve_path(tc.checkpoint)) if tc.checkpoint else None
-        h = config_hash(tc, self.cfg.data, self.cfg.seed, source)
+        h = config_hash(tc, self.cfg.data.identity(), self.cfg.data.batch_size, self.cfg.seed, source)
         structure = {**base, "model": tc.model}
         if stage_done(sdir, h):
             self.log("[teacher] up to date, skipped")
@@ -163,7 +164,7 @@ class Pipeline:
                               desc="teacher", eval_split=ctx.data.test)
         model.cpu().eval()
         metrics = self._save_stage(sdir, "teacher", model, model, structure, h,
-                                   time.time() - t0, ctx)
+                                   time.time() - t0, ctx, tc)
         return model, metrics, h
 
     def run_stages(self) -> tuple[list[dict], dict[str, tuple[nn.Module, Path, dict]], RunContext]:
@@ -195,7 +196,9 @@ class Pipeline:
         for i, scfg in enumerate(cfg.stages, start=1):
             name = scfg.kind
             sdir = self.run_dir / f"{i:02d}-{name}"
-            h = config_hash(prev_h, scfg, cfg.data.batch_size)
+            # calibration data only reaches the quantize stage
+            calib = cfg.data.calib_samples if name == "quantize" else None
+            h = config_hash(prev_h, scfg, cfg.data.batch_size, calib)
             if stage_done(sdir, h):
                 self.log(f"[{name}] up to date, skipped")
                 structure = json.loads((sdir / "structure.json").read_text())
@@ -212,7 +215,7 @@ class Pipeline:
                 if not structure.get("quantize"):
                     structure["shapes"] = record_shapes(model)
                 metrics = self._save_stage(sdir, name, model, float_model if structure.get("quantize") else model,
-                                           structure, h, time.time() - t0, ctx)
+                                           structure, h, time.time() - t0, ctx, scfg)
             if not structure.get("quantize"):
                 float_model = model
             rows.append(metrics)

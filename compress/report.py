@@ -70,7 +70,7 @@ def write_report(pipe, rows: list[dict], deployments: list[dict]) -> dict:
         "config_hash": config_hash(pipe.cfg),
         "environment": environment(),
         "stages": [{**{k: r.get(k) for k in STAGE_KEYS},
-                    **{k: v for k, v in r.items() if k not in STAGE_KEYS and k not in ("history", "config_hash")}}
+                    **{k: v for k, v in r.items() if k not in STAGE_KEYS and k not in ("history", "config_hash", "config")}}
                    for r in rows],
         "deployments": deployments,
     }

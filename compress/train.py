@@ -7,7 +7,6 @@ Objective: ce_weight * CE(student, labels) + kd_weight * T^2 * KL(teacher_T || s
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Callable, Iterator, Literal, Optional
 
@@ -97,6 +96,16 @@ def accuracy(logits: np.ndarray, labels: torch.Tensor | np.ndarray) -> float:
     return float((logits.argmax(1) == np.asarray(labels)).mean())
 
 
+def _progress():
+    """A rich progress bar on a terminal; silent otherwise (CI logs get one line per epoch)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    console = Console(stderr=True)
+    return Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                    console=console, transient=True, disable=not console.is_terminal)
+
+
 def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -133,62 +142,59 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, batch_size: int,
     history: list[dict] = []
     step, epoch = 0, 0
     t0 = time.time()
-    while step < total:
-        model.train()
-        sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
-        correct = seen = 0
-        te = time.time()
-        for xb, yb in batches(data.train, batch_size, g):
-            if step >= total:
-                break
-            if cfg.augment:
-                xb = augment_batch(xb, g)
-            x = data.normalize(xb).to(device).contiguous(memory_format=fmt)
-            y = yb.to(device)
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, total, warmup, cfg.lr)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                out = model(x)
-                loss = out.new_zeros((), dtype=torch.float32)
-                ce = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
-                if cfg.ce_weight:
-                    loss = loss + cfg.ce_weight * ce
-                kd = torch.zeros(())
-                if cfg.kd_weight:
-                    with torch.no_grad():
-                        t_out = teacher(x).float()
-                    kd = kd_loss(out.float(), t_out, cfg.temperature)
-                    loss = loss + cfg.kd_weight * kd
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if after_step is not None:
-                after_step(model)
-            step += 1
-            sums["loss"] += float(loss.detach())
-            sums["ce"] += float(ce.detach())
-            sums["kd"] += float(kd.detach())
-            correct += int((out.argmax(1) == y).sum())
-            seen += len(y)
-            n_done = seen // batch_size
-            if sys.stderr.isatty() and n_done % 20 == 0:
-                print(f"\r  {desc} epoch {epoch + 1} step {n_done}/{steps_per_epoch} "
-                      f"loss {sums['loss'] / n_done:.4f} acc {correct / seen:.4f}",
-                      end="", file=sys.stderr, flush=True)
-        n = max(1, seen // batch_size)
-        row = {"epoch": epoch + 1, "steps": n, **{k: v / n for k, v in sums.items()},
-               "train_accuracy": correct / max(1, seen), "seconds": time.time() - te}
-        if eval_split is not None:
-            row["val_accuracy"] = accuracy(predict(model, eval_split, data, device=device),
-                                           eval_split.labels)
-        if sys.stderr.isatty():
-            print("\r", end="", file=sys.stderr)
-        log(f"  {desc} epoch {row['epoch']}: loss {row['loss']:.4f} (ce {row['ce']:.4f}, "
-            f"kd {row['kd']:.4f}) train acc {row['train_accuracy']:.4f}"
-            + (f" val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else "")
-            + f" [{row['seconds']:.0f}s]")
-        history.append(row)
-        epoch += 1
+    n_epochs = math.ceil(total / steps_per_epoch)
+    with _progress() as bar:
+        task = bar.add_task(desc, total=total, info="")
+        while step < total:
+            model.train()
+            sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
+            correct = seen = n = 0
+            te = time.time()
+            for xb, yb in batches(data.train, batch_size, g):
+                if step >= total:
+                    break
+                if cfg.augment:
+                    xb = augment_batch(xb, g)
+                x = data.normalize(xb).to(device).contiguous(memory_format=fmt)
+                y = yb.to(device)
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(step, total, warmup, cfg.lr)
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    out = model(x)
+                    ce = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+                    loss = cfg.ce_weight * ce
+                    kd = torch.zeros(())
+                    if cfg.kd_weight:
+                        with torch.no_grad():
+                            t_out = teacher(x).float()
+                        kd = kd_loss(out.float(), t_out, cfg.temperature)
+                        loss = loss + cfg.kd_weight * kd
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if after_step is not None:
+                    after_step(model)
+                step += 1
+                n += 1
+                sums["loss"] += float(loss.detach())
+                sums["ce"] += float(ce.detach())
+                sums["kd"] += float(kd.detach())
+                correct += int((out.argmax(1) == y).sum())
+                seen += len(y)
+                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{n_epochs} loss "
+                           f"{sums['loss'] / n:.4f} acc {correct / seen:.4f}")
+            row = {"epoch": epoch + 1, "steps": n, **{k: v / max(1, n) for k, v in sums.items()},
+                   "train_accuracy": correct / max(1, seen), "seconds": time.time() - te}
+            if eval_split is not None:
+                row["val_accuracy"] = accuracy(predict(model, eval_split, data, device=device),
+                                               eval_split.labels)
+            # rich redirects stdout while the bar is live, so plain logging stays readable
+            log(f"  {desc} epoch {row['epoch']}: loss {row['loss']:.4f} (ce {row['ce']:.4f}, "
+                f"kd {row['kd']:.4f}) train acc {row['train_accuracy']:.4f}"
+                + (f" val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else "")
+                + f" [{row['seconds']:.0f}s]")
+            history.append(row)
+            epoch += 1
     model.to(memory_format=torch.contiguous_format)
     if teacher is not None:
         teacher.to(memory_format=torch.contiguous_format)

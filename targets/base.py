@@ -69,14 +69,17 @@ def get(name: str) -> Target:
     return getattr(importlib.import_module(mod), attr)
 
 
-def executed_precision(int8_layers: int, compute_layers: int, detail: dict) -> dict:
+def executed_precision(int8_layers: int, compute_layers: int, detail: dict,
+                       by_precision: Optional[dict] = None) -> dict:
+    """by_precision: compute layers per precision that ran ({"f32": 7} or {"i8": 6, "f32": 1});
+    without it, whatever is not int8 is reported as fp32."""
+    if by_precision is None:
+        by_precision = {k: v for k, v in (("int8", int8_layers),
+                                          ("fp32", compute_layers - int8_layers)) if v}
     if compute_layers == 0:
         summary = "no compute layers found"
-    elif int8_layers == compute_layers:
-        summary = f"int8 ({int8_layers}/{compute_layers} compute layers)"
-    elif int8_layers == 0:
-        summary = f"float (0/{compute_layers} compute layers int8)"
     else:
-        summary = f"mixed ({int8_layers}/{compute_layers} compute layers int8)"
+        summary = ", ".join(f"{k} {v}/{compute_layers}" for k, v in
+                            sorted(by_precision.items(), key=lambda kv: -kv[1]))
     return {"summary": summary, "int8_layers": int8_layers, "compute_layers": compute_layers,
-            "detail": detail}
+            "by_precision": by_precision, "detail": detail}

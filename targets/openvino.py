@@ -30,6 +30,15 @@ def is_int8_layer(layer: dict) -> bool:
     return prim.endswith("_i8") or prim.endswith("_u8") or prec in ("i8", "u8")
 
 
+def kernel_precision(layer: dict) -> str:
+    """The precision a float kernel ran in, from its primitiveType suffix (brgconv_avx512_f32,
+    ..._bf16) or, failing that, the layer's runtimePrecision."""
+    suffix = layer["primitiveType"].rsplit("_", 1)[-1].lower()
+    if suffix in ("f32", "bf16", "f16", "fp32", "fp16"):
+        return {"fp32": "f32", "fp16": "f16"}.get(suffix, suffix)
+    return layer["runtimePrecision"].lower() or "unknown"
+
+
 class OvRunner:
     def __init__(self, path: Path, cfg: TargetConfig):
         import openvino as ov
@@ -47,10 +56,11 @@ class OvRunner:
         compute = [l for l in layers if l["layerType"] in COMPUTE_TYPES]
         int8 = [l for l in compute if is_int8_layer(l)]
         kernels = Counter(f"{l['layerType']}:{l['primitiveType']}" for l in compute)
+        by_prec = Counter("int8" if is_int8_layer(l) else kernel_precision(l) for l in compute)
         self.info = {
             "provider": f"openvino-{device}", "threads": threads, "version": ov.__version__,
             "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
-            "executed_precision": executed_precision(len(int8), len(compute), dict(kernels)),
+            "executed_precision": executed_precision(len(int8), len(compute), dict(kernels), dict(by_prec)),
         }
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
