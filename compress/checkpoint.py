@@ -20,6 +20,10 @@ from torch import nn
 from compress.errors import UserError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class CheckpointError(UserError):
     """A checkpoint that cannot be loaded; the message names the file and the mismatch."""
 
@@ -32,6 +36,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

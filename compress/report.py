@@ -56,6 +56,16 @@ def to_markdown(report: dict) -> str:
             f"{_fmt(d['max_abs_diff'], '.2e')} | {_fmt(lat.get('p50'), '.3f')} | "
             f"{_fmt(lat.get('p99'), '.3f')} | {_fmt(thr.get('items_per_s'), ',.0f')} | "
             f"{_fmt(d['size_bytes'], ',')} | {executed} |")
+    compared = [d for d in report["deployments"] if d.get("vs_teacher")]
+    if compared:
+        lines += ["", "## Compared with the teacher on the same backend", "",
+                  "| stage | backend | smaller (file) | faster (p50 b1) | throughput | accuracy Δ |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for d in compared:
+            v = d["vs_teacher"]
+            lines.append(f"| {d['stage']} | {d['backend']} | {v['size_ratio']:.1f}× | "
+                         f"{v['latency_speedup']:.1f}× | {v['throughput_ratio']:.1f}× | "
+                         f"{v['accuracy_delta']:+.4f} |")
     env = report["environment"]
     lines += ["", f"threads: {', '.join(sorted({str((d.get('latency_ms') or {}).get('threads')) for d in report['deployments'] if d.get('latency_ms')}))} · "
               f"cpu: {env['cpu']} ({env['cores']} cores) · gpu: {env['gpu']} · torch {env['torch']} · "
@@ -63,7 +73,24 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def add_teacher_ratios(deployments: list[dict]) -> None:
+    """Each deployment compared with the teacher's on the same backend (same run, same
+    machine, so the ratios are what the numbers are good for on a noisy machine)."""
+    teacher = {d["backend"]: d for d in deployments if d["stage"] == "teacher" and d["status"] == "ok"}
+    for d in deployments:
+        t = teacher.get(d["backend"])
+        if d["stage"] == "teacher" or t is None or d["status"] != "ok":
+            continue
+        d["vs_teacher"] = {
+            "size_ratio": t["size_bytes"] / d["size_bytes"],
+            "latency_speedup": t["latency_ms"]["p50"] / d["latency_ms"]["p50"],
+            "throughput_ratio": d["throughput"]["items_per_s"] / t["throughput"]["items_per_s"],
+            "accuracy_delta": d["accuracy"] - t["accuracy"],
+        }
+
+
 def write_report(pipe, rows: list[dict], deployments: list[dict]) -> dict:
+    add_teacher_ratios(deployments)
     report = {
         "name": pipe.cfg.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

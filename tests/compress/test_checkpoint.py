@@ -9,6 +9,7 @@ def test_safetensors_roundtrip_and_atomic(tmp_path):
     m = build_model("resnet_tiny", 10, 1)
     save_weights(m, tmp_path / "w.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temp file left
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o044  # readable by others, as with open()
     m2 = build_model("resnet_tiny", 10, 1)
     load_into(m2, read_state_dict(tmp_path / "w.safetensors"), "w")
     x = torch.randn(2, 1, 28, 28)
