@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from calib.datasets import FASHION_MNIST_DEFAULT_ROOT
-from compress.distill import DistillConfig
+from compress.distill.objectives import NEEDS_TEACHER
+from compress.distill.stage import DistillConfig
 from compress.errors import UserError
 from compress.models import check_model_spec
 from compress.prune import PruneConfig
@@ -66,8 +68,13 @@ class TeacherTrainConfig(TrainConfig):
     """Training of the teacher when no checkpoint is given (CE only)."""
     optimizer: Literal["adamw", "sgd"] = Field("sgd", description="adamw or sgd (momentum, nesterov)")
     lr: float = Field(0.1, gt=0, description="peak learning rate")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="on the CE term")
-    kd_weight: float = Field(0.0, ge=0, le=0, description="teachers train on labels only")
+
+    @model_validator(mode="after")
+    def _labels_only(self):
+        kinds = [t.kind for t in self.loss if t.kind in NEEDS_TEACHER]
+        if kinds or self.features:
+            raise ValueError(f"a teacher trains on labels only (loss kind ce); got {kinds or 'feature terms'}")
+        return self
 
 
 class TeacherConfig(Strict):
@@ -75,6 +82,7 @@ class TeacherConfig(Strict):
     model: str = Field("resnet_teacher", description="zoo name or 'pkg.module:factory'")
     checkpoint: Optional[str] = Field(None, description="state_dict (.safetensors, or .pt read with weights_only=True); relative to the config file")
     train: Optional[TeacherTrainConfig] = Field(None, description="train the teacher as the first stage when no checkpoint is given")
+    weight: float = Field(1.0, gt=0, description="weight of this teacher in an ensemble (teacher: [..])")
 
     _check_model = field_validator("model")(lambda cls, v: check_model_spec(v))
 
@@ -130,7 +138,8 @@ class RunConfig(Strict):
     seed: int = Field(0, description="seed for init, shuffling, augmentation and sampling")
     device: str = Field("auto", description="training device: auto | cpu | cuda")
     data: DataConfig = Field(default_factory=DataConfig)
-    teacher: TeacherConfig
+    teacher: Annotated[list[TeacherConfig], BeforeValidator(lambda v: v if isinstance(v, list) else [v])] = Field(
+        description="one teacher, or a list: an ensemble (stages' `ensemble` says how outputs combine)")
     student: StudentConfig = Field(default_factory=StudentConfig)
     stages: list[StageConfig] = Field(default_factory=list, description="ordered list of stages, each {kind: distill|prune|quantize, ...}")
     export: ExportConfig = Field(default_factory=ExportConfig)
@@ -147,6 +156,26 @@ class RunConfig(Strict):
         if not v or "/" in v or v.startswith("."):
             raise ValueError("must be a plain folder name (no '/', not starting with '.')")
         return v
+
+    @property
+    def teachers(self) -> list[TeacherConfig]:
+        return self.teacher
+
+    @model_validator(mode="after")
+    def _feature_names(self):
+        """Feature terms name modules: check them against the models now, not mid-run."""
+        from compress.distill.features import check_names
+        from compress.models import build_model
+        if not self.teachers:
+            raise ValueError("teacher: the list is empty")
+        built = {}
+        for i, s in enumerate(self.stages):
+            for j, f in enumerate(s.features):
+                for role, spec in (("student", self.student.model), ("teacher", self.teachers[0].model)):
+                    if spec not in built:
+                        built[spec] = build_model(spec, 10, self.data.synthetic.channels)
+                    check_names(built[spec], [getattr(f, role)], f"stages.{i}.features.{j}.{role}")
+        return self
 
     def resolve_path(self, p: str) -> Path:
         path = Path(p).expanduser()
@@ -178,11 +207,14 @@ def apply_override(raw: dict, assignment: str) -> None:
             node = node[k]
 
 
-def format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str, single_teacher: bool = False) -> str:
     lines = [f"{source}: invalid config ({err.error_count()} error"
              f"{'s' if err.error_count() != 1 else ''})"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        parts = list(e["loc"])
+        if single_teacher and parts[:2] == ["teacher", 0]:
+            del parts[1]  # the user wrote one teacher, not a list
+        loc = ".".join(str(p) for p in parts) or "(top level)"
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "missing":
@@ -211,7 +243,7 @@ def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_errors(e, str(path))) from None
+        raise ConfigError(format_errors(e, str(path), isinstance(raw.get("teacher"), dict))) from None
 
 
 def config_hash(*parts: Any) -> str:

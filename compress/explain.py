@@ -24,14 +24,22 @@ def _rows(model: BaseModel, prefix: str, out: list[str]) -> None:
             out.append(f"{key} = {value!r}  # {field.description or ''}".rstrip(" #"))
 
 
+def _kinds(title: str, union, out: list[str]) -> None:
+    out.append(f"\n{title}:")
+    for cls in get_args(get_args(union)[0]):
+        doc = " ".join((cls.__doc__ or "").split())
+        out.append(f"  {cls.model_fields['kind'].default}: {doc}")
+        for name, f in cls.model_fields.items():
+            if name != "kind":
+                default = f.default_factory() if f.default_factory else f.default
+                out.append(f"    {name} = {default!r}  # {f.description or ''}")
+
+
 def explain_config(cfg: BaseModel) -> str:
     out: list[str] = []
     _rows(cfg, "", out)
     from compress.config import StageConfig
-    out.append("\nstage kinds (stages.N.kind) and their fields:")
-    for cls in get_args(get_args(StageConfig)[0]):
-        out.append(f"  {cls.model_fields['kind'].default}: {(cls.__doc__ or '').strip().splitlines()[0]}")
-        for name, f in cls.model_fields.items():
-            if name != "kind":
-                out.append(f"    {name} = {f.default!r}  # {f.description or ''}")
+    from compress.distill.objectives import LogitTerm
+    _kinds("stage kinds (stages.N.kind) and their fields", StageConfig, out)
+    _kinds("loss term kinds (stages.N.loss.M.kind)", LogitTerm, out)
     return "\n".join(out)

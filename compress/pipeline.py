@@ -20,7 +20,8 @@ from torch import nn
 
 from calib.datasets import Dataset, Split, fashion_mnist, resolve_factory, synthetic
 from calib.sampling import calibration_split, stratified_indices
-from compress import distill, prune, quantize
+from compress import prune, quantize
+from compress.distill import stage as distill
 from compress.checkpoint import (apply_shapes, load_into, read_state_dict, record_shapes,
                                  save_weights, write_json)
 from compress.config import RunConfig, config_hash
@@ -50,6 +51,15 @@ class RunContext:
     history: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)  # extra per-stage metrics a stage reports
     eval_each_epoch: bool = True
+    teacher_key: str = "teacher"  # identity hash of the teacher(s): keys the output cache
+    data_key: str = "data"
+
+    def fit_kwargs(self, desc: str) -> dict:
+        """What every stage passes to the one training loop."""
+        return {"batch_size": self.batch_size, "teacher": self.teacher, "teacher_key": self.teacher_key,
+                "cache_dir": self.run_dir / "cache", "data_key": self.data_key, "seed": self.seed,
+                "device": self.device, "log": self.log, "desc": desc,
+                "eval_split": self.data.test if self.eval_each_epoch else None}
 
 
 def load_data(cfg: RunConfig) -> Dataset:
@@ -73,7 +83,7 @@ def load_data(cfg: RunConfig) -> Dataset:
 def preflight(cfg: RunConfig, data: Dataset) -> None:
     """Checks on user-given files that would otherwise fail mid-run: each checkpoint must
     load (weights_only) into the model its section names."""
-    for role, c in (("teacher", cfg.teacher), ("student", cfg.student)):
+    for role, c in [("teacher", t) for t in cfg.teachers] + [("student", cfg.student)]:
         if c.checkpoint:
             model = build_model(c.model, data.num_classes, data.input_shape[0])
             load_into(model, read_state_dict(cfg.resolve_path(c.checkpoint)),
@@ -140,16 +150,17 @@ class Pipeline:
                  f"MACs {metrics['macs']:,} ({seconds:.0f}s)")
         return metrics
 
-    def _teacher(self, ctx: RunContext, base: dict) -> tuple[nn.Module, dict, str]:
-        tc = self.cfg.teacher
-        sdir = self.run_dir / "00-teacher"
+    def _teacher(self, ctx: RunContext, base: dict, i: int, tc) -> tuple[nn.Module, dict, str, str, Path]:
+        name = "teacher" if i == 0 else f"teacher-{i + 1}"
+        sdir = self.run_dir / ("00-teacher" if i == 0 else f"00-teacher-{i + 1}")
         source = file_digest(self.cfg.resolve_path(tc.checkpoint)) if tc.checkpoint else None
-        h = config_hash(tc, self.cfg.data.identity(), self.cfg.data.batch_size, self.cfg.seed, source)
+        h = config_hash(tc.model_dump(exclude={"weight"}), self.cfg.data.identity(),
+                        self.cfg.data.batch_size, self.cfg.seed + i, source)
         structure = {**base, "model": tc.model}
         if stage_done(sdir, h):
-            self.log("[teacher] up to date, skipped")
+            self.log(f"[{name}] up to date, skipped")
             return rebuild(structure, sdir / "model.safetensors"), json.loads(
-                (sdir / "metrics.json").read_text()), h
+                (sdir / "metrics.json").read_text()), h, name, sdir
         t0 = time.time()
         model = build_model(tc.model, base["num_classes"], base["in_channels"])
         ctx.history, ctx.metrics = [], {}
@@ -158,14 +169,14 @@ class Pipeline:
                       f"teacher.checkpoint={tc.checkpoint}")
             ctx.metrics["checkpoint"] = tc.checkpoint
         else:
-            self.log(f"[teacher] training {tc.model} for {tc.train.epochs} epochs")
+            self.log(f"[{name}] training {tc.model} for {tc.train.epochs} epochs")
             ctx.history = fit(model, ctx.data, tc.train, batch_size=ctx.batch_size,
-                              seed=self.cfg.seed, device=self.device, log=self.log,
-                              desc="teacher", eval_split=ctx.data.test)
+                              seed=self.cfg.seed + i, device=self.device, log=self.log,
+                              desc=name, eval_split=ctx.data.test)
         model.cpu().eval()
-        metrics = self._save_stage(sdir, "teacher", model, model, structure, h,
+        metrics = self._save_stage(sdir, name, model, model, structure, h,
                                    time.time() - t0, ctx, tc)
-        return model, metrics, h
+        return model, metrics, h, name, sdir
 
     def run_stages(self) -> tuple[list[dict], dict[str, tuple[nn.Module, Path, dict]], RunContext]:
         """Train/prune/quantize as configured. Returns the stage rows and, per stage name,
@@ -181,10 +192,20 @@ class Pipeline:
                          seed=cfg.seed, batch_size=cfg.data.batch_size, structure={})
         self.log(f"data: {data.name}, {len(data.train)} train / {len(data.test)} test, "
                  f"input {data.input_shape}, {data.num_classes} classes")
-        teacher, tmetrics, prev_h = self._teacher(ctx, base)
-        rows = [tmetrics]
-        models = {"teacher": (teacher, self.run_dir / "00-teacher", {**base, "model": cfg.teacher.model})}
-        ctx.teacher = teacher
+        rows, models, members, hashes = [], {}, [], []
+        for i, tc in enumerate(cfg.teachers):
+            teacher, tmetrics, h, name, sdir = self._teacher(ctx, base, i, tc)
+            rows.append(tmetrics)
+            models[name] = (teacher, sdir, {**base, "model": tc.model})
+            members.append(teacher)
+            hashes.append(h)
+        if len(members) == 1:
+            ctx.teacher = members[0]
+        else:
+            from compress.distill.ensemble import Ensemble
+            ctx.teacher = Ensemble(members, [t.weight for t in cfg.teachers])
+        prev_h = ctx.teacher_key = config_hash(hashes, [t.weight for t in cfg.teachers])
+        ctx.data_key = config_hash(cfg.data.identity())
         sc = cfg.student
         model = build_model(sc.model, base["num_classes"], base["in_channels"])
         if sc.checkpoint:

@@ -8,6 +8,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from compress.distill.objectives import LogitTerm
+from compress.distill.stage import kd_default
 from compress.errors import UserError
 from compress.train import TrainConfig, fit
 
@@ -23,8 +25,7 @@ class PruneConfig(TrainConfig):
     round_to: int = Field(8, ge=1, description="kept channel counts are multiples of this (int8 kernels want multiples of 8)")
     global_pruning: bool = Field(False, description="rank channels across layers instead of per layer")
     epochs: float = Field(2, ge=0, description="KD recovery epochs after pruning")
-    ce_weight: float = Field(0.1, ge=0, description="weight of cross-entropy with the labels")
-    kd_weight: float = Field(0.9, ge=0, description="weight of KD from the teacher during recovery")
+    loss: list[LogitTerm] = Field(default_factory=kd_default, description="recovery objective: logit terms {kind, weight, ...}")
 
 
 def resolve_modules(model: nn.Module, names: list[str], field: str) -> list[nn.Module]:
@@ -67,7 +68,5 @@ def run(model: nn.Module, ctx, cfg: PruneConfig) -> nn.Module:
     ctx.log(f"  pruned {before:,} -> {after:,} params (ratio {cfg.ratio}, round_to {cfg.round_to})")
     ctx.metrics["params_before"] = before
     if cfg.epochs > 0:
-        ctx.history = fit(model, ctx.data, cfg, batch_size=ctx.batch_size, teacher=ctx.teacher,
-                          seed=ctx.seed, device=ctx.device, log=ctx.log, desc="prune",
-                          eval_split=ctx.data.test if ctx.eval_each_epoch else None)
+        ctx.history = fit(model, ctx.data, cfg, **ctx.fit_kwargs("prune"))
     return model

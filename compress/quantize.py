@@ -12,6 +12,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from compress.distill.objectives import LogitTerm
+from compress.distill.stage import kd_default
 from compress.train import TrainConfig, batches, fit
 
 
@@ -24,8 +26,7 @@ class QuantizeConfig(TrainConfig):
     epochs: float = Field(1, ge=0, description="QAT epochs with KD (0 = post-training quantization only)")
     lr: float = Field(2e-4, gt=0, description="QAT learning rate (small: the model is already trained)")
     weight_decay: float = Field(0.0, ge=0, description="none by default: decay would pull weights off their quantization grid")
-    ce_weight: float = Field(0.1, ge=0, description="weight of cross-entropy with the labels")
-    kd_weight: float = Field(0.9, ge=0, description="weight of KD from the teacher")
+    loss: list[LogitTerm] = Field(default_factory=kd_default, description="QAT objective: logit terms {kind, weight, ...} (cakld per BitDistiller)")
     precision: Literal["auto", "bf16", "fp32"] = Field("fp32", description="fake-quant QAT runs in fp32 (bf16 would blur the int8 grid)")
     channels_last: bool = Field(False, description="NHWC while training")
 
@@ -57,7 +58,7 @@ def calibrate(model: nn.Module, ctx, n_batches: int) -> None:
     from brevitas.graph.calibrate import calibration_mode
     model.eval()
     with calibration_mode(model):
-        for i, (x, _) in enumerate(batches(ctx.calib, ctx.batch_size)):
+        for i, (x, _, _) in enumerate(batches(ctx.calib, ctx.batch_size)):
             if i >= n_batches:
                 break
             model(ctx.data.normalize(x))
@@ -81,8 +82,6 @@ def run(model: nn.Module, ctx, cfg: QuantizeConfig) -> nn.Module:
     ctx.log(f"  calibrated on {min(len(ctx.calib), cfg.calib_batches * ctx.batch_size)} "
             f"images: PTQ accuracy {ptq_acc:.4f}")
     if cfg.epochs > 0:
-        ctx.history = fit(qmodel, ctx.data, cfg, batch_size=ctx.batch_size, teacher=ctx.teacher,
-                          seed=ctx.seed, device=ctx.device, log=ctx.log, desc="qat",
-                          eval_split=ctx.data.test if ctx.eval_each_epoch else None)
+        ctx.history = fit(qmodel, ctx.data, cfg, **ctx.fit_kwargs("qat"))
     ctx.structure["quantize"] = qs
     return qmodel.eval()

@@ -1,22 +1,24 @@
 """The one training loop. Teacher training, distillation, pruning recovery and
-quantization-aware distillation all call `fit` with their own `TrainConfig`.
-
-Objective: ce_weight * CE(student, labels) + kd_weight * T^2 * KL(teacher_T || student_T)
-(Hinton et al. 2015; the T^2 keeps the soft-target gradients on the scale of the hard ones).
+quantization-aware distillation all call `fit` with their own `TrainConfig`; what differs
+is the objective: weighted logit terms (compress.distill.objectives) plus optional feature
+terms (compress.distill.features), with teacher outputs live or from the cache.
 """
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from calib.datasets import Dataset, Split
+from compress.distill.features import FeatureDistiller, FeatureTerm
+from compress.distill.objectives import CE, KL, NEEDS_TEACHER, LogitTerm, Objective
 from compress.errors import UserError
 
 
@@ -30,20 +32,41 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(5e-4, ge=0, description="decoupled (adamw) or L2 (sgd) weight decay")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up before the cosine decay")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="on the CE term only")
-    ce_weight: float = Field(1.0, ge=0, description="weight of cross-entropy with the labels")
-    kd_weight: float = Field(0.0, ge=0, description="weight of Hinton KD from the teacher (0 = no KD)")
-    temperature: float = Field(4.0, gt=0, description="KD softmax temperature T")
+    loss: list[LogitTerm] = Field(default_factory=lambda: [CE()], description="logit terms, each {kind, weight, ...}: ce, kl, reverse_kl, js, mse_logits, cakld, taid, dist, dkd")
+    features: list[FeatureTerm] = Field(default_factory=list, description="feature terms {student, teacher, kind: hint|attention|normalized, weight} by module name")
+    cache: Literal["none", "full", "topk", "sampled"] = Field("none", description="teacher-output cache: none | full (fp16 logits) | topk | sampled (k classes, unbiased weights)")
+    cache_k: int = Field(8, ge=1, description="classes kept per example by the topk / sampled caches")
+    ensemble: Literal["probs", "logits"] = Field("probs", description="how several teachers combine: average softmax probabilities (MEAL V2) or logits")
     augment: bool = Field(True, description="random 2-px shift crops + horizontal flips")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="autocast dtype; auto = bf16 where the CPU/GPU has native bf16")
     channels_last: bool = Field(True, description="NHWC memory format while training (faster with bf16 on CPU)")
 
+    @model_validator(mode="after")
+    def _cache_rules(self):
+        if self.cache == "none" or not self.needs_teacher:
+            return self
+        if self.augment:
+            raise ValueError(f"cache: {self.cache} holds teacher outputs of the un-augmented images; with "
+                             f"augment: true they would be stale. Set augment: false, or cache: none")
+        if self.features:
+            raise ValueError(f"cache: {self.cache} skips the teacher's forward pass, which the "
+                             f"feature terms need. Set cache: none")
+        if self.cache in ("topk", "sampled"):
+            kinds = {t.kind for t in self.loss} - {"ce", "kl"}
+            if kinds:
+                raise ValueError(f"cache: {self.cache} keeps {self.cache_k} probabilities per example; "
+                                 f"{sorted(kinds)} need full logits (use cache: full)")
+            if len({t.temperature for t in self.loss if t.kind == "kl"}) > 1:
+                raise ValueError(f"cache: {self.cache} is built at one temperature; the kl terms use several")
+        return self
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1),
-                    reduction="batchmean", log_target=True) * t * t
+    @property
+    def needs_teacher(self) -> bool:
+        return bool(self.features) or any(t.kind in NEEDS_TEACHER for t in self.loss)
+
+    def kd_temperature(self) -> float:
+        return next((t.temperature for t in self.loss if t.kind == "kl"), 1.0)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
@@ -69,17 +92,19 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Te
 
 
 def batches(split: Split, batch_size: int, g: Optional[torch.Generator] = None
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """uint8 batches; shuffled when a generator is given, drop_last only when shuffling."""
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(uint8 images, labels, example indices); shuffled when a generator is given,
+    drop_last only when shuffling."""
     n = len(split)
     if g is None:
         for i in range(0, n, batch_size):
-            yield split.images[i:i + batch_size], split.labels[i:i + batch_size]
+            idx = torch.arange(i, min(n, i + batch_size))
+            yield split.images[i:i + batch_size], split.labels[i:i + batch_size], idx
         return
     order = torch.randperm(n, generator=g)
     for i in range(0, n - batch_size + 1, batch_size):
         idx = order[i:i + batch_size]
-        yield split.images[idx], split.labels[idx]
+        yield split.images[idx], split.labels[idx], idx
 
 
 @torch.no_grad()
@@ -88,7 +113,7 @@ def predict(model: nn.Module, split: Split, data: Dataset, batch_size: int = 512
     """fp32 logits of a torch model on a split (the reference every backend is held to)."""
     model.eval()
     outs = [model(data.normalize(x).to(device)).float().cpu()
-            for x, _ in batches(split, batch_size)]
+            for x, _, _ in batches(split, batch_size)]
     return torch.cat(outs).numpy()
 
 
@@ -112,23 +137,52 @@ def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def teacher_forward(teacher: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    from compress.distill.ensemble import Ensemble
+    if isinstance(teacher, Ensemble):
+        return teacher(x, cfg.ensemble, cfg.kd_temperature())
+    return teacher(x)
+
+
 def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, batch_size: int,
-        teacher: Optional[nn.Module] = None, seed: int = 0,
+        teacher: Optional[nn.Module] = None, teacher_key: str = "teacher",
+        cache_dir: Optional[Path] = None, data_key: str = "data", seed: int = 0,
         device: torch.device = torch.device("cpu"), log: Callable[[str], None] = print,
         desc: str = "train", after_step: Optional[Callable[[nn.Module], None]] = None,
         eval_split: Optional[Split] = None) -> list[dict]:
-    """Train `model` in place; returns one row per epoch (loss parts, train/val accuracy)."""
-    if cfg.kd_weight > 0 and teacher is None:
-        raise ValueError(f"{desc}: kd_weight={cfg.kd_weight} but no teacher is available")
+    """Train `model` in place; returns one row per epoch (each loss term, train/val accuracy)."""
+    if cfg.needs_teacher and teacher is None:
+        raise UserError(f"{desc}: the loss uses a teacher ({[t.kind for t in cfg.loss]}, "
+                        f"{len(cfg.features)} feature terms) but none is available")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(data.train) // batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{desc}: batch_size={batch_size} exceeds the {len(data.train)} "
-                         f"training examples")
+                        f"training examples")
     total = max(1, round(cfg.epochs * steps_per_epoch))
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    cache = None
+    if cfg.needs_teacher and cfg.cache != "none":
+        from compress.distill.cache import build_or_load
+        from compress.distill.ensemble import Ensemble
+        key = teacher_key
+        if isinstance(teacher, Ensemble):  # the combined output depends on mode and T
+            key = f"{teacher_key}-{cfg.ensemble}-T{cfg.kd_temperature():g}"
+        teacher.to(device).eval()
+        cache = build_or_load(cfg.cache, cfg.cache_k, cfg.kd_temperature(),
+                              lambda x: teacher_forward(teacher, x, cfg), key, data_key, data,
+                              cache_dir or Path("."), seed, device, log)
+    features = None
+    if cfg.features:
+        from compress.distill.ensemble import Ensemble
+        root = teacher.members[0] if isinstance(teacher, Ensemble) else teacher
+        example = data.normalize(data.train.images[:2]).to(device)
+        features = FeatureDistiller(cfg.features, model, root, example).to(device)
+    objective = Objective(cfg.loss, features)
     params = [p for p in model.parameters() if p.requires_grad]
+    if features is not None:  # adapters train with the student, and are dropped after
+        params += list(features.adapters.parameters())
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -137,66 +191,71 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, batch_size: int,
     amp = autocast_dtype(cfg, device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=fmt)
-    if teacher is not None:
-        teacher.to(device=device, memory_format=fmt).eval()
+    live_teacher = teacher if (cfg.needs_teacher and cache is None) else None
+    if live_teacher is not None:
+        live_teacher.to(device=device, memory_format=fmt).eval()
     history: list[dict] = []
     step, epoch = 0, 0
     t0 = time.time()
     n_epochs = math.ceil(total / steps_per_epoch)
-    with _progress() as bar:
-        task = bar.add_task(desc, total=total, info="")
-        while step < total:
-            model.train()
-            sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
-            correct = seen = n = 0
-            te = time.time()
-            for xb, yb in batches(data.train, batch_size, g):
-                if step >= total:
-                    break
-                if cfg.augment:
-                    xb = augment_batch(xb, g)
-                x = data.normalize(xb).to(device).contiguous(memory_format=fmt)
-                y = yb.to(device)
-                for group in opt.param_groups:
-                    group["lr"] = _lr_at(step, total, warmup, cfg.lr)
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    out = model(x)
-                    ce = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
-                    loss = cfg.ce_weight * ce
-                    kd = torch.zeros(())
-                    if cfg.kd_weight:
-                        with torch.no_grad():
-                            t_out = teacher(x).float()
-                        kd = kd_loss(out.float(), t_out, cfg.temperature)
-                        loss = loss + cfg.kd_weight * kd
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if after_step is not None:
-                    after_step(model)
-                step += 1
-                n += 1
-                sums["loss"] += float(loss.detach())
-                sums["ce"] += float(ce.detach())
-                sums["kd"] += float(kd.detach())
-                correct += int((out.argmax(1) == y).sum())
-                seen += len(y)
-                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{n_epochs} loss "
-                           f"{sums['loss'] / n:.4f} acc {correct / seen:.4f}")
-            row = {"epoch": epoch + 1, "steps": n, **{k: v / max(1, n) for k, v in sums.items()},
-                   "train_accuracy": correct / max(1, seen), "seconds": time.time() - te}
-            if eval_split is not None:
-                row["val_accuracy"] = accuracy(predict(model, eval_split, data, device=device),
-                                               eval_split.labels)
-            # rich redirects stdout while the bar is live, so plain logging stays readable
-            log(f"  {desc} epoch {row['epoch']}: loss {row['loss']:.4f} (ce {row['ce']:.4f}, "
-                f"kd {row['kd']:.4f}) train acc {row['train_accuracy']:.4f}"
-                + (f" val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else "")
-                + f" [{row['seconds']:.0f}s]")
-            history.append(row)
-            epoch += 1
-    model.to(memory_format=torch.contiguous_format)
-    if teacher is not None:
-        teacher.to(memory_format=torch.contiguous_format)
+    try:
+        with _progress() as bar:
+            task = bar.add_task(desc, total=total, info="")
+            while step < total:
+                model.train()
+                sums: dict[str, float] = {"loss": 0.0}
+                correct = seen = n = 0
+                te = time.time()
+                for xb, yb, idx in batches(data.train, batch_size, g):
+                    if step >= total:
+                        break
+                    if cfg.augment:
+                        xb = augment_batch(xb, g)
+                    x = data.normalize(xb).to(device).contiguous(memory_format=fmt)
+                    y = yb.to(device)
+                    for group in opt.param_groups:
+                        group["lr"] = _lr_at(step, total, warmup, cfg.lr)
+                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        out = model(x)
+                        t_out = None
+                        if cache is not None:
+                            t_out = cache.lookup(idx)
+                        elif live_teacher is not None:
+                            with torch.no_grad():
+                                t_out = teacher_forward(live_teacher, x, cfg).float()
+                        loss, parts = objective(out.float(), t_out, y, step / total)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if after_step is not None:
+                        after_step(model)
+                    step += 1
+                    n += 1
+                    sums["loss"] += float(loss.detach())
+                    for k, v in parts.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    correct += int((out.argmax(1) == y).sum())
+                    seen += len(y)
+                    bar.update(task, advance=1, info=f"epoch {epoch + 1}/{n_epochs} loss "
+                               f"{sums['loss'] / n:.4f} acc {correct / seen:.4f}")
+                row = {"epoch": epoch + 1, "steps": n, **{k: v / max(1, n) for k, v in sums.items()},
+                       "train_accuracy": correct / max(1, seen), "seconds": time.time() - te}
+                if eval_split is not None:
+                    row["val_accuracy"] = accuracy(predict(model, eval_split, data, device=device),
+                                                   eval_split.labels)
+                terms = ", ".join(f"{k} {v / max(1, n):.4f}" for k, v in sums.items() if k != "loss")
+                # rich redirects stdout while the bar is live, so plain logging stays readable
+                log(f"  {desc} epoch {row['epoch']}: loss {row['loss']:.4f} ({terms}) "
+                    f"train acc {row['train_accuracy']:.4f}"
+                    + (f" val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else "")
+                    + f" [{row['seconds']:.0f}s]")
+                history.append(row)
+                epoch += 1
+    finally:
+        if features is not None:
+            features.close()  # hooks must not outlive the stage (they would leak into export)
+        model.to(memory_format=torch.contiguous_format)
+        if live_teacher is not None:
+            live_teacher.to(memory_format=torch.contiguous_format)
     log(f"  {desc}: {step} steps in {time.time() - t0:.0f}s")
     return history

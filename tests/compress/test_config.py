@@ -74,7 +74,7 @@ def test_yaml_tags_do_not_execute(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_validates(path):
     cfg = load_config(path)
-    assert cfg.name and cfg.teacher.model
+    assert cfg.name and cfg.teachers[0].model
 
 
 def test_cli_validate_misspelled_key_no_traceback(tmp_path):
@@ -90,5 +90,6 @@ def test_cli_validate_prints_resolved_and_explains(tmp_path):
     assert res.exit_code == 0 and "lr: 0.5" in res.output
     res = CliRunner().invoke(app, ["validate", "--explain", str(p)])
     assert res.exit_code == 0
-    assert "stages.0.kd_weight = 0.9  # weight of Hinton KD" in res.output
+    assert "stages.0.loss.0.kind = 'kl'" in res.output
+    assert "dkd: Decoupled KD (Zhao et al. 2022" in res.output  # every objective is documented
     assert "round_to = 8" in res.output

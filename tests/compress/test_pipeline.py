@@ -138,3 +138,36 @@ def test_unknown_prune_exclusion_fails_before_training(tmp_path):
     res = run_cli("--set", f"output.dir={tmp_path}", "--set", "stages.1.ignored=[fc, layer.0]")
     assert res.exit_code == 2 and "stages.1.ignored: no module named 'layer.0'" in res.output
     assert not (tmp_path / "tiny" / "00-teacher").exists()
+
+
+def test_ensemble_teachers_and_cached_distillation(tmp_path):
+    """Two teachers (an ensemble), a distill stage reading a full teacher-output cache."""
+    cfg = tmp_path / "ens.yaml"
+    cfg.write_text(f"""
+name: ens
+data: {{dataset: synthetic, batch_size: 64, synthetic: {{train_size: 2048, test_size: 256}}}}
+teacher:
+  - {{model: resnet_tiny_teacher, train: {{epochs: 3, optimizer: adamw, lr: 0.01, augment: false}}}}
+  - {{model: resnet_tiny, weight: 0.5, train: {{epochs: 3, optimizer: adamw, lr: 0.01, augment: false}}}}
+student: {{model: resnet_tiny}}
+stages:
+  - kind: distill
+    epochs: 4
+    lr: 0.01
+    augment: false
+    cache: full
+    ensemble: probs
+    loss: [{{kind: kl, weight: 0.9, temperature: 2}}, {{kind: dkd, weight: 0.1, temperature: 2}}, {{kind: ce, weight: 0.1}}]
+targets: [{{backend: onnxruntime, threads: 1}}]
+profile: {{runs: 100, throughput_runs: 2}}
+output: {{dir: {tmp_path}}}
+""")
+    res = CliRunner().invoke(app, ["run", str(cfg)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "ens" / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["teacher", "teacher-2", "distill"]
+    assert "teacher cache: wrote" in res.output
+    assert len(list((tmp_path / "ens" / "cache").glob("teacher-*-full.safetensors"))) == 1
+    hist = json.loads((tmp_path / "ens" / "01-distill" / "metrics.json").read_text())["history"]
+    assert {"dkd", "kl", "ce", "val_accuracy"} <= set(hist[-1]) and len(hist) == 4
+    assert report["stages"][2]["accuracy"] >= 0.8

@@ -1,5 +1,4 @@
 import copy
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -16,11 +15,12 @@ from targets import base
 
 
 @pytest.fixture(scope="module")
-def quantized(trained_tiny, tiny_data):
-    ctx = SimpleNamespace(data=tiny_data, calib=calibration_split(tiny_data.train, 256, 0),
-                          batch_size=64, teacher=trained_tiny, seed=0, device=torch.device("cpu"),
-                          log=lambda s: None, eval_each_epoch=False, metrics={}, structure={},
-                          history=[])
+def quantized(trained_tiny, tiny_data, tmp_path_factory):
+    from compress.pipeline import RunContext
+    ctx = RunContext(data=tiny_data, calib=calibration_split(tiny_data.train, 256, 0),
+                     teacher=trained_tiny, device=torch.device("cpu"),
+                     run_dir=tmp_path_factory.mktemp("q"), log=lambda s: None, seed=0,
+                     batch_size=64, structure={}, eval_each_epoch=False)
     q = run(copy.deepcopy(trained_tiny), ctx, QuantizeConfig(epochs=0.5, augment=False))
     return q, ctx
 

@@ -1,0 +1,77 @@
+"""Teacher-output cache: the teacher's outputs on the training set, computed once and
+stored in the run directory, so distillation epochs skip the teacher's forward pass.
+
+full     float16 logits of every training example
+topk     the k largest probabilities (at the stage's temperature) and their classes
+sampled  k classes drawn with replacement from the teacher's distribution, stored with
+         weights count/k: an unbiased estimate of the teacher distribution (Sparse Logit
+         Sampling, Anshumann et al. 2025, arXiv:2503.16870)
+
+The file name holds the teacher's identity hash, the data identity and the cache settings,
+so a changed teacher or data set never reads a stale cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from compress.checkpoint import atomic_write
+
+
+@dataclass
+class SparseTarget:
+    """A teacher distribution known on a few classes per example (probabilities sum to 1)."""
+    index: torch.Tensor  # (N, k) int64
+    prob: torch.Tensor   # (N, k) float32
+
+
+class TeacherCache:
+    def __init__(self, kind: str, tensors: dict[str, torch.Tensor]):
+        self.kind, self.t = kind, tensors
+
+    def lookup(self, idx: torch.Tensor):
+        if self.kind == "full":
+            return self.t["logits"][idx].float()
+        return SparseTarget(self.t["index"][idx].long(), self.t["prob"][idx].float())
+
+
+@torch.no_grad()
+def _teacher_logits(forward, data, batch_size: int, device) -> torch.Tensor:
+    outs = []
+    for i in range(0, len(data.train), batch_size):
+        x = data.normalize(data.train.images[i:i + batch_size]).to(device)
+        outs.append(forward(x).float().cpu())
+    return torch.cat(outs)
+
+
+def build_or_load(kind: str, k: int, temperature: float, forward, teacher_key: str,
+                  data_key: str, data, cache_dir: Path, seed: int, device,
+                  log=print) -> Optional[TeacherCache]:
+    if kind == "none":
+        return None
+    suffix = "" if kind == "full" else f"-k{k}-T{temperature:g}" + (f"-s{seed}" if kind == "sampled" else "")
+    path = cache_dir / f"teacher-{teacher_key}-{data_key}-{kind}{suffix}.safetensors"
+    if path.is_file():
+        log(f"  teacher cache: reusing {path.name}")
+        return TeacherCache(kind, load_file(str(path)))
+    logits = _teacher_logits(forward, data, 512, device)
+    if kind == "full":
+        tensors = {"logits": logits.half()}
+    else:
+        p = F.softmax(logits / temperature, 1)
+        if kind == "topk":
+            prob, index = p.topk(k, 1)
+            prob = prob / prob.sum(1, keepdim=True)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            index = torch.multinomial(p, k, replacement=True, generator=g)
+            prob = torch.full(index.shape, 1.0 / k)  # each draw carries weight 1/k
+        tensors = {"index": index.to(torch.int16), "prob": prob.half()}
+    atomic_write(path, lambda p_: save_file({n: v.contiguous() for n, v in tensors.items()}, str(p_)))
+    log(f"  teacher cache: wrote {path.name} ({path.stat().st_size / 1e6:.1f} MB)")
+    return TeacherCache(kind, tensors)

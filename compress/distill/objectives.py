@@ -1,0 +1,225 @@
+"""Logit objectives: small documented functions, composed with weights from config.
+
+Every term maps (student logits, teacher logits, labels, state) to a scalar. KL-family
+terms at temperature T are multiplied by T^2 (Hinton et al. 2015) so their gradients keep
+the scale of the hard-label term whatever T is.
+"""
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Term(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(1.0, ge=0, description="weight of this term in the total loss")
+
+
+class CE(_Term):
+    """Cross-entropy with the labels."""
+    kind: Literal["ce"] = "ce"
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the targets")
+
+
+class KL(_Term):
+    """Hinton KD: KL(teacher_T || student_T) * T^2 (Hinton et al. 2015, arXiv:1503.02531)."""
+    kind: Literal["kl"] = "kl"
+    temperature: float = Field(4.0, gt=0, description="softmax temperature T")
+
+
+class ReverseKL(_Term):
+    """Reverse KL(student_T || teacher_T) * T^2: mode-seeking (Gu et al. 2024, MiniLLM)."""
+    kind: Literal["reverse_kl"] = "reverse_kl"
+    temperature: float = Field(4.0, gt=0, description="softmax temperature T")
+
+
+class JS(_Term):
+    """Jensen-Shannon divergence between teacher_T and student_T, * T^2 (Agarwal et al. 2024, GKD)."""
+    kind: Literal["js"] = "js"
+    temperature: float = Field(4.0, gt=0, description="softmax temperature T")
+
+
+class MSELogits(_Term):
+    """Mean squared error between raw logits (Ba & Caruana 2014, "Do deep nets need to be deep?")."""
+    kind: Literal["mse_logits"] = "mse_logits"
+
+
+class CAKLD(_Term):
+    """Confidence-aware KL (BitDistiller, Du et al. 2024): gamma*RKL + (1-gamma)*FKL, gamma the
+    teacher's mean confidence in the true label, so a confident teacher is followed mode-seeking."""
+    kind: Literal["cakld"] = "cakld"
+    temperature: float = Field(1.0, gt=0, description="softmax temperature T")
+    confidence: Optional[float] = Field(None, ge=0, le=1, description="fixed gamma; default: the teacher's mean true-label probability in each batch")
+
+
+class TAID(_Term):
+    """TAID (Shing et al. 2025, arXiv:2501.16937): KL to an intermediate target
+    softmax((1-t)*student.detach() + t*teacher), t rising from t_start to t_end with an
+    adaptive step driven by the relative improvement of the objective."""
+    kind: Literal["taid"] = "taid"
+    temperature: float = Field(1.0, gt=0, description="softmax temperature T")
+    t_start: float = Field(0.4, ge=0, le=1, description="initial interpolation toward the teacher")
+    t_end: float = Field(1.0, ge=0, le=1, description="final interpolation (1 = the teacher itself)")
+    alpha: float = Field(5e-4, ge=0, description="adaptive step size of t")
+    beta: float = Field(0.99, ge=0, lt=1, description="momentum of the relative loss change")
+
+
+class DIST(_Term):
+    """DIST (Huang et al. 2022, arXiv:2205.10536): 1 - Pearson correlation of softmax outputs,
+    across classes per example (inter-class) and across the batch per class (intra-class)."""
+    kind: Literal["dist"] = "dist"
+    temperature: float = Field(1.0, gt=0, description="softmax temperature T")
+    inter: float = Field(1.0, ge=0, description="weight of the inter-class relation (beta)")
+    intra: float = Field(1.0, ge=0, description="weight of the intra-class relation (gamma)")
+
+
+class DKD(_Term):
+    """Decoupled KD (Zhao et al. 2022, arXiv:2203.08679): alpha*TCKD (target vs rest,
+    binary) + beta*NCKD (distribution among the non-target classes), each * T^2."""
+    kind: Literal["dkd"] = "dkd"
+    temperature: float = Field(4.0, gt=0, description="softmax temperature T")
+    alpha: float = Field(1.0, ge=0, description="weight of target-class KD")
+    beta: float = Field(8.0, ge=0, description="weight of non-target-class KD")
+
+
+LogitTerm = Annotated[Union[CE, KL, ReverseKL, JS, MSELogits, CAKLD, TAID, DIST, DKD],
+                      Field(discriminator="kind")]
+NEEDS_TEACHER = {"kl", "reverse_kl", "js", "mse_logits", "cakld", "taid", "dist", "dkd"}
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) from log-probabilities, summed over classes, mean over the batch."""
+    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
+
+
+def ce(s, t, y, c: CE, state) -> torch.Tensor:
+    return F.cross_entropy(s, y, label_smoothing=c.label_smoothing)
+
+
+def kl(s, t, y, c: KL, state) -> torch.Tensor:
+    T = c.temperature
+    return _kl(F.log_softmax(t / T, 1), F.log_softmax(s / T, 1)) * T * T
+
+
+def reverse_kl(s, t, y, c: ReverseKL, state) -> torch.Tensor:
+    T = c.temperature
+    return _kl(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1)) * T * T
+
+
+def js(s, t, y, c: JS, state) -> torch.Tensor:
+    T = c.temperature
+    log_p, log_q = F.log_softmax(t / T, 1), F.log_softmax(s / T, 1)
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), 0) - math.log(2)
+    return 0.5 * (_kl(log_p, log_m) + _kl(log_q, log_m)) * T * T
+
+
+def mse_logits(s, t, y, c: MSELogits, state) -> torch.Tensor:
+    return F.mse_loss(s, t)
+
+
+def cakld(s, t, y, c: CAKLD, state) -> torch.Tensor:
+    T = c.temperature
+    log_p, log_q = F.log_softmax(t / T, 1), F.log_softmax(s / T, 1)
+    gamma = c.confidence
+    if gamma is None:
+        gamma = float(F.softmax(t, 1).gather(1, y[:, None]).mean())
+    state["gamma"] = gamma
+    return (gamma * _kl(log_q, log_p) + (1 - gamma) * _kl(log_p, log_q)) * T * T
+
+
+def taid(s, t, y, c: TAID, state) -> torch.Tensor:
+    interp = state.setdefault("t", c.t_start)
+    T = c.temperature
+    target = F.log_softmax(((1 - interp) * s.detach() + interp * t) / T, 1)
+    loss = _kl(target, F.log_softmax(s / T, 1)) * T * T
+    _taid_update(float(loss.detach()), c, state)
+    return loss
+
+
+def _taid_update(loss: float, c: TAID, state: dict) -> None:
+    """The adaptive schedule: t moves toward t_end faster while the objective improves,
+    and never lags the linear schedule from t_start to t_end."""
+    prev = state.get("prev_loss")
+    state["prev_loss"] = loss
+    if prev is None:
+        return
+    rel = (prev - loss) / (prev + 1e-12)
+    m = state["momentum"] = c.beta * state.get("momentum", 0.0) + (1 - c.beta) * rel
+    floor = c.t_start + (c.t_end - c.t_start) * state.get("progress", 0.0)
+    step = c.alpha * (1 / (1 + math.exp(-m))) * (1 - state["t"])
+    state["t"] = min(c.t_end, max(floor, state["t"] + step))
+
+
+def _pearson_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    r = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)
+    return (1 - r).mean()
+
+
+def dist(s, t, y, c: DIST, state) -> torch.Tensor:
+    T = c.temperature
+    ps, pt = F.softmax(s / T, 1), F.softmax(t / T, 1)
+    inter = _pearson_distance(ps, pt)
+    intra = _pearson_distance(ps.t(), pt.t())
+    return (c.inter * inter + c.intra * intra) * T * T
+
+
+def dkd(s, t, y, c: DKD, state) -> torch.Tensor:
+    T = c.temperature
+    gt = F.one_hot(y, s.shape[1]).bool()
+    ps, pt = F.softmax(s / T, 1), F.softmax(t / T, 1)
+    # binary (target, all others) distributions
+    bs = torch.stack([ps[gt], ps.masked_fill(gt, 0).sum(1)], 1).clamp_min(1e-12)
+    bt = torch.stack([pt[gt], pt.masked_fill(gt, 0).sum(1)], 1).clamp_min(1e-12)
+    tckd = _kl(bt.log(), bs.log())
+    # distributions among non-target classes only (target logit pushed to -inf)
+    nckd = _kl(F.log_softmax(t / T - 1000.0 * gt, 1), F.log_softmax(s / T - 1000.0 * gt, 1))
+    return (c.alpha * tckd + c.beta * nckd) * T * T
+
+
+FUNCTIONS = {"ce": ce, "kl": kl, "reverse_kl": reverse_kl, "js": js, "mse_logits": mse_logits,
+             "cakld": cakld, "taid": taid, "dist": dist, "dkd": dkd}
+
+
+def sparse_kl(s: torch.Tensor, target, c) -> torch.Tensor:
+    """KD against a cached sparse teacher distribution (top-k or sampled): the cross-entropy
+    -sum_i p_i log q_i over the stored classes, * T^2. It differs from KL(p||q) by the
+    teacher's entropy, a constant, so the gradients are the same."""
+    T = c.temperature
+    log_q = F.log_softmax(s / T, 1).gather(1, target.index)
+    return -(target.prob * log_q).sum(1).mean() * T * T
+
+
+class Objective:
+    """The weighted sum of the configured logit terms (and feature terms, when a
+    FeatureDistiller is attached). Returns (total, parts) with one part per term."""
+
+    def __init__(self, terms: list, features=None):
+        self.terms, self.features = terms, features
+        self.states = [dict() for _ in terms]
+        self.needs_teacher = any(t.kind in NEEDS_TEACHER for t in terms)
+
+    def __call__(self, s, t, y, progress: float):
+        parts = {}
+        total = s.new_zeros(())
+        for term, state in zip(self.terms, self.states):
+            state["progress"] = progress
+            if t is not None and not isinstance(t, torch.Tensor):  # a cached sparse target
+                if term.kind not in ("ce", "kl"):
+                    raise ValueError(f"loss term {term.kind} needs full teacher logits")
+                value = ce(s, None, y, term, state) if term.kind == "ce" else sparse_kl(s, t, term)
+            else:
+                value = FUNCTIONS[term.kind](s, t, y, term, state)
+            name = term.kind if term.kind not in parts else f"{term.kind}{len(parts)}"
+            parts[name] = value
+            total = total + term.weight * value
+        if self.features is not None:
+            for name, value in self.features.losses().items():
+                parts[name] = value
+                total = total + self.features.terms[int(name[4:].split("_")[0])].weight * value
+        return total, parts
