@@ -70,6 +70,11 @@ def resnet8(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     return ResNet((16, 32, 64), (1, 1, 1), num_classes, in_channels)
 
 
+def resnet8_wide(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """~310k params: ResNet-8 at twice the width (a second, different teacher for ensembles)."""
+    return ResNet((32, 64, 128), (1, 1, 1), num_classes, in_channels)
+
+
 def resnet_tiny(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """A few thousand params with residual adds: for tests and smoke runs."""
     return ResNet((8, 16), (1, 1), num_classes, in_channels)
@@ -82,6 +87,7 @@ def resnet_tiny_teacher(num_classes: int = 10, in_channels: int = 1) -> nn.Modul
 ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet_teacher": resnet_teacher,
     "resnet8": resnet8,
+    "resnet8_wide": resnet8_wide,
     "resnet_tiny": resnet_tiny,
     "resnet_tiny_teacher": resnet_tiny_teacher,
 }
