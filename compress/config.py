@@ -170,8 +170,11 @@ class RunConfig(Strict):
             raise ValueError("teacher: the list is empty")
         built = {}
         for i, s in enumerate(self.stages):
+            # a prune stage may distill from the unpruned student itself (CoFi)
+            own = getattr(s, "recovery_teacher", "configured") == "unpruned"
+            t_spec = self.student.model if own else self.teachers[0].model
             for j, f in enumerate(s.features):
-                for role, spec in (("student", self.student.model), ("teacher", self.teachers[0].model)):
+                for role, spec in (("student", self.student.model), ("teacher", t_spec)):
                     if spec not in built:
                         built[spec] = build_model(spec, 10, self.data.synthetic.channels)
                     check_names(built[spec], [getattr(f, role)], f"stages.{i}.features.{j}.{role}")

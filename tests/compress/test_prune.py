@@ -44,3 +44,51 @@ def test_pruned_model_rebuilds_from_factory_in_fresh_process_state(trained_tiny,
 def test_unknown_ignored_name_suggests_closest(trained_tiny):
     with pytest.raises(ValueError, match=r"prune.ignored: no module named 'layers.0.conv' .*closest: .*layers.0.conv1"):
         check(trained_tiny, PruneConfig(ignored=["layers.0.conv"]), "prune")
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "taylor", "hessian", "lamp", "random"])
+def test_every_criterion_removes_channels_with_kd_recovery(criterion, trained_tiny, tiny_data, tmp_path):
+    from calib.sampling import calibration_split
+    from compress.pipeline import RunContext
+    from compress.prune import run
+    ctx = RunContext(data=tiny_data, calib=calibration_split(tiny_data.train, 128, 0),
+                     teacher=trained_tiny, device=torch.device("cpu"), run_dir=tmp_path,
+                     log=lambda s: None, seed=0, batch_size=64, structure={}, eval_each_epoch=False)
+    model = copy.deepcopy(trained_tiny)
+    cfg = PruneConfig(ratio=0.5, round_to=4, importance=criterion, steps=2, epochs=0.5,
+                      augment=False, importance_batches=1)
+    out = run(model, ctx, cfg)
+    assert count_params(out) < 0.7 * count_params(trained_tiny)
+    assert [h["prune_step"] for h in ctx.history] == [1, 2]
+    assert out.fc.out_features == 10 and torch.isfinite(out(torch.randn(2, 1, 28, 28))).all()
+
+
+def test_gradient_criteria_differ_from_magnitude(trained_tiny, tiny_data, tmp_path):
+    """taylor scores by the objective's gradients: it must not just reproduce l2's choice."""
+    from calib.sampling import calibration_split
+    from compress.pipeline import RunContext
+    from compress.prune import run
+    kept = {}
+    for crit in ("l2", "taylor"):
+        ctx = RunContext(data=tiny_data, calib=calibration_split(tiny_data.train, 128, 0),
+                         teacher=trained_tiny, device=torch.device("cpu"), run_dir=tmp_path,
+                         log=lambda s: None, seed=0, batch_size=64, structure={})
+        m = run(copy.deepcopy(trained_tiny), ctx, PruneConfig(ratio=0.5, round_to=1, importance=crit,
+                                                             epochs=0, importance_batches=2))
+        kept[crit] = m.layers[1].conv1.weight.detach().clone()
+    assert kept["l2"].shape == kept["taylor"].shape and not torch.equal(kept["l2"], kept["taylor"])
+
+
+def test_layer_ratio_and_ignored_input_channels(trained_tiny):
+    model = copy.deepcopy(trained_tiny)
+    prune_channels(model, PruneConfig(ratio=0.25, round_to=1, layer_ratios={"layers.1.conv1": 0.75},
+                                      ignored=["fc", "layers.0.conv1"]), X)
+    assert model.layers[1].conv1.out_channels == 4  # 16 * (1 - 0.75)
+    # ignored layers keep outputs and inputs (Torch-Pruning #341): the stem and the whole
+    # residual group feeding layers.0.conv1 stay whole, and so do fc's inputs
+    assert (model.layers[0].conv1.in_channels, model.layers[0].conv1.out_channels) == (8, 8)
+    assert model.stem[0].out_channels == 8 and model.fc.in_features == 16
+    loose = copy.deepcopy(trained_tiny)
+    prune_channels(loose, PruneConfig(ratio=0.25, round_to=1, ignored=["fc", "layers.0.conv1"],
+                                      keep_ignored_inputs=False), X)
+    assert loose.layers[0].conv1.in_channels < 8 and loose.fc.in_features < 16
