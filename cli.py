@@ -58,6 +58,33 @@ def run(config: Path = typer.Argument(..., help="run config YAML"),
         raise typer.Exit(1)
 
 
+@app.command("profile")
+def profile_cmd(model: Path = typer.Argument(..., help="an .onnx file or OpenVINO .xml IR (any, not only ours)"),
+                backend: str = typer.Option("onnxruntime", help="onnxruntime | openvino | tensorrt"),
+                batch: int = typer.Option(1, help="batch size of the latency runs"),
+                threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
+                shape: Optional[str] = typer.Option(None, help="input shape without batch, e.g. 1x28x28, when the file's is dynamic"),
+                runs: int = typer.Option(200, help="timed runs (>= 100)"),
+                as_json: bool = typer.Option(False, "--json", help="print the result as JSON")):
+    """Time a model file on one backend: p50/p90/p99, throughput, precision that ran."""
+    from compress.profile_cli import profile_file
+    try:
+        res = profile_file(model, backend, batch=batch, threads=threads, shape=shape, runs=max(runs, 100))
+    except _user_errors() as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    lat, thr = res["latency_ms"], res["throughput"]
+    typer.echo(f"{model} on {backend} ({res['runtime'].get('provider')}, {res['runtime'].get('threads')} threads), "
+               f"input {res['input_shape']}")
+    typer.echo(f"  latency b{lat['batch']}: p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f} ms, p99 {lat['p99']:.3f} ms "
+               f"({lat['runs']} runs)")
+    typer.echo(f"  throughput b{thr['batch']}: {thr['items_per_s']:,.0f} items/s")
+    typer.echo(f"  executed: {res['executed_precision']['summary']}")
+
+
 def main():  # pragma: no cover
     app()
 

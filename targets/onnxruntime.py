@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -23,7 +24,8 @@ class OrtRunner:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        work = cfg.work_dir or path.parent
+        # the optimized graph is written only to count its ops; never beside a user's file
+        work = cfg.work_dir or Path(tempfile.mkdtemp(prefix="compress-ort-"))
         work.mkdir(parents=True, exist_ok=True)
         opt_path = work / f"{path.stem}.ort-optimized.onnx"
         so.optimized_model_filepath = str(opt_path)

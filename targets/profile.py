@@ -34,10 +34,11 @@ def throughput(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, warmup: i
 
 
 def profile(run: Callable[[np.ndarray], np.ndarray], sample: np.ndarray, *, warmup: int = 20,
-            runs: int = 200, throughput_batch: int = 64, throughput_runs: int = 30) -> dict:
+            runs: int = 200, throughput_batch: int = 64, throughput_runs: int = 30,
+            batch: int = 1) -> dict:
     """sample: a few real, preprocessed inputs; batches are tiled from them so timing
     runs on realistic values (some kernels are data dependent)."""
     reps = int(np.ceil(throughput_batch / len(sample)))
     big = np.concatenate([sample] * reps)[:throughput_batch]
-    return {"latency_ms": latency(run, sample[:1], warmup, runs),
+    return {"latency_ms": latency(run, sample[:batch], warmup, runs),
             "throughput": throughput(run, big, warmup, throughput_runs)}

@@ -81,3 +81,31 @@ def test_registry_is_explicit():
         base.get("tflite")
     with pytest.raises(ValueError, match="already registered"):
         base.register("openvino", "x:y")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_compress_profile_on_any_onnx_file(backend, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import app
+    tiny_onnx(tmp_path / "m.onnx", np.random.default_rng(0))
+    res = CliRunner().invoke(app, ["profile", str(tmp_path / "m.onnx"), "--backend", backend,
+                                   "--threads", "1", "--runs", "100", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["input_shape"] == [1, 1, 8, 8] and out["latency_ms"]["runs"] == 100
+    assert 0 < out["latency_ms"]["p50"] <= out["latency_ms"]["p99"]
+    assert out["throughput"]["items_per_s"] > 0
+    assert out["executed_precision"]["compute_layers"] == 2
+
+
+def test_compress_profile_bad_file_is_one_clear_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    res = CliRunner().invoke(app, ["profile", str(tmp_path / "bad.onnx")])
+    assert res.exit_code == 2 and "bad.onnx: not a valid ONNX model" in res.output
+    assert "Traceback" not in res.output
