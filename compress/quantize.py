@@ -6,6 +6,7 @@ convolutions first, as every integer runtime does at deployment anyway.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -23,6 +24,8 @@ class QuantizeConfig(TrainConfig):
     weight_bits: Literal[8] = Field(8, description="weight bit width (per-channel, symmetric)")
     act_bits: Literal[8] = Field(8, description="activation bit width (per-tensor)")
     calib_batches: int = Field(8, ge=1, description="batches of the calibration subset used for activation ranges")
+    equalize_iters: int = Field(0, ge=0, description="cross-layer weight equalization iterations before quantizing (data-free; 0 = off)")
+    bias_correction: bool = Field(False, description="after calibration, correct each layer's bias for the mean shift quantization causes (brevitas bias_correction_mode)")
     epochs: float = Field(1, ge=0, description="QAT epochs with KD (0 = post-training quantization only)")
     lr: float = Field(2e-4, gt=0, description="QAT learning rate (small: the model is already trained)")
     weight_decay: float = Field(0.0, ge=0, description="none by default: decay would pull weights off their quantization grid")
@@ -34,7 +37,8 @@ class QuantizeConfig(TrainConfig):
 def settings(cfg: QuantizeConfig) -> dict:
     """What rebuilding the quantized structure needs (recorded in structure.json)."""
     return {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits,
-            "weight_scaling": "per_channel", "bias": "int32", "merge_bn": True}
+            "weight_scaling": "per_channel", "bias": "int32", "merge_bn": True,
+            "equalize_iters": cfg.equalize_iters}
 
 
 def prepare(model: nn.Module, qsettings: dict) -> nn.Module:
@@ -48,7 +52,8 @@ def prepare(model: nn.Module, qsettings: dict) -> nn.Module:
     compute_map = dict(COMPUTE_LAYER_MAP)
     compute_map[nn.Conv2d] = (qnn.QuantConv2d, layer_kwargs)
     compute_map[nn.Linear] = (qnn.QuantLinear, layer_kwargs)
-    model = preprocess_for_quantize(model.eval(), merge_bn=qsettings.get("merge_bn", True))
+    model = preprocess_for_quantize(model.eval(), merge_bn=qsettings.get("merge_bn", True),
+                                    equalize_iters=qsettings.get("equalize_iters", 0))
     return quantize(model, compute_layer_map=compute_map)
 
 
@@ -64,6 +69,54 @@ def calibrate(model: nn.Module, ctx, n_batches: int) -> None:
             model(ctx.data.normalize(x))
 
 
+@torch.no_grad()
+def correct_bias(model: nn.Module, ctx, n_batches: int) -> None:
+    from brevitas.graph.calibrate import bias_correction_mode
+    model.eval()
+    with bias_correction_mode(model):
+        for i, (x, _, _) in enumerate(batches(ctx.calib, ctx.batch_size)):
+            if i >= n_batches:
+                break
+            model(ctx.data.normalize(x))
+
+
+@torch.no_grad()
+def layer_sqnr(model: nn.Module, ctx, n_batches: int = 2) -> dict[str, float]:
+    """SQNR (dB) of each quantized compute layer's output against the same network with
+    quantization switched off (the BN-merged float model), on calibration data. The error
+    is end to end up to that layer, as a deployment sees it."""
+    from brevitas.graph.calibrate import quantization_status_manager
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantWeightBiasInputOutputLayer)}
+    sums = {n: [0.0, 0.0] for n in layers}
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_m, _i, out):
+            captured[name] = (out.value if hasattr(out, "value") else out).detach().float()
+        return fn
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    model.eval()
+    try:
+        for i, (x, _, _) in enumerate(batches(ctx.calib, ctx.batch_size)):
+            if i >= n_batches:
+                break
+            xin = ctx.data.normalize(x)
+            model(xin)
+            quant = dict(captured)
+            with quantization_status_manager(model, disable_act_quant=True, disable_weight_quant=True,
+                                             disable_bias_quant=True, is_training=False):
+                model(xin)
+            for n in layers:
+                ref = captured[n]
+                sums[n][0] += float(ref.pow(2).sum())
+                sums[n][1] += float((quant[n] - ref).pow(2).sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: 10 * math.log10(s / max(e, 1e-20)) for n, (s, e) in sums.items()}
+
+
 def rebuild_quantized(model: nn.Module, qsettings: dict, input_shape) -> nn.Module:
     model = prepare(model, qsettings)
     model.eval()
@@ -76,6 +129,8 @@ def run(model: nn.Module, ctx, cfg: QuantizeConfig) -> nn.Module:
     qs = settings(cfg)
     qmodel = prepare(model, qs)
     calibrate(qmodel, ctx, cfg.calib_batches)
+    if cfg.bias_correction:
+        correct_bias(qmodel, ctx, cfg.calib_batches)
     from compress.train import accuracy, predict
     ptq_acc = accuracy(predict(qmodel, ctx.data.test, ctx.data), ctx.data.test.labels)
     ctx.metrics["ptq_accuracy"] = ptq_acc
@@ -83,5 +138,10 @@ def run(model: nn.Module, ctx, cfg: QuantizeConfig) -> nn.Module:
             f"images: PTQ accuracy {ptq_acc:.4f}")
     if cfg.epochs > 0:
         ctx.history = fit(qmodel, ctx.data, cfg, **ctx.fit_kwargs("qat"))
+    sqnr = layer_sqnr(qmodel, ctx)
+    worst = sorted(sqnr.items(), key=lambda kv: kv[1])[:3]
+    ctx.metrics["layer_sqnr_db"] = sqnr
+    ctx.metrics["worst_layers"] = [n for n, _ in worst]
+    ctx.log("  lowest per-layer SQNR: " + ", ".join(f"{n} {v:.1f} dB" for n, v in worst))
     ctx.structure["quantize"] = qs
     return qmodel.eval()

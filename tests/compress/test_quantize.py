@@ -60,3 +60,27 @@ def test_quantized_rebuilds_without_unpickling(quantized, tmp_path):
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(q.eval()(x), rebuilt.eval()(x), atol=1e-6)
+
+
+def test_per_layer_sqnr_recorded_and_sane(quantized):
+    q, ctx = quantized
+    sqnr = ctx.metrics["layer_sqnr_db"]
+    assert len(sqnr) == 7 and set(ctx.metrics["worst_layers"]) <= set(sqnr)
+    # int8 per-channel weights and int8 activations: tens of dB, never negative
+    assert all(5 < v < 80 for v in sqnr.values()), sqnr
+
+
+def test_bias_correction_and_equalization_run_and_rebuild(trained_tiny, tiny_data, tmp_path):
+    from compress.pipeline import RunContext
+    ctx = RunContext(data=tiny_data, calib=calibration_split(tiny_data.train, 256, 0),
+                     teacher=trained_tiny, device=torch.device("cpu"), run_dir=tmp_path,
+                     log=lambda s: None, seed=0, batch_size=64, structure={}, eval_each_epoch=False)
+    q = run(copy.deepcopy(trained_tiny), ctx, QuantizeConfig(epochs=0, bias_correction=True, equalize_iters=2))
+    acc_f = accuracy(predict(trained_tiny, tiny_data.test, tiny_data), tiny_data.test.labels)
+    assert accuracy(predict(q, tiny_data.test, tiny_data), tiny_data.test.labels) >= acc_f - 0.05
+    save_weights(q, tmp_path / "q.safetensors")
+    rebuilt = rebuild_quantized(build_model("resnet_tiny", 10, 1), ctx.structure["quantize"], (1, 28, 28))
+    load_into(rebuilt, read_state_dict(tmp_path / "q.safetensors"), "q")
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(q.eval()(x), rebuilt.eval()(x), atol=1e-5)
