@@ -44,6 +44,10 @@ def to_markdown(report: dict) -> str:
     for s in report["stages"]:
         lines.append(f"| {s['name']} | {s['accuracy']:.4f} | {s['params']:,} | {s['macs']:,} | "
                      f"{s['size_bytes']:,} | {s['seconds']:.0f} |")
+    for s in report["stages"]:
+        if s.get("layer_sqnr_db"):
+            worst = ", ".join(f"`{n}` {s['layer_sqnr_db'][n]:.1f} dB" for n in s.get("worst_layers", []))
+            lines += ["", f"{s['name']}: lowest per-layer SQNR (quantized vs float, calibration data): {worst}"]
     lines += ["", "## Deployments (measured on the runtime)", "",
               "| stage | backend | precision | status | accuracy | agreement | max abs diff | p50 ms (b1) | p99 ms | items/s | size (bytes) | executed |",
               "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
