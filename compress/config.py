@@ -113,11 +113,23 @@ class ExportConfig(Strict):
     stages: Optional[list[str]] = Field(None, description="stage names to export and deploy (default: teacher and every stage)")
 
 
+class ParityConfig(Strict):
+    """How far a deployed artifact may stray from its torch model before it is `failed`."""
+    # 0.98: a QAT model's int8 export agrees with its fake-quant torch model on >= 98% of
+    # top-1 in practice (ORT matches brevitas exactly; OpenVINO rounds a little differently);
+    # float exports agree on ~100%. Below that it is not the model that was validated.
+    min_agreement: float = Field(0.98, ge=0, le=1, description="least top-1 agreement with the torch model")
+    # half a point of accuracy is past run-to-run noise of a 10k test split
+    max_acc_drop: float = Field(0.005, ge=0, le=1, description="largest accuracy loss against the torch model on the same data")
+    max_abs_diff: Optional[float] = Field(None, gt=0, description="largest |delta logit| (off by default: logit scales differ by model)")
+
+
 class TargetConfig(Strict):
     """One backend the exported models are deployed and measured on."""
     backend: Literal["onnxruntime", "openvino", "tensorrt"] = Field(description="runtime to deploy on")
     threads: Optional[int] = Field(None, ge=1, description="intra-op threads (default: all cores)")
     device: str = Field("cpu", description="cpu, or cuda/gpu where the backend supports it")
+    parity: ParityConfig = Field(default_factory=ParityConfig, description="the gate a deployment must pass")
 
 
 class ProfileConfig(Strict):

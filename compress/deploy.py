@@ -44,6 +44,19 @@ def artifact_size(path: Path) -> int:
     return size
 
 
+def parity_failures(row: dict, torch_accuracy: float, parity) -> list[str]:
+    out = []
+    if row["agreement"] < parity.min_agreement:
+        out.append(f"top-1 agreement with torch {row['agreement']:.4f} < min_agreement {parity.min_agreement}")
+    drop = torch_accuracy - row["accuracy"]
+    if drop > parity.max_acc_drop:
+        out.append(f"accuracy {row['accuracy']:.4f} is {drop:.4f} below torch's {torch_accuracy:.4f} "
+                   f"(max_acc_drop {parity.max_acc_drop})")
+    if parity.max_abs_diff is not None and row["max_abs_diff"] > parity.max_abs_diff:
+        out.append(f"max |delta logit| {row['max_abs_diff']:.3g} > max_abs_diff {parity.max_abs_diff}")
+    return out
+
+
 def deploy_one(pipe, stage: str, sdir: Path, manifest: dict, tcfg, x: np.ndarray,
                labels: np.ndarray, ref: np.ndarray) -> dict:
     target = base.get(tcfg.backend)
@@ -76,6 +89,11 @@ def deploy_one(pipe, stage: str, sdir: Path, manifest: dict, tcfg, x: np.ndarray
     except Exception as e:  # a backend failure is a result to report, not a crash of the run
         pipe.log(traceback.format_exc())
         return {**row, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
+    failures = parity_failures(row, float((ref.argmax(1) == labels).mean()), tcfg.parity)
+    if failures:
+        row["status"] = "failed"
+        row["reason"] = "parity: " + "; ".join(failures)
+        return row
     ep = row["executed_precision"]
     if precision == "int8" and ep["int8_layers"] < ep["compute_layers"]:
         row["status"] = "failed"

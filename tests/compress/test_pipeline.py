@@ -171,3 +171,41 @@ output: {{dir: {tmp_path}}}
     hist = json.loads((tmp_path / "ens" / "01-distill" / "metrics.json").read_text())["history"]
     assert {"dkd", "kl", "ce", "val_accuracy"} <= set(hist[-1]) and len(hist) == 4
     assert report["stages"][2]["accuracy"] >= 0.8
+
+
+def test_parity_gate_fails_a_corrupted_export_and_passes_a_correct_one(tiny_run):
+    """Scale one weight of the exported ONNX: the gate must catch it; the intact file passes."""
+    import onnx
+    from onnx import numpy_helper
+
+    from compress.config import ParityConfig
+    from compress.deploy import deploy_one
+
+    run_dir, _, _, out = tiny_run
+    cfg = load_config(TINY, [f"output.dir={out}"])
+    data = load_data(cfg)
+    sdir = run_dir / "01-distill"
+    manifest = json.loads((sdir / "manifest.json").read_text())
+    model = rebuild(json.loads((sdir / "structure.json").read_text()), sdir / "model.safetensors")
+    x = preprocess(data.test.images.numpy(), manifest)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    labels = data.test.labels.numpy()
+
+    class P:  # the pipeline's view deploy_one needs
+        run_dir = out / "tiny"
+        cfg = load_config(TINY, [f"output.dir={out}", "profile.runs=100", "profile.throughput_runs=1"])
+        log = staticmethod(lambda s: None)
+    tcfg = P.cfg.targets[0]
+    good = deploy_one(P, "distill", sdir, manifest, tcfg, x, labels, ref)
+    assert good["status"] == "ok", good["reason"]
+
+    bad_dir = out / "tiny" / "corrupt"
+    bad_dir.mkdir(exist_ok=True)
+    m = onnx.load(str(sdir / "model.onnx"))
+    init = next(i for i in m.graph.initializer if numpy_helper.to_array(i).ndim == 4)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 3.0, init.name))
+    onnx.save(m, str(bad_dir / "model.onnx"))
+    bad = deploy_one(P, "distill", bad_dir, {**manifest, "files": {"onnx": "model.onnx"}}, tcfg, x, labels, ref)
+    assert bad["status"] == "failed" and bad["reason"].startswith("parity: top-1 agreement")
+    assert ParityConfig().min_agreement == 0.98
