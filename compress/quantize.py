@@ -57,16 +57,22 @@ def prepare(model: nn.Module, qsettings: dict) -> nn.Module:
     return quantize(model, compute_layer_map=compute_map)
 
 
+def calib_inputs(ctx, n_batches: int):
+    """Model inputs from the first n batches of the (stratified, seeded) calibration subset."""
+    for i, (x, _, _) in enumerate(batches(ctx.calib, ctx.batch_size)):
+        if i >= n_batches:
+            return
+        yield ctx.data.normalize(x)
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, ctx, n_batches: int) -> None:
-    """Activation ranges from the (stratified, seeded) calibration subset."""
+    """Activation ranges from the calibration subset."""
     from brevitas.graph.calibrate import calibration_mode
     model.eval()
     with calibration_mode(model):
-        for i, (x, _, _) in enumerate(batches(ctx.calib, ctx.batch_size)):
-            if i >= n_batches:
-                break
-            model(ctx.data.normalize(x))
+        for x in calib_inputs(ctx, n_batches):
+            model(x)
 
 
 @torch.no_grad()
@@ -74,10 +80,8 @@ def correct_bias(model: nn.Module, ctx, n_batches: int) -> None:
     from brevitas.graph.calibrate import bias_correction_mode
     model.eval()
     with bias_correction_mode(model):
-        for i, (x, _, _) in enumerate(batches(ctx.calib, ctx.batch_size)):
-            if i >= n_batches:
-                break
-            model(ctx.data.normalize(x))
+        for x in calib_inputs(ctx, n_batches):
+            model(x)
 
 
 @torch.no_grad()
@@ -98,10 +102,7 @@ def layer_sqnr(model: nn.Module, ctx, n_batches: int = 2) -> dict[str, float]:
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
     model.eval()
     try:
-        for i, (x, _, _) in enumerate(batches(ctx.calib, ctx.batch_size)):
-            if i >= n_batches:
-                break
-            xin = ctx.data.normalize(x)
+        for xin in calib_inputs(ctx, n_batches):
             model(xin)
             quant = dict(captured)
             with quantization_status_manager(model, disable_act_quant=True, disable_weight_quant=True,

@@ -26,3 +26,12 @@ def trained_tiny(tiny_data):
     fit(model, tiny_data, TrainConfig(epochs=4, lr=1e-2, augment=False), batch_size=64,
         log=lambda s: None)
     return model.eval()
+
+
+def make_ctx(data, teacher, run_dir, calib=256, eval_each_epoch=False):
+    """The RunContext a stage receives, for stage-level tests."""
+    from calib.sampling import calibration_split
+    from compress.pipeline import RunContext
+    return RunContext(data=data, calib=calibration_split(data.train, calib, 0), teacher=teacher,
+                      device=torch.device("cpu"), run_dir=run_dir, log=lambda s: None, seed=0,
+                      batch_size=64, structure={}, eval_each_epoch=eval_each_epoch)

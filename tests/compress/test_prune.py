@@ -6,6 +6,7 @@ import torch
 from compress.checkpoint import apply_shapes, load_into, read_state_dict, record_shapes, save_weights
 from compress.models import build_model, count_params
 from compress.prune import PruneConfig, check, prune_channels
+from tests.conftest import make_ctx
 
 X = torch.zeros(1, 1, 28, 28)
 
@@ -48,12 +49,8 @@ def test_unknown_ignored_name_suggests_closest(trained_tiny):
 
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "taylor", "hessian", "lamp", "random"])
 def test_every_criterion_removes_channels_with_kd_recovery(criterion, trained_tiny, tiny_data, tmp_path):
-    from calib.sampling import calibration_split
-    from compress.pipeline import RunContext
     from compress.prune import run
-    ctx = RunContext(data=tiny_data, calib=calibration_split(tiny_data.train, 128, 0),
-                     teacher=trained_tiny, device=torch.device("cpu"), run_dir=tmp_path,
-                     log=lambda s: None, seed=0, batch_size=64, structure={}, eval_each_epoch=False)
+    ctx = make_ctx(tiny_data, trained_tiny, tmp_path, calib=128)
     model = copy.deepcopy(trained_tiny)
     cfg = PruneConfig(ratio=0.5, round_to=4, importance=criterion, steps=2, epochs=0.5,
                       augment=False, importance_batches=1)
@@ -65,14 +62,10 @@ def test_every_criterion_removes_channels_with_kd_recovery(criterion, trained_ti
 
 def test_gradient_criteria_differ_from_magnitude(trained_tiny, tiny_data, tmp_path):
     """taylor scores by the objective's gradients: it must not just reproduce l2's choice."""
-    from calib.sampling import calibration_split
-    from compress.pipeline import RunContext
     from compress.prune import run
     kept = {}
     for crit in ("l2", "taylor"):
-        ctx = RunContext(data=tiny_data, calib=calibration_split(tiny_data.train, 128, 0),
-                         teacher=trained_tiny, device=torch.device("cpu"), run_dir=tmp_path,
-                         log=lambda s: None, seed=0, batch_size=64, structure={})
+        ctx = make_ctx(tiny_data, trained_tiny, tmp_path, calib=128)
         m = run(copy.deepcopy(trained_tiny), ctx, PruneConfig(ratio=0.5, round_to=1, importance=crit,
                                                              epochs=0, importance_batches=2))
         kept[crit] = m.layers[1].conv1.weight.detach().clone()

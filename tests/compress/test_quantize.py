@@ -5,7 +5,7 @@ import onnx
 import pytest
 import torch
 
-from calib.sampling import calibration_split
+from tests.conftest import make_ctx
 from compress.checkpoint import apply_shapes, load_into, read_state_dict, record_shapes, save_weights
 from compress.export import export_model
 from compress.models import build_model
@@ -16,11 +16,7 @@ from targets import base
 
 @pytest.fixture(scope="module")
 def quantized(trained_tiny, tiny_data, tmp_path_factory):
-    from compress.pipeline import RunContext
-    ctx = RunContext(data=tiny_data, calib=calibration_split(tiny_data.train, 256, 0),
-                     teacher=trained_tiny, device=torch.device("cpu"),
-                     run_dir=tmp_path_factory.mktemp("q"), log=lambda s: None, seed=0,
-                     batch_size=64, structure={}, eval_each_epoch=False)
+    ctx = make_ctx(tiny_data, trained_tiny, tmp_path_factory.mktemp("q"))
     q = run(copy.deepcopy(trained_tiny), ctx, QuantizeConfig(epochs=0.5, augment=False))
     return q, ctx
 
@@ -71,10 +67,7 @@ def test_per_layer_sqnr_recorded_and_sane(quantized):
 
 
 def test_bias_correction_and_equalization_run_and_rebuild(trained_tiny, tiny_data, tmp_path):
-    from compress.pipeline import RunContext
-    ctx = RunContext(data=tiny_data, calib=calibration_split(tiny_data.train, 256, 0),
-                     teacher=trained_tiny, device=torch.device("cpu"), run_dir=tmp_path,
-                     log=lambda s: None, seed=0, batch_size=64, structure={}, eval_each_epoch=False)
+    ctx = make_ctx(tiny_data, trained_tiny, tmp_path)
     q = run(copy.deepcopy(trained_tiny), ctx, QuantizeConfig(epochs=0, bias_correction=True, equalize_iters=2))
     acc_f = accuracy(predict(trained_tiny, tiny_data.test, tiny_data), tiny_data.test.labels)
     assert accuracy(predict(q, tiny_data.test, tiny_data), tiny_data.test.labels) >= acc_f - 0.05
