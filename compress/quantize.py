@@ -66,20 +66,13 @@ def calib_inputs(ctx, n_batches: int):
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, ctx, n_batches: int) -> None:
-    """Activation ranges from the calibration subset."""
-    from brevitas.graph.calibrate import calibration_mode
+def pass_calibration_data(model: nn.Module, ctx, n_batches: int, mode: str) -> None:
+    """Run calibration batches under a brevitas mode: "calibrate" collects activation
+    ranges; "bias_correction" corrects each layer's bias for the mean shift quantization
+    causes."""
+    from brevitas.graph.calibrate import bias_correction_mode, calibration_mode
     model.eval()
-    with calibration_mode(model):
-        for x in calib_inputs(ctx, n_batches):
-            model(x)
-
-
-@torch.no_grad()
-def correct_bias(model: nn.Module, ctx, n_batches: int) -> None:
-    from brevitas.graph.calibrate import bias_correction_mode
-    model.eval()
-    with bias_correction_mode(model):
+    with {"calibrate": calibration_mode, "bias_correction": bias_correction_mode}[mode](model):
         for x in calib_inputs(ctx, n_batches):
             model(x)
 
@@ -129,9 +122,9 @@ def rebuild_quantized(model: nn.Module, qsettings: dict, input_shape) -> nn.Modu
 def run(model: nn.Module, ctx, cfg: QuantizeConfig) -> nn.Module:
     qs = settings(cfg)
     qmodel = prepare(model, qs)
-    calibrate(qmodel, ctx, cfg.calib_batches)
+    pass_calibration_data(qmodel, ctx, cfg.calib_batches, "calibrate")
     if cfg.bias_correction:
-        correct_bias(qmodel, ctx, cfg.calib_batches)
+        pass_calibration_data(qmodel, ctx, cfg.calib_batches, "bias_correction")
     from compress.train import accuracy, predict
     ptq_acc = accuracy(predict(qmodel, ctx.data.test, ctx.data), ctx.data.test.labels)
     ctx.metrics["ptq_accuracy"] = ptq_acc

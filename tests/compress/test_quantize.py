@@ -48,14 +48,19 @@ def test_qcdq_export_runs_int8_on_both_cpu_backends(quantized, tiny_data, tmp_pa
         assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.98, backend
 
 
-def test_quantized_rebuilds_without_unpickling(quantized, tmp_path):
-    q, ctx = quantized
+def assert_rebuilds(q, structure, tmp_path, atol):
+    """factory + recorded quantizer settings + safetensors reproduce the model's outputs"""
     save_weights(q, tmp_path / "q.safetensors")
-    rebuilt = rebuild_quantized(build_model("resnet_tiny", 10, 1), ctx.structure["quantize"], (1, 28, 28))
+    rebuilt = rebuild_quantized(build_model("resnet_tiny", 10, 1), structure["quantize"], (1, 28, 28))
     load_into(rebuilt, read_state_dict(tmp_path / "q.safetensors"), "q")
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
-        assert torch.allclose(q.eval()(x), rebuilt.eval()(x), atol=1e-6)
+        assert torch.allclose(q.eval()(x), rebuilt.eval()(x), atol=atol)
+
+
+def test_quantized_rebuilds_without_unpickling(quantized, tmp_path):
+    q, ctx = quantized
+    assert_rebuilds(q, ctx.structure, tmp_path, atol=1e-6)
 
 
 def test_per_layer_sqnr_recorded_and_sane(quantized):
@@ -71,9 +76,4 @@ def test_bias_correction_and_equalization_run_and_rebuild(trained_tiny, tiny_dat
     q = run(copy.deepcopy(trained_tiny), ctx, QuantizeConfig(epochs=0, bias_correction=True, equalize_iters=2))
     acc_f = accuracy(predict(trained_tiny, tiny_data.test, tiny_data), tiny_data.test.labels)
     assert accuracy(predict(q, tiny_data.test, tiny_data), tiny_data.test.labels) >= acc_f - 0.05
-    save_weights(q, tmp_path / "q.safetensors")
-    rebuilt = rebuild_quantized(build_model("resnet_tiny", 10, 1), ctx.structure["quantize"], (1, 28, 28))
-    load_into(rebuilt, read_state_dict(tmp_path / "q.safetensors"), "q")
-    x = torch.randn(4, 1, 28, 28)
-    with torch.no_grad():
-        assert torch.allclose(q.eval()(x), rebuilt.eval()(x), atol=1e-5)
+    assert_rebuilds(q, ctx.structure, tmp_path, atol=1e-5)
