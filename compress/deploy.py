@@ -76,7 +76,7 @@ def deploy_one(pipe, stage: str, sdir: Path, manifest: dict, tcfg, x: np.ndarray
     row["artifact"] = str(path.relative_to(pipe.run_dir))
     row["size_bytes"] = artifact_size(path)
     try:
-        runner = target.compile(path, base.TargetConfig(threads=tcfg.threads, device=tcfg.device,
+        runner = target.compile(path, base.CompileOptions(threads=tcfg.threads, device=tcfg.device,
                                                         precision=precision, work_dir=sdir))
         logits = logits_of(runner, x, pipe.cfg.data.eval_batch_size)
         row.update(compare(logits, labels, ref))

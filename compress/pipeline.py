@@ -215,10 +215,11 @@ class Pipeline:
         prev_h = config_hash(prev_h, sc, file_digest(cfg.resolve_path(sc.checkpoint)) if sc.checkpoint else None)
         float_model = model
         for i, scfg in enumerate(cfg.stages, start=1):
-            name = scfg.kind
-            sdir = self.run_dir / f"{i:02d}-{name}"
+            # a kind used twice (two prune stages, say) gets its position in the name
+            name = scfg.kind if [s.kind for s in cfg.stages].count(scfg.kind) == 1 else f"{scfg.kind}-{i}"
+            sdir = self.run_dir / f"{i:02d}-{scfg.kind}"
             # calibration data only reaches the quantize stage
-            calib = cfg.data.calib_samples if name == "quantize" else None
+            calib = cfg.data.calib_samples if scfg.kind == "quantize" else None
             h = config_hash(prev_h, scfg, cfg.data.batch_size, calib)
             if stage_done(sdir, h):
                 self.log(f"[{name}] up to date, skipped")
@@ -231,7 +232,7 @@ class Pipeline:
                 t0 = time.time()
                 # a copy: stages change modules in place, and every stage's model is kept
                 # for export (brevitas' BN merge would otherwise rewrite the float model)
-                model = STAGES[name](copy.deepcopy(model), ctx, scfg).cpu().eval()
+                model = STAGES[scfg.kind](copy.deepcopy(model), ctx, scfg).cpu().eval()
                 structure = ctx.structure
                 if not structure.get("quantize"):
                     structure["shapes"] = record_shapes(model)

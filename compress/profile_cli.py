@@ -49,7 +49,7 @@ def profile_file(path: Path, backend: str, batch: int = 1, threads: Optional[int
     if backend != "openvino" and path.suffix == ".xml":
         raise UserError(f"{path}: {backend} runs ONNX files, not OpenVINO IR")
     shp = input_shape(path, batch, shape)
-    runner = target.compile(path, base.TargetConfig(threads=threads))
+    runner = target.compile(path, base.CompileOptions(threads=threads))
     sample = np.random.default_rng(0).standard_normal((max(batch, 1), *shp[1:])).astype(np.float32)
     res = profile(runner, sample, warmup=warmup, runs=runs, throughput_batch=throughput_batch,
                   batch=batch)

@@ -21,7 +21,8 @@ FLOAT_ORT_COMPUTE = {"Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "Fuse
 
 
 @dataclass
-class TargetConfig:
+class CompileOptions:
+    """How a backend compiles one artifact (built by compress.deploy from a targets[] entry)."""
     threads: Optional[int] = None
     device: str = "cpu"
     precision: str = "fp32"  # what the artifact holds: fp32 | int8
@@ -41,7 +42,7 @@ class Target(Protocol):
 
     def available(self) -> tuple[bool, str]: ...
 
-    def compile(self, path: Path, cfg: TargetConfig) -> Runner: ...
+    def compile(self, path: Path, cfg: CompileOptions) -> Runner: ...
 
 
 # name -> "module:attribute"; modules load on first use so a missing runtime costs nothing

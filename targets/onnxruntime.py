@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import FLOAT_ORT_COMPUTE, INT8_ORT_OPS, TargetConfig, executed_precision
+from targets.base import FLOAT_ORT_COMPUTE, INT8_ORT_OPS, CompileOptions, executed_precision
 
 
 class OrtRunner:
-    def __init__(self, path: Path, cfg: TargetConfig):
+    def __init__(self, path: Path, cfg: CompileOptions):
         import onnx
         import onnxruntime as ort
         so = ort.SessionOptions()
@@ -63,7 +63,7 @@ class OnnxRuntimeTarget:
             return False, f"onnxruntime is not importable ({e})"
         return True, ""
 
-    def compile(self, path: Path, cfg: TargetConfig) -> OrtRunner:
+    def compile(self, path: Path, cfg: CompileOptions) -> OrtRunner:
         return OrtRunner(path, cfg)
 
 

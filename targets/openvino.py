@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import TargetConfig, executed_precision
+from targets.base import CompileOptions, executed_precision
 
 COMPUTE_TYPES = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution",
                  "GroupDeconvolution", "FullyConnectedCompressed"}
@@ -40,7 +40,7 @@ def kernel_precision(layer: dict) -> str:
 
 
 class OvRunner:
-    def __init__(self, path: Path, cfg: TargetConfig):
+    def __init__(self, path: Path, cfg: CompileOptions):
         import openvino as ov
         core = ov.Core()
         threads = cfg.threads or os.cpu_count() or 1
@@ -79,7 +79,7 @@ class OpenVinoTarget:
             return False, f"openvino is not importable ({e})"
         return True, ""
 
-    def compile(self, path: Path, cfg: TargetConfig) -> OvRunner:
+    def compile(self, path: Path, cfg: CompileOptions) -> OvRunner:
         return OvRunner(path, cfg)
 
 

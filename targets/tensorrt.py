@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import TargetConfig, executed_precision
+from targets.base import CompileOptions, executed_precision
 
 
 def unavailable_reason() -> str:
@@ -30,7 +30,7 @@ def unavailable_reason() -> str:
 
 
 class TrtRunner:
-    def __init__(self, onnx_path: Path, cfg: TargetConfig):
+    def __init__(self, onnx_path: Path, cfg: CompileOptions):
         import tensorrt as trt
         import torch
         self.torch = torch
@@ -90,7 +90,7 @@ class TensorRtTarget:
         reason = unavailable_reason()
         return (not reason), reason
 
-    def compile(self, path: Path, cfg: TargetConfig) -> TrtRunner:
+    def compile(self, path: Path, cfg: CompileOptions) -> TrtRunner:
         return TrtRunner(path, cfg)
 
 

@@ -209,3 +209,19 @@ def test_parity_gate_fails_a_corrupted_export_and_passes_a_correct_one(tiny_run)
     bad = deploy_one(P, "distill", bad_dir, {**manifest, "files": {"onnx": "model.onnx"}}, tcfg, x, labels, ref)
     assert bad["status"] == "failed" and bad["reason"].startswith("parity: top-1 agreement")
     assert ParityConfig().min_agreement == 0.98
+
+
+def test_a_stage_kind_used_twice_keeps_both(tmp_path):
+    """Two prune stages: both get their own row, folder and deployment, none overwritten."""
+    res = run_cli("--set", f"output.dir={tmp_path}", "--set", "stages=[{kind: distill, epochs: 1, lr: 0.01, augment: false}, "
+                  "{kind: prune, ratio: 0.2, round_to: 2, epochs: 0.5, augment: false}, "
+                  "{kind: prune, ratio: 0.2, round_to: 2, epochs: 0.5, augment: false}]",
+                  "--set", "targets=[{backend: onnxruntime, threads: 1}]", "--set", "profile.throughput_runs=1")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "tiny" / "report.json").read_text())
+    names = [s["name"] for s in report["stages"]]
+    assert names == ["teacher", "distill", "prune-2", "prune-3"]
+    params = {s["name"]: s["params"] for s in report["stages"]}
+    assert params["prune-3"] < params["prune-2"] < params["distill"]
+    assert [d["stage"] for d in report["deployments"]] == names
+    assert (tmp_path / "tiny" / "02-prune" / "model.onnx").is_file() and (tmp_path / "tiny" / "03-prune" / "model.onnx").is_file()

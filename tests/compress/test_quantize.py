@@ -41,7 +41,7 @@ def test_qcdq_export_runs_int8_on_both_cpu_backends(quantized, tiny_data, tmp_pa
     x = tiny_data.normalize_np(tiny_data.test.images.numpy())
     ref = predict(q, tiny_data.test, tiny_data)
     for backend, f in (("onnxruntime", "model.onnx"), ("openvino", "model.xml")):
-        runner = base.get(backend).compile(tmp_path / f, base.TargetConfig(threads=1, work_dir=tmp_path))
+        runner = base.get(backend).compile(tmp_path / f, base.CompileOptions(threads=1, work_dir=tmp_path))
         out = np.concatenate([runner(x[i:i + 100]) for i in range(0, len(x), 100)])
         ep = runner.info["executed_precision"]
         assert ep["compute_layers"] == 7 and ep["int8_layers"] == 7, (backend, ep)

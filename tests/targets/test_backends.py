@@ -45,7 +45,7 @@ def test_cpu_backends_run_a_handmade_onnx(backend, tmp_path):
         from compress.export import to_openvino
         to_openvino(path, tmp_path / "m.xml")
         path = tmp_path / "m.xml"
-    runner = base.get(backend).compile(path, base.TargetConfig(threads=1, work_dir=tmp_path))
+    runner = base.get(backend).compile(path, base.CompileOptions(threads=1, work_dir=tmp_path))
     x = rng.standard_normal((5, 1, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(runner(x), ref(x), atol=1e-4, rtol=1e-4)
     ep = runner.info["executed_precision"]
@@ -69,7 +69,7 @@ def test_tensorrt_engine_matches_onnx(tmp_path):
         pytest.skip(reason)
     rng = np.random.default_rng(0)
     ref = tiny_onnx(tmp_path / "m.onnx", rng)
-    runner = base.get("tensorrt").compile(tmp_path / "m.onnx", base.TargetConfig(work_dir=tmp_path))
+    runner = base.get("tensorrt").compile(tmp_path / "m.onnx", base.CompileOptions(work_dir=tmp_path))
     x = rng.standard_normal((5, 1, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(runner(x), ref(x), atol=1e-3, rtol=1e-3)
     assert (tmp_path / "m.engine").is_file()
