@@ -107,26 +107,38 @@ _SHAPE_ATTRS = {
     nn.Conv2d: ("in_channels", "out_channels", "groups"),
     nn.BatchNorm2d: ("num_features",),
     nn.Linear: ("in_features", "out_features"),
+    nn.LayerNorm: ("normalized_shape",),
 }
+# integer attributes a module's forward reads to reshape (timm-style attention): pruning
+# heads changes them, so they are recorded with the shapes
+_FORWARD_ATTRS = ("num_heads", "head_dim")
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def record_shapes(model: nn.Module) -> dict[str, dict]:
     """Per-module structural attributes and tensor shapes, by qualified name."""
     out = {}
     for name, m in model.named_modules():
-        attrs = next((a for t, a in _SHAPE_ATTRS.items() if type(m) is t), None)
-        if attrs is None:
-            continue
+        attrs = next((a for t, a in _SHAPE_ATTRS.items() if type(m) is t), ())
+        values = {a: getattr(m, a) for a in attrs}
+        values.update({a: getattr(m, a) for a in _FORWARD_ATTRS if isinstance(getattr(m, a, None), int)})
         tensors = {k: list(v.shape) for k, v in
                    list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
                    if v is not None}
-        out[name] = {"type": type(m).__name__, "attrs": {a: getattr(m, a) for a in attrs},
-                     "tensors": tensors}
+        if values or tensors:
+            out[name] = {"type": type(m).__name__, "attrs": values, "tensors": tensors}
     return out
 
 
-def apply_shapes(model: nn.Module, shapes: dict[str, dict]) -> nn.Module:
-    """Resize modules of a freshly built model to recorded (pruned) shapes."""
+def apply_shapes(model: nn.Module, shapes: dict[str, dict], removed: list[str] = ()) -> nn.Module:
+    """Resize modules of a freshly built model to recorded (pruned) shapes; blocks removed
+    by block pruning become identities first."""
+    for name in removed:
+        set_module(model, name, nn.Identity())
     modules = dict(model.named_modules())
     for name, rec in shapes.items():
         m = modules.get(name)
@@ -134,7 +146,7 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict]) -> nn.Module:
             raise CheckpointError(f"structure: module {name!r} ({rec['type']}) is not in "
                                   f"the model built by its factory")
         for a, v in rec["attrs"].items():
-            setattr(m, a, v)
+            setattr(m, a, tuple(v) if isinstance(v, list) else v)  # JSON turned tuples into lists
         for k, shape in rec["tensors"].items():
             old = getattr(m, k)
             new = torch.zeros(shape, dtype=old.dtype)

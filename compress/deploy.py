@@ -21,7 +21,7 @@ from targets import base
 from targets.profile import profile
 
 
-def _export(pipe, stage: str, model, sdir: Path, data) -> dict:
+def _export(pipe, stage: str, model, sdir: Path, data, structure: dict) -> dict:
     metrics = json.loads((sdir / "metrics.json").read_text())
     h = config_hash(metrics["config_hash"], pipe.cfg.export.opset, pipe.cfg.export.openvino_ir)
     mpath = sdir / "manifest.json"
@@ -30,7 +30,8 @@ def _export(pipe, stage: str, model, sdir: Path, data) -> dict:
         if manifest.get("source_hash") == h and all((sdir / f).is_file() for f in manifest["files"].values()):
             return manifest
     t0 = time.time()
-    manifest = export_model(model, sdir, data, pipe.cfg.export.opset, pipe.cfg.export.openvino_ir, stage)
+    manifest = export_model(model, sdir, data, pipe.cfg.export.opset, pipe.cfg.export.openvino_ir, stage,
+                            sparse_layers=list(structure.get("sparsity") or []))
     manifest["source_hash"] = h
     write_json(mpath, manifest)
     pipe.log(f"[{stage}] exported {', '.join(manifest['files'].values())} ({time.time() - t0:.1f}s)")
@@ -111,8 +112,8 @@ def deploy_all(pipe, rows: list[dict], models: dict, ctx) -> dict:
     labels = data.test.labels.numpy()
     deployments = []
     for stage in wanted:
-        model, sdir, _ = models[stage]
-        manifest = _export(pipe, stage, model, sdir, data)
+        model, sdir, structure = models[stage]
+        manifest = _export(pipe, stage, model, sdir, data, structure)
         # the inputs every backend sees: raw test pixels through the manifest's preprocessing
         x = preprocess(data.test.images.numpy(), manifest)
         ref = predict(model, data.test, data, pipe.cfg.data.eval_batch_size)

@@ -140,8 +140,10 @@ def versions() -> dict:
 
 
 def export_model(model: nn.Module, out_dir: Path, data, opset: int, openvino_ir: bool,
-                 stage: str) -> dict:
-    """Write model.onnx (+ model.xml/.bin) and manifest.json; returns the manifest."""
+                 stage: str, sparse_layers: list[str] = ()) -> dict:
+    """Write model.onnx (+ model.xml/.bin) and manifest.json; returns the manifest.
+    sparse_layers: layers made 2:4 sparse, checked in the exported weights and recorded
+    so a TensorRT build can enable sparse kernels."""
     quant = is_quantized(model)
     onnx_path = out_dir / "model.onnx"
     if quant:
@@ -163,5 +165,8 @@ def export_model(model: nn.Module, out_dir: Path, data, opset: int, openvino_ir:
         "quantization": "QCDQ (int8 per-channel weights, int8/uint8 per-tensor activations, int32 bias)" if quant else None,
         "versions": versions(),
     }
+    if sparse_layers:
+        from compress.prune.sparse import verify_export
+        manifest["sparsity"] = verify_export(onnx_path, list(sparse_layers))
     write_json(out_dir / "manifest.json", manifest)
     return manifest

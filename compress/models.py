@@ -84,12 +84,19 @@ def resnet_tiny_teacher(num_classes: int = 10, in_channels: int = 1) -> nn.Modul
     return ResNet((16, 32), (1, 1), num_classes, in_channels)
 
 
+from compress.nets.mobilenet import mobilenet_small, mobilenet_tiny  # noqa: E402
+from compress.nets.vit import vit_small, vit_tiny  # noqa: E402
+
 ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet_teacher": resnet_teacher,
     "resnet8": resnet8,
     "resnet8_wide": resnet8_wide,
     "resnet_tiny": resnet_tiny,
     "resnet_tiny_teacher": resnet_tiny_teacher,
+    "mobilenet_small": mobilenet_small,
+    "mobilenet_tiny": mobilenet_tiny,
+    "vit_small": vit_small,
+    "vit_tiny": vit_tiny,
 }
 
 

@@ -59,7 +59,8 @@ class RunContext:
         return {"batch_size": self.batch_size, "teacher": self.teacher, "teacher_key": self.teacher_key,
                 "cache_dir": self.run_dir / "cache", "data_key": self.data_key, "seed": self.seed,
                 "device": self.device, "log": self.log, "desc": desc,
-                "eval_split": self.data.test if self.eval_each_epoch else None}
+                "eval_split": self.data.test if self.eval_each_epoch else None,
+                "sparsity": self.structure.get("sparsity")}
 
 
 def load_data(cfg: RunConfig) -> Dataset:
@@ -91,7 +92,7 @@ def preflight(cfg: RunConfig, data: Dataset) -> None:
     student = build_model(cfg.student.model, data.num_classes, data.input_shape[0])
     for i, scfg in enumerate(cfg.stages):
         if scfg.kind == "prune":
-            prune.check(student, scfg, f"stages.{i}")
+            prune.check(student, scfg, f"stages.{i}", data.input_shape)
 
 
 def file_digest(path: Path) -> str:
@@ -115,7 +116,7 @@ def rebuild(structure: dict, weights: Path) -> nn.Module:
     """Factory + recorded shapes (+ quantizer settings) + tensors: no unpickling."""
     model = build_model(structure["model"], structure["num_classes"], structure["in_channels"])
     if structure.get("shapes"):
-        apply_shapes(model, structure["shapes"])
+        apply_shapes(model, structure["shapes"], structure.get("removed_blocks", []))
     if structure.get("quantize"):
         model = quantize.rebuild_quantized(model, structure["quantize"], structure["input_shape"])
     load_into(model, read_state_dict(weights), str(weights))

@@ -37,6 +37,31 @@ def _fmt(v, spec="") -> str:
     return "—" if v is None else format(v, spec)
 
 
+def prune_lines(s: dict) -> list[str]:
+    """What a prune stage decided: removed blocks, 2:4 layers, the latency search."""
+    out = []
+    if s.get("block_distortion"):
+        removed = s.get("removed_blocks") or []
+        out.append(f"{s['name']}: removed blocks {', '.join(f'`{n}`' for n in removed)} "
+                   f"(output distortion of each candidate: "
+                   + ", ".join(f"`{n}` {v:.3g}" for n, v in s["block_distortion"].items()) + ")")
+    if s.get("sparsity"):
+        out.append(f"{s['name']}: 2:4 sparsity on {', '.join(f'`{n}`' for n in s['sparsity'])}")
+    search = s.get("latency_search")
+    if search:
+        final = search.get("final") or {}
+        out += [f"{s['name']}: latency search on {search['backend']} b{search['batch']}: goal "
+                f"{search['goal_ratio']:.2f}× of the unpruned {search['unpruned_p50_ms']:.3f} ms; chose "
+                f"ratio {search['chosen_ratio']:g} ({'met' if search['met'] else 'NOT met'}); after recovery "
+                f"{_fmt(final.get('latency_ratio'), '.2f')}× measured", "",
+                "| ratio | MACs | p50 ms | unpruned p50 ms | ratio to unpruned | meets |",
+                "|---:|---:|---:|---:|---:|---|"]
+        out += [f"| {c['ratio']:g} | {c['macs']:,} | {c['p50_ms']:.3f} | {c['unpruned_p50_ms']:.3f} | "
+                f"{c['latency_ratio']:.2f} | {'yes' if c['met'] else 'no'} |"
+                for c in sorted(search["candidates"], key=lambda c: c["ratio"])]
+    return ["", *out] if out else []
+
+
 def to_markdown(report: dict) -> str:
     lines = [f"# {report['name']}", "", f"created {report['created']} · config {report['config_hash']}",
              "", "## Stages (torch)", "", "| stage | accuracy | params | MACs | weights (bytes) | seconds |",
@@ -48,6 +73,7 @@ def to_markdown(report: dict) -> str:
         if s.get("layer_sqnr_db"):
             worst = ", ".join(f"`{n}` {s['layer_sqnr_db'][n]:.1f} dB" for n in s.get("worst_layers", []))
             lines += ["", f"{s['name']}: lowest per-layer SQNR (quantized vs float, calibration data): {worst}"]
+        lines += prune_lines(s)
     lines += ["", "## Deployments (measured on the runtime)", "",
               "| stage | backend | precision | status | accuracy | agreement | max abs diff | p50 ms (b1) | p99 ms | items/s | size (bytes) | executed |",
               "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]

@@ -149,7 +149,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, batch_size: int,
         cache_dir: Optional[Path] = None, data_key: str = "data", seed: int = 0,
         device: torch.device = torch.device("cpu"), log: Callable[[str], None] = print,
         desc: str = "train", after_step: Optional[Callable[[nn.Module], None]] = None,
-        eval_split: Optional[Split] = None) -> list[dict]:
+        eval_split: Optional[Split] = None, sparsity: Optional[dict] = None) -> list[dict]:
     """Train `model` in place; returns one row per epoch (each loss term, train/val accuracy)."""
     if cfg.needs_teacher and teacher is None:
         raise UserError(f"{desc}: the loss uses a teacher ({[t.kind for t in cfg.loss]}, "
@@ -180,6 +180,10 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, batch_size: int,
         example = data.normalize(data.train.images[:2]).to(device)
         features = FeatureDistiller(cfg.features, model, root, example).to(device)
     objective = Objective(cfg.loss, features)
+    if sparsity:  # 2:4 layers keep their zeros through every later stage's training
+        from compress.prune.sparse import MaskKeeper
+        keep, user_step = MaskKeeper(model, list(sparsity)), after_step
+        after_step = (lambda m: (keep(m), user_step(m))) if user_step else keep
     params = [p for p in model.parameters() if p.requires_grad]
     if features is not None:  # adapters train with the student, and are dropped after
         params += list(features.adapters.parameters())

@@ -1,5 +1,4 @@
-"""The prune stage: structured channel pruning with torch-pruning, jointly with
-distillation: N pruning steps, each followed by KD recovery through the one training loop.
+"""Channel (and attention-head) pruning with torch-pruning.
 
 Importance criteria (torch-pruning): l1 / l2 magnitude, bn_scale (network slimming),
 taylor (first order, on the stage's own KD objective), hessian (OBD, per-sample squared
@@ -7,43 +6,17 @@ gradients of the same objective), lamp, and random as a control.
 """
 from __future__ import annotations
 
-import copy
 import difflib
-import hashlib
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from compress.distill.objectives import LogitTerm, Objective
-from compress.distill.stage import kd_default
+from compress.distill.objectives import Objective
 from compress.errors import UserError
-from compress.train import TrainConfig, batches, fit
+from compress.prune.config import PruneConfig
+from compress.train import batches
 
-Criterion = Literal["l1", "l2", "bn_scale", "taylor", "hessian", "lamp", "random"]
 GRADIENT_CRITERIA = {"taylor", "hessian"}
-
-
-class PruneConfig(TrainConfig):
-    """Structured (channel) pruning by torch-pruning, with KD recovery after each step."""
-    kind: Literal["prune"] = "prune"
-    ratio: float = Field(0.5, ge=0, lt=1, description="fraction of channels removed from each prunable layer group (the final ratio when steps > 1)")
-    importance: Criterion = Field("l2", description="channel importance: l1 | l2 | bn_scale | taylor | hessian | lamp | random")
-    steps: int = Field(1, ge=1, description="pruning steps; the ratio grows linearly and the recovery epochs are split between steps")
-    global_pruning: bool = Field(False, description="rank channels across layers (global) instead of within each layer (uniform)")
-    layer_ratios: dict[str, float] = Field(default_factory=dict, description="per-layer ratio by qualified module name (overrides ratio)")
-    max_layer_ratio: float = Field(0.9, gt=0, le=1, description="no layer loses more than this fraction, so none collapses under global ranking")
-    ignored: list[str] = Field(default_factory=lambda: ["fc"], description="qualified module names never pruned (the classifier by default)")
-    keep_ignored_inputs: bool = Field(True, description="ignored layers keep their input channels too (Torch-Pruning #341: by default only outputs are kept); false lets e.g. the classifier's inputs shrink")
-    # int8 kernels (VNNI/AMX on CPU, tensor cores on GPU) work on blocks of 8 or more
-    # channels: a count off that grid pads to the next multiple and wastes the difference.
-    round_to: int = Field(8, ge=1, description="kept channel counts are multiples of this (int8 kernels want multiples of 8)")
-    importance_batches: int = Field(4, ge=1, description="calibration batches whose gradients score channels (taylor, hessian)")
-    recovery_teacher: Literal["configured", "unpruned"] = Field(
-        "configured", description="KD recovery from the run's teacher, or from a frozen copy of the model before pruning (CoFi)")
-    epochs: float = Field(2, ge=0, description="KD recovery epochs after pruning (in total, over all steps)")
-    loss: list[LogitTerm] = Field(default_factory=kd_default, description="recovery objective: logit terms {kind, weight, ...}")
 
 
 def resolve_modules(model: nn.Module, names: list[str], field: str) -> list[nn.Module]:
@@ -59,13 +32,22 @@ def resolve_modules(model: nn.Module, names: list[str], field: str) -> list[nn.M
     return out
 
 
-def check(model: nn.Module, cfg: PruneConfig, where: str) -> None:
+def check(model: nn.Module, cfg: PruneConfig, where: str, input_shape=(1, 28, 28)) -> None:
     """Run at preflight, before any training: names must exist in the student."""
+    from compress.prune import blocks, sparse
     resolve_modules(model, cfg.ignored, f"{where}.ignored")
     resolve_modules(model, list(cfg.layer_ratios), f"{where}.layer_ratios")
+    resolve_modules(model, cfg.block_candidates, f"{where}.block_candidates")
+    if cfg.semi_structured:
+        sparse.select(model, cfg.semi_structured)
+    if cfg.remove_blocks:
+        found = blocks.candidates(model, torch.zeros(1, *input_shape), cfg.block_candidates)
+        if cfg.remove_blocks > len(found):
+            raise UserError(f"{where}.remove_blocks={cfg.remove_blocks}, but the model has only "
+                            f"{len(found)} removable blocks ({', '.join(found) or 'none'})")
 
 
-def _importance(name: str):
+def importance(name: str):
     import torch_pruning as tp
 
     class Hessian(tp.importance.GroupHessianImportance):
@@ -135,15 +117,33 @@ def protected_modules(model: nn.Module, cfg: PruneConfig, example: torch.Tensor)
     return out
 
 
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """timm-style attention: a fused qkv Linear and the head count the forward reads."""
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)]
+
+
+def sync_heads(model: nn.Module, pruner) -> None:
+    """torch-pruning shrinks qkv; the module's forward reshapes by num_heads/head_dim,
+    which must follow (they are recorded in structure.json and rebuilt from there)."""
+    for m in attention_modules(model):
+        m.num_heads = pruner.num_heads.get(m.qkv, m.num_heads)
+        m.head_dim = m.qkv.out_features // 3 // m.num_heads
+
+
 def make_pruner(model: nn.Module, cfg: PruneConfig, example: torch.Tensor, imp=None):
     import torch_pruning as tp
     modules = dict(model.named_modules())
+    heads = {m.qkv: m.num_heads for m in attention_modules(model)}
     return tp.pruner.MetaPruner(
-        model, example, importance=imp if imp is not None else _importance(cfg.importance),
+        model, example, importance=imp if imp is not None else importance(cfg.importance),
         pruning_ratio=cfg.ratio, global_pruning=cfg.global_pruning,
         pruning_ratio_dict={modules[n]: r for n, r in cfg.layer_ratios.items()} or None,
         max_pruning_ratio=cfg.max_layer_ratio, iterative_steps=cfg.steps,
-        ignored_layers=protected_modules(model, cfg, example), round_to=cfg.round_to)
+        ignored_layers=protected_modules(model, cfg, example), round_to=cfg.round_to,
+        num_heads=heads, prune_num_heads=bool(heads) and cfg.prune_heads,
+        prune_head_dims=bool(heads) and not cfg.prune_heads,
+        head_pruning_ratio=cfg.ratio if cfg.prune_heads else 0.0)
 
 
 def prune_channels(model: nn.Module, cfg: PruneConfig, example: torch.Tensor) -> nn.Module:
@@ -151,37 +151,5 @@ def prune_channels(model: nn.Module, cfg: PruneConfig, example: torch.Tensor) ->
     model.eval()
     pruner = make_pruner(model, cfg.model_copy(update={"steps": 1}), example)
     pruner.step()
-    return model
-
-
-def run(model: nn.Module, ctx, cfg: PruneConfig) -> nn.Module:
-    from compress.models import count_params
-    before = count_params(model)
-    example = torch.zeros(1, *ctx.data.input_shape)
-    teacher = ctx.teacher
-    if cfg.recovery_teacher == "unpruned":
-        teacher = copy.deepcopy(model).eval()
-    imp = _importance(cfg.importance)
-    pruner = make_pruner(model, cfg, example, imp)
-    per_step = cfg.epochs / cfg.steps
-    history, kw = [], ctx.fit_kwargs("prune")
-    kw["teacher"] = teacher
-    if cfg.recovery_teacher == "unpruned":  # key a cache by the unpruned weights themselves
-        digest = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes()
-                                         for v in teacher.state_dict().values())).hexdigest()[:16]
-        kw["teacher_key"] = f"unpruned-{digest}"
-    for step in range(cfg.steps):
-        if cfg.importance in GRADIENT_CRITERIA:
-            score_gradients(model, imp, ctx, cfg, teacher)
-        model.eval()
-        pruner.step()
-        model.zero_grad(set_to_none=True)
-        ctx.log(f"  prune step {step + 1}/{cfg.steps} ({cfg.importance}): {count_params(model):,} params")
-        if per_step > 0:
-            rows = fit(model, ctx.data, cfg.model_copy(update={"epochs": per_step}), **kw)
-            history += [{**r, "prune_step": step + 1} for r in rows]
-    after = count_params(model)
-    ctx.log(f"  pruned {before:,} -> {after:,} params (ratio {cfg.ratio}, round_to {cfg.round_to})")
-    ctx.metrics.update(params_before=before, importance=cfg.importance, steps=cfg.steps)
-    ctx.history = history
+    sync_heads(model, pruner)
     return model

@@ -1,0 +1,1 @@
+"""Architectures beyond the ResNets in compress.models: the shapes edge models take."""

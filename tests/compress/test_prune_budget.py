@@ -1,0 +1,40 @@
+"""The latency-budget search, really measured on ONNX Runtime with a small model: no
+stubbed timer. Only what holds on a noisy machine is asserted: MACs fall as the ratio
+grows, and the chosen candidate met the budget it measured."""
+import pytest
+import torch
+
+from compress.models import build_model
+from compress.prune import LatencyTarget, PruneConfig, run
+from tests.conftest import make_ctx
+
+
+def test_search_picks_a_ratio_that_met_its_measured_budget(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet8_wide", 10, 1).eval()  # big enough that pruning shows in latency
+    ctx = make_ctx(tiny_data, None, tmp_path)
+    target = LatencyTarget(backend="onnxruntime", threads=1, speedup=1.3, max_ratio=0.75,
+                           iterations=2, runs=60)
+    out = run(model, ctx, PruneConfig(target=target, epochs=0))
+    rec = ctx.metrics["latency_search"]
+    rows = sorted(rec["candidates"], key=lambda r: r["ratio"])
+    macs = [r["macs"] for r in rows]
+    assert macs == sorted(macs, reverse=True) and len(set(macs)) == len(macs)
+    assert len(rows) == 3 and rec["goal_ratio"] == pytest.approx(1 / 1.3)
+    chosen = next(r for r in rows if r["ratio"] == rec["chosen_ratio"])
+    if rec["met"]:
+        assert chosen["latency_ratio"] <= rec["goal_ratio"]
+        # no smaller ratio that was tried met it (bisection keeps the smallest that did)
+        assert not any(r["met"] for r in rows if r["ratio"] < chosen["ratio"])
+    else:
+        assert chosen["ratio"] == target.max_ratio
+    assert ctx.metrics["ratio"] == rec["chosen_ratio"]
+    assert {"p50_ms", "unpruned_p50_ms", "latency_ratio"} <= set(rec["final"])
+    assert out(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_budget_needs_exactly_one_goal():
+    with pytest.raises(ValueError, match="exactly one of latency_ms or speedup"):
+        LatencyTarget(backend="openvino")
+    with pytest.raises(ValueError, match="backend 'onnx'"):
+        LatencyTarget(backend="onnx", speedup=2)
