@@ -40,6 +40,11 @@ def check(model: nn.Module, cfg: PruneConfig, where: str, input_shape=(1, 28, 28
     resolve_modules(model, cfg.block_candidates, f"{where}.block_candidates")
     if cfg.semi_structured:
         sparse.select(model, cfg.semi_structured)
+    if cfg.target is not None:  # a latency search needs its runtime: say so before training
+        from targets import base
+        ok, why = base.get(cfg.target.backend).available()
+        if not ok:
+            raise UserError(f"{where}.target.backend={cfg.target.backend}: not available here ({why})")
     if cfg.remove_blocks:
         found = blocks.candidates(model, torch.zeros(1, *input_shape), cfg.block_candidates)
         if cfg.remove_blocks > len(found):

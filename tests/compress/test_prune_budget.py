@@ -38,3 +38,14 @@ def test_budget_needs_exactly_one_goal():
         LatencyTarget(backend="openvino")
     with pytest.raises(ValueError, match="backend 'onnx'"):
         LatencyTarget(backend="onnx", speedup=2)
+
+
+def test_unavailable_budget_backend_fails_before_training(trained_tiny):
+    from compress.errors import UserError
+    from compress.prune import check
+    from targets import base
+    if base.get("tensorrt").available()[0]:
+        pytest.skip("tensorrt is available on this machine")
+    cfg = PruneConfig(target=LatencyTarget(backend="tensorrt", speedup=2))
+    with pytest.raises(UserError, match=r"stages.2.target.backend=tensorrt: not available here \(tensorrt is not importable"):
+        check(trained_tiny, cfg, "stages.2")

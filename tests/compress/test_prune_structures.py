@@ -129,3 +129,16 @@ def test_mask_2of4_keeps_the_two_largest_of_each_group():
     assert m.flatten().tolist() == [False, True, False, True, True, False, False, True]
     assert sparse.holds(w * m) and not sparse.holds(w)
     assert np.array_equal(sparse.mask_2of4(torch.ones(2, 8)).sum(1).numpy(), [4, 4])
+
+
+def test_block_removal_recovers_with_normalized_features_from_the_unpruned_model(tiny_data, tmp_path):
+    from compress.distill.features import FeatureTerm
+    torch.manual_seed(0)
+    model = build_model("resnet_tiny", 10, 1)
+    ctx = make_ctx(tiny_data, None, tmp_path, calib=64)  # no run teacher: the unpruned copy teaches
+    cfg = PruneConfig(ratio=0, remove_blocks=1, epochs=0.25, augment=False, recovery_teacher="unpruned",
+                      features=[FeatureTerm(student="layers", teacher="layers", kind="normalized")])
+    out = run(model, ctx, cfg)
+    assert ctx.structure["removed_blocks"] == ["layers.0"] and isinstance(out.layers[0], nn.Identity)
+    assert ctx.history[0]["feat0_normalized"] > 0  # the feature term trained, next to kl and ce
+    assert not any(h for m in out.modules() for h in m._forward_hooks.values())  # hooks removed
