@@ -142,3 +142,27 @@ def test_block_removal_recovers_with_normalized_features_from_the_unpruned_model
     assert ctx.structure["removed_blocks"] == ["layers.0"] and isinstance(out.layers[0], nn.Identity)
     assert ctx.history[0]["feat0_normalized"] > 0  # the feature term trained, next to kl and ce
     assert not any(h for m in out.modules() for h in m._forward_hooks.values())  # hooks removed
+
+
+def test_pruned_checkpoint_reloads_in_a_fresh_process(tiny_data, tmp_path):
+    """structure.json + safetensors -> the same outputs in another interpreter (nothing
+    pickled: the structure is data, the module comes from the factory)."""
+    import subprocess
+    import sys
+    from compress.checkpoint import write_json
+    from tests.conftest import ROOT
+    torch.manual_seed(0)
+    model = build_model("mobilenet_tiny", 10, 1)
+    ctx = make_ctx(tiny_data, None, tmp_path, calib=64)
+    model = run(model, ctx, PruneConfig(ratio=0.5, round_to=4, remove_blocks=1, epochs=0)).eval()
+    structure = {"model": "mobilenet_tiny", "num_classes": 10, "in_channels": 1, "input_shape": [1, 28, 28],
+                 "shapes": record_shapes(model), **ctx.structure}
+    write_json(tmp_path / "structure.json", structure)
+    save_weights(model, tmp_path / "model.safetensors")
+    x = torch.randn(3, 1, 28, 28)
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import json, sys, torch; from compress.pipeline import rebuild; d = sys.argv[1];"
+            "m = rebuild(json.load(open(d + '/structure.json')), __import__('pathlib').Path(d + '/model.safetensors'));"
+            "torch.save(m(torch.load(d + '/x.pt', weights_only=True)).detach(), d + '/y.pt')")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=ROOT)
+    assert structure["removed_blocks"] and torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), model(x))
