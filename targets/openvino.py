@@ -64,6 +64,7 @@ class OvRunner:
         hint = cfg.options.get("performance_hint", "LATENCY")
         self.compiled = self.core.compile_model(self.model, self.device, {**self.props, "PERFORMANCE_HINT": hint})
         self.request = self.compiled.create_infer_request()
+        self.dtype = self.compiled.inputs[0].get_element_type().to_dtype()
         self._queue = None
         device = self.device
         layers = runtime_layers(self.compiled)
@@ -82,7 +83,7 @@ class OvRunner:
         }
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        res = self.request.infer({0: np.ascontiguousarray(batch, np.float32)})
+        res = self.request.infer({0: np.ascontiguousarray(batch, self.dtype)})
         return next(iter(res.values()))
 
     def run_many(self, batches: list) -> dict:
@@ -95,7 +96,7 @@ class OvRunner:
             self._streams = int(tput.get_property("NUM_STREAMS"))
             self._queue = self.ov.AsyncInferQueue(tput, self._nireq)
         for b in batches:
-            self._queue.start_async({0: np.ascontiguousarray(b, np.float32)})
+            self._queue.start_async({0: np.ascontiguousarray(b, self.dtype)})
         self._queue.wait_all()
         return {"mode": "openvino THROUGHPUT hint, AsyncInferQueue", "infer_requests": self._nireq,
                 "streams": self._streams}
