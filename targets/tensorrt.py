@@ -5,7 +5,7 @@ are gone): int8 from the Q/DQ nodes of a quantized export, fp16 when the float O
 converted before the build (options["fp16_weights"]), fp32 otherwise. The TRT-ready ONNX
 (targets/trt_onnx.py) is checked and compared with the export on ORT before the build.
 Buffers are torch CUDA tensors, the engine runs on a torch CUDA stream and each call is
-timed with CUDA events (`device_ms`, read by the profiler).
+timed with CUDA events (`inner_ms`, read by the profiler).
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class TrtRunner:
         self.input_name = inp.name
         self.output_name = network.get_output(0).name
         self.stream = torch.cuda.Stream()
-        self.device_ms: list[float] = []
+        self.inner_ms: list[float] = []
         self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         layers = json.loads(self.engine.create_engine_inspector().get_engine_information(
             trt.LayerInformationFormat.JSON)).get("Layers", [])
@@ -102,7 +102,7 @@ class TrtRunner:
         self.context.execute_async_v3(self.stream.cuda_stream)
         end.record(self.stream)
         self.stream.synchronize()
-        self.device_ms.append(start.elapsed_time(end))  # GPU time only, without the copies
+        self.inner_ms.append(start.elapsed_time(end))  # GPU time only, without the copies
         return out.cpu().numpy()
 
 

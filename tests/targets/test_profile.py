@@ -91,3 +91,19 @@ def test_throughput_uses_the_backends_own_mode():
     sequential = 8 / (0.002 + 0.0001 * 8)
     assert thr["mode"] == "fake async" and thr["infer_requests"] == 4
     assert thr["items_per_s"] > 1.5 * sequential  # four requests in flight beat one
+
+
+def test_runtime_own_timer_is_summarised_over_the_timed_runs_only():
+    class Timed(SleepRunner):  # reports 1.5 ms "inside the runtime" per call
+        inner_ms: list
+
+        def __call__(self, x):
+            self.inner_ms.append(1.5)
+            return super().__call__(x)
+    r = Timed()
+    r.inner_ms = [99.0] * 7  # left from before profiling: must not count
+    res = profile(r, np.zeros((1, 1, 4, 4), np.float32), warmup=3, runs=100, throughput_batch=1,
+                  throughput_runs=1)
+    assert res["latency_ms"]["inner_p50"] == 1.5 and len(r.inner_ms) >= 100
+    assert profile(SleepRunner(), np.zeros((1, 1, 4, 4), np.float32), warmup=0, runs=100,
+                   throughput_batch=1, throughput_runs=1)["latency_ms"]["inner_p50"] is None

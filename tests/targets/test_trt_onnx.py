@@ -132,4 +132,4 @@ def test_tensorrt_engine_builds_runs_and_is_timed_on_the_gpu(tmp_path, fp16):
     np.testing.assert_allclose(runner(X), ref(X), atol=1e-2 if fp16 else 1e-3, rtol=1e-2)
     assert (tmp_path / "m.engine").is_file() and runner.info["batch_profile"] == [1, 4, 8]
     assert runner.info["trt_onnx"]["precision"] == ("fp16" if fp16 else "fp32")
-    assert len(runner.device_ms) == 1 and runner.device_ms[0] > 0
+    assert len(runner.inner_ms) == 1 and runner.inner_ms[0] > 0
