@@ -2,6 +2,7 @@
 harness, whatever produced it."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -78,7 +79,10 @@ def profile_file(path: Path, backend: str, batch: int = 1, threads: Optional[int
     dims, dtype = file_input(path)
     if dims[0] is not None:  # a fixed-batch file can only be timed at its own batch
         throughput_batch = dims[0]
-    runner = target.compile(path, base.CompileOptions(threads=threads, options=options or {}))
+    # what a backend compiles (ORT's optimized graph, a TensorRT engine) goes to a temp dir,
+    # never beside the user's file
+    work = Path(tempfile.mkdtemp(prefix="compress-profile-"))
+    runner = target.compile(path, base.CompileOptions(threads=threads, work_dir=work, options=options or {}))
     rng = np.random.default_rng(0)
     n = max(batch, 1)
     if np.issubdtype(np.dtype(dtype), np.floating):

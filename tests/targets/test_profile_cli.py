@@ -72,3 +72,5 @@ def test_fixed_batch_file_and_wrong_backend_are_clear_errors(tmp_path):
     (tmp_path / "m.xml").write_text("<net/>")
     res = profile(tmp_path / "m.xml", "--backend", "onnxruntime")
     assert res.exit_code == 2 and "onnxruntime runs ONNX files, not OpenVINO IR" in res.output
+    res = profile(tmp_path / "m.xml", "--backend", "openvino")
+    assert res.exit_code == 2 and "m.xml: not a readable OpenVINO IR" in res.output, res.output
