@@ -74,3 +74,13 @@ def test_cuda_device_without_the_provider_fails_with_the_reason(stage):
 def test_batch_profile_must_be_ordered(tmp_path):
     with pytest.raises(ConfigError, match=r"targets\.0\.batch_profile.*1 <= min <= opt <= max"):
         load_config(ROOT / "examples" / "tiny.yaml", ["targets=[{backend: tensorrt, batch_profile: [4, 2, 8]}]"])
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda_provider_where_present(stage):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"this onnxruntime has no CUDAExecutionProvider ({ort.get_available_providers()})")
+    row = deploy(stage, TargetConfig(backend="onnxruntime", device="cuda"))
+    assert row["status"] == "ok", row["reason"]
+    assert row["runtime"]["providers"][0] == "CUDAExecutionProvider" and row["agreement"] >= 0.98
