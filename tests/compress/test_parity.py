@@ -148,3 +148,22 @@ def test_deployment_that_fails_parity_names_the_layer(exports, tmp_path):
     md = "\n".join(diverging_markdown([row]))
     assert "| 1 | `block.0` | `/block/block.0/Conv` | Conv |" in md and "**first diverging**" in md
     json.dumps(row)  # the row goes into report.json as it is
+
+
+def test_ort_reads_an_int8_layer_with_every_earlier_layer_on_its_int8_kernel(exports, tmp_path):
+    """Exposing a tensor inside a Q/DQ group stops ORT's QLinearConv fusion; the prefix graph
+    the diagnosis runs for a layer keeps all layers before it fused."""
+    from collections import Counter
+
+    import onnxruntime as ort
+
+    from compress.parity import _prefix, onnx_points
+    d = exports[0]
+    model = onnx.load(str(d / "int8.onnx"))
+    third = onnx_points(model)[2]  # conv3: conv1 and block.0 come before it
+    so = ort.SessionOptions()
+    so.optimized_model_filepath, so.log_severity_level = str(tmp_path / "opt.onnx"), 3
+    ort.InferenceSession(_prefix(model, third["tensor"]).SerializeToString(), so,
+                         providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    assert ops["QLinearConv"] == 2 and ops["Gemm"] + ops["QGemm"] == 0
