@@ -118,7 +118,9 @@ def ort_outputs(onnx_path: Path, tensors: list[str], x: np.ndarray, threads: int
 
 def openvino_outputs(ir_path: Path, tensors: list[str], x: np.ndarray, threads: int = 1) -> list:
     """Run the IR on the OpenVINO CPU plugin with the tensors (names kept from the ONNX by
-    the converter) as extra outputs; a name the IR no longer has gives None."""
+    the converter) as extra outputs; a name the IR no longer has gives None. Unlike ORT, the
+    CPU plugin keeps its int8 kernels with these outputs (measured on the demo's int8 IR: 10 of
+    10 compute layers still *_I8)."""
     import openvino as ov
     core = ov.Core()
     model = core.read_model(str(ir_path))
