@@ -117,5 +117,18 @@ class TensorRtTarget:
     def compile(self, path: Path, cfg: CompileOptions) -> TrtRunner:
         return TrtRunner(path, cfg)
 
+    def check_without_gpu(self, path: Path, cfg: CompileOptions, x: np.ndarray) -> str:
+        """Everything before the engine build, for a machine without TensorRT: the verdict
+        on the TRT-ready ONNX, one line, so a skipped row still says whether it would build."""
+        work = cfg.work_dir or path.parent
+        try:
+            prep = make_trt_ready(path, work / f"{path.stem}.trt.onnx", bool(cfg.options.get("fp16_weights")))
+        except ValueError as e:
+            lines = str(e).splitlines()
+            more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
+            return f"TRT-ready ONNX check FAILED: {lines[1].strip(' -') if len(lines) > 1 else lines[0]}{more}"
+        diff = max_diff_in_ort(path, Path(prep["path"]), x)
+        return f"TRT-ready ONNX ({prep['precision']}) passes onnx.checker and Q/DQ placement, max |diff| on ORT {diff:.2g}"
+
 
 TARGET = TensorRtTarget()

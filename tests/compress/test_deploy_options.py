@@ -84,3 +84,13 @@ def test_onnxruntime_cuda_provider_where_present(stage):
     row = deploy(stage, TargetConfig(backend="onnxruntime", device="cuda"))
     assert row["status"] == "ok", row["reason"]
     assert row["runtime"]["providers"][0] == "CUDAExecutionProvider" and row["agreement"] >= 0.98
+
+
+def test_tensorrt_row_is_skipped_here_but_says_whether_the_onnx_would_build(stage):
+    ok, _ = __import__("targets.base", fromlist=["get"]).get("tensorrt").available()
+    if ok:
+        pytest.skip("tensorrt and a GPU are present here")
+    row = deploy(stage, TargetConfig(backend="tensorrt", fp16_weights=True))
+    assert row["status"] == "skipped" and row["reason"].startswith("tensorrt is not importable")
+    assert "TRT-ready ONNX (fp16) passes onnx.checker and Q/DQ placement, max |diff| on ORT" in row["reason"]
+    assert (stage[0] / "model.trt.onnx").is_file()

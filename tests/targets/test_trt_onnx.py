@@ -107,6 +107,9 @@ def test_brevitas_unsigned_activations_are_named(tmp_path):
     with pytest.raises(TrtOnnxError, match=r"QuantizeLinear '/relu1/act_quant/export_handler/QuantizeLinear': "
                                            r"zero point type UINT8"):
         make_trt_ready(tmp_path / "q.onnx", tmp_path / "q.trt.onnx")
+    # a skipped TensorRT row carries the same verdict, first offending node named
+    verdict = base.get("tensorrt").check_without_gpu(tmp_path / "q.onnx", base.CompileOptions(work_dir=tmp_path), x)
+    assert verdict.startswith("TRT-ready ONNX check FAILED: QuantizeLinear '/") and "UINT8" in verdict
 
 
 def test_tensorrt_target_is_skipped_here_with_the_precise_reason():
