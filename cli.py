@@ -65,11 +65,24 @@ def profile_cmd(model: Path = typer.Argument(..., help="an .onnx file or OpenVIN
                 threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
                 shape: Optional[str] = typer.Option(None, help="input shape without batch, e.g. 1x28x28, when the file's is dynamic"),
                 runs: int = typer.Option(200, help="timed runs (>= 100)"),
+                warmup: int = typer.Option(20, help="least warm-up runs; goes on until timings settle"),
+                throughput_batch: int = typer.Option(64, help="batch of the throughput runs"),
+                throughput_runs: int = typer.Option(30, help="timed runs at the throughput batch"),
+                hint: str = typer.Option("LATENCY", help="openvino: LATENCY | THROUGHPUT hint of the latency runs"),
+                inter_op: int = typer.Option(1, help="onnxruntime: inter-op threads"),
+                graph_opt: str = typer.Option("all", help="onnxruntime: disable | basic | extended | all"),
                 as_json: bool = typer.Option(False, "--json", help="print the result as JSON")):
-    """Time a model file on one backend: p50/p90/p99, throughput, precision that ran."""
+    """Time a model file on one backend: p50/p90/p99, mean ± CI, throughput, memory, precision that ran."""
     from compress.profile_cli import profile_file
     try:
-        res = profile_file(model, backend, batch=batch, threads=threads, shape=shape, runs=max(runs, 100))
+        if hint not in ("LATENCY", "THROUGHPUT") or graph_opt not in ("disable", "basic", "extended", "all"):
+            from compress.errors import UserError
+            raise UserError(f"--hint {hint} / --graph-opt {graph_opt}: expected LATENCY|THROUGHPUT and "
+                            f"disable|basic|extended|all")
+        res = profile_file(model, backend, batch=batch, threads=threads, shape=shape, runs=max(runs, 100),
+                           warmup=warmup, throughput_batch=throughput_batch, throughput_runs=throughput_runs,
+                           options={"performance_hint": hint, "inter_op_threads": inter_op,
+                                    "graph_optimization": graph_opt})
     except _user_errors() as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -79,9 +92,14 @@ def profile_cmd(model: Path = typer.Argument(..., help="an .onnx file or OpenVIN
     lat, thr = res["latency_ms"], res["throughput"]
     typer.echo(f"{model} on {backend} ({res['runtime'].get('provider')}, {res['runtime'].get('threads')} threads), "
                f"input {res['input_shape']}")
-    typer.echo(f"  latency b{lat['batch']}: p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f} ms, p99 {lat['p99']:.3f} ms "
-               f"({lat['runs']} runs)")
-    typer.echo(f"  throughput b{thr['batch']}: {thr['items_per_s']:,.0f} items/s")
+    wu = lat["warmup"]
+    typer.echo(f"  latency b{lat['batch']}: p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f} ms, p99 {lat['p99']:.3f} ms, "
+               f"mean {lat['mean']:.3f} ± {lat['ci95']:.3f} ms (95% CI, {lat['runs']} runs; warm-up "
+               f"{wu['runs']} runs, {'settled' if wu['settled'] else 'NOT settled'})")
+    typer.echo(f"  throughput b{thr['batch']}: {thr['items_per_s']:,.0f} items/s ({thr.get('mode')})")
+    sysinfo = res["system"]
+    typer.echo(f"  process: CPUs {sysinfo['cpus_allowed']}, pinning {sysinfo['pinning']}, "
+               f"peak RSS {sysinfo['peak_rss_mb']:.0f} MB")
     typer.echo(f"  executed: {res['executed_precision']['summary']}")
 
 

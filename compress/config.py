@@ -122,6 +122,10 @@ class ParityConfig(Strict):
     # half a point of accuracy is past run-to-run noise of a 10k test split
     max_acc_drop: float = Field(0.005, ge=0, le=1, description="largest accuracy loss against the torch model on the same data")
     max_abs_diff: Optional[float] = Field(None, gt=0, description="largest |delta logit| (off by default: logit scales differ by model)")
+    # 0.02: correct int8 exports of the demo stay below 0.002 per layer on ORT and OpenVINO
+    # (rounding ties only), float ones below 1e-5; one weight scaled x3 gives ~2.
+    layer_tolerance: float = Field(0.02, gt=0, description="relative error ||runtime - torch|| / ||torch|| above which a layer is named as diverging")
+    diagnose_batch: int = Field(32, ge=1, description="inputs compared layer by layer when a deployment fails parity (0 work when it passes)")
 
 
 class TargetConfig(Strict):
@@ -129,12 +133,30 @@ class TargetConfig(Strict):
     backend: Literal["onnxruntime", "openvino", "tensorrt"] = Field(description="runtime to deploy on")
     threads: Optional[int] = Field(None, ge=1, description="intra-op threads (default: all cores)")
     device: str = Field("cpu", description="cpu, or cuda/gpu where the backend supports it")
+    # ORT_ENABLE_ALL fuses Q/DQ pairs into QLinear* kernels: that is where int8 speed comes from
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field("all", description="onnxruntime: graph optimization level (recorded in the report)")
+    inter_op_threads: int = Field(1, ge=1, description="onnxruntime: inter-op threads; >1 runs independent branches in parallel (ORT_PARALLEL)")
+    performance_hint: Literal["LATENCY", "THROUGHPUT"] = Field("LATENCY", description="openvino: hint of the latency runs (throughput runs always use THROUGHPUT)")
+    inference_precision: Literal["f32", "bf16", "f16"] = Field("f32", description="openvino: INFERENCE_PRECISION_HINT (f32: never bf16 behind the user's back)")
+    fp16_weights: bool = Field(False, description="openvino: compile an IR copy with FP16-compressed weights; tensorrt: convert the float ONNX to fp16 before the build")
+    # TensorRT builds one optimization profile; a batch outside [min, max] cannot run
+    batch_profile: tuple[int, int, int] = Field((1, 1, 64), description="tensorrt: dynamic batch min/opt/max of the engine's optimization profile")
     parity: ParityConfig = Field(default_factory=ParityConfig, description="the gate a deployment must pass")
+
+    @field_validator("batch_profile")
+    @classmethod
+    def _batch_profile(cls, v):
+        if not 1 <= v[0] <= v[1] <= v[2]:
+            raise ValueError(f"expected 1 <= min <= opt <= max, got {list(v)}")
+        return v
 
 
 class ProfileConfig(Strict):
     """The timing harness shared by every backend."""
-    warmup: int = Field(20, ge=0, description="untimed runs before timing")
+    warmup: int = Field(20, ge=0, description="least untimed runs before timing; warm-up goes on until the timings settle")
+    max_warmup: int = Field(1000, ge=0, description="cap on warm-up runs when the timings never settle (recorded as settled: false)")
+    # 0.05: half the 10% we hold our numbers to against the vendors' own tools
+    settle_tolerance: float = Field(0.05, gt=0, description="warm-up ends when the coefficient of variation and the median of two consecutive windows of runs differ by less than this")
     runs: int = Field(200, ge=100, description="timed batch-1 runs (>= 100 for a stable p99)")
     throughput_batch: int = Field(64, ge=1, description="batch size of the throughput measurement")
     throughput_runs: int = Field(30, ge=1, description="timed runs at the throughput batch")

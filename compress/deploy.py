@@ -15,6 +15,7 @@ from compress.config import config_hash
 from compress.evaluate import compare, logits_of, preprocess
 from compress.errors import UserError
 from compress.export import export_model, is_quantized
+from compress.parity import diverging_layers
 from compress.report import write_report
 from compress.train import predict
 from targets import base
@@ -58,8 +59,26 @@ def parity_failures(row: dict, torch_accuracy: float, parity) -> list[str]:
     return out
 
 
+# what a backend reads from its targets[] entry (the rest of TargetConfig is generic)
+BACKEND_OPTIONS = ("graph_optimization", "inter_op_threads", "performance_hint",
+                   "inference_precision", "fp16_weights", "batch_profile")
+
+
+def diagnose(pipe, model, sdir: Path, manifest: dict, path: Path, tcfg, x: np.ndarray) -> dict:
+    """Layer-by-layer comparison on one batch, run only for a deployment that failed parity."""
+    try:
+        return diverging_layers(model, sdir / manifest["files"]["onnx"], path, tcfg.backend,
+                                x[:tcfg.parity.diagnose_batch], tcfg.parity.layer_tolerance,
+                                tcfg.threads or 1)
+    except Exception as e:  # the diagnosis must never hide the failure it explains
+        pipe.log(traceback.format_exc())
+        return {"mapped": False, "reason": f"{type(e).__name__}: {e}", "layers": [], "first_diverging": None}
+
+
 def deploy_one(pipe, stage: str, sdir: Path, manifest: dict, tcfg, x: np.ndarray,
-               labels: np.ndarray, ref: np.ndarray) -> dict:
+               labels: np.ndarray, ref: np.ndarray, model=None) -> dict:
+    """model: the torch model the artifact was exported from; given, a parity failure is
+    explained layer by layer (`diverging_layers` in the row)."""
     target = base.get(tcfg.backend)
     precision = manifest["precision"]
     row = {"stage": stage, "backend": tcfg.backend, "precision": precision, "status": "ok",
@@ -67,9 +86,16 @@ def deploy_one(pipe, stage: str, sdir: Path, manifest: dict, tcfg, x: np.ndarray
            "max_abs_diff": None, "latency_ms": None, "throughput": None, "size_bytes": None,
            "artifact": None}
     ok, why = target.available()
-    if not ok:
-        return {**row, "status": "skipped", "reason": why}
     fname = manifest["files"].get(target.artifact)
+    if not ok:
+        check = getattr(target, "check_without_gpu", None)  # TensorRT: the pre-build checks still run
+        if check is not None and fname is not None:
+            try:
+                options = {k: getattr(tcfg, k) for k in BACKEND_OPTIONS}
+                why += "; " + check(sdir / fname, base.CompileOptions(work_dir=sdir, options=options), x[:8])
+            except Exception as e:  # a check that cannot run must not turn a skip into a crash
+                why += f"; TRT-ready ONNX not checked ({type(e).__name__}: {e})"
+        return {**row, "status": "skipped", "reason": why}
     if fname is None:
         return {**row, "status": "skipped", "reason": f"no {target.artifact} artifact exported "
                                                        f"(export.openvino_ir is off)"}
@@ -77,14 +103,16 @@ def deploy_one(pipe, stage: str, sdir: Path, manifest: dict, tcfg, x: np.ndarray
     row["artifact"] = str(path.relative_to(pipe.run_dir))
     row["size_bytes"] = artifact_size(path)
     try:
+        options = {k: getattr(tcfg, k) for k in BACKEND_OPTIONS}
         runner = target.compile(path, base.CompileOptions(threads=tcfg.threads, device=tcfg.device,
-                                                        precision=precision, work_dir=sdir))
+                                                        precision=precision, work_dir=sdir,
+                                                        options=options))
         logits = logits_of(runner, x, pipe.cfg.data.eval_batch_size)
         row.update(compare(logits, labels, ref))
         p = pipe.cfg.profile
         row.update(profile(runner, x[:64], warmup=p.warmup, runs=p.runs,
-                           throughput_batch=p.throughput_batch, throughput_runs=p.throughput_runs))
-        row["latency_ms"]["threads"] = runner.info.get("threads")
+                           throughput_batch=p.throughput_batch, throughput_runs=p.throughput_runs,
+                           max_warmup=p.max_warmup, settle_tolerance=p.settle_tolerance))
         row["executed_precision"] = runner.info["executed_precision"]
         row["runtime"] = {k: v for k, v in runner.info.items() if k != "executed_precision"}
     except Exception as e:  # a backend failure is a result to report, not a crash of the run
@@ -94,6 +122,16 @@ def deploy_one(pipe, stage: str, sdir: Path, manifest: dict, tcfg, x: np.ndarray
     if failures:
         row["status"] = "failed"
         row["reason"] = "parity: " + "; ".join(failures)
+        if model is not None:
+            diag = row["diverging_layers"] = diagnose(pipe, model, sdir, manifest, path, tcfg, x)
+            first = diag.get("first_diverging")
+            if first:
+                row["reason"] += (f"; first diverging layer: {first['module']} ({first['node']}), "
+                                  f"relative error {first['rel_error']:.3g} > {diag['tolerance']}")
+            elif diag.get("mapped"):
+                row["reason"] += f"; every compute layer within layer_tolerance {diag['tolerance']}"
+            else:
+                row["reason"] += f"; layers not compared: {diag.get('reason')}"
         return row
     ep = row["executed_precision"]
     if precision == "int8" and ep["int8_layers"] < ep["compute_layers"]:
@@ -118,7 +156,7 @@ def deploy_all(pipe, rows: list[dict], models: dict, ctx) -> dict:
         x = preprocess(data.test.images.numpy(), manifest)
         ref = predict(model, data.test, data, pipe.cfg.data.eval_batch_size)
         for tcfg in pipe.cfg.targets:
-            row = deploy_one(pipe, stage, sdir, manifest, tcfg, x, labels, ref)
+            row = deploy_one(pipe, stage, sdir, manifest, tcfg, x, labels, ref, model=model)
             msg = row["reason"] if row["status"] != "ok" else (
                 f"acc {row['accuracy']:.4f} agree {row['agreement']:.4f} "
                 f"p50 {row['latency_ms']['p50']:.3f} ms, {row['executed_precision']['summary']}")

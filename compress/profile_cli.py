@@ -2,6 +2,7 @@
 harness, whatever produced it."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -13,30 +14,56 @@ from targets import base
 from targets.profile import profile
 
 
-def input_shape(path: Path, batch: int, shape: Optional[str]) -> tuple[int, ...]:
-    """The input shape from the file (first dimension = batch), or from --shape."""
-    if shape:
-        try:
-            dims = tuple(int(d) for d in shape.lower().split("x"))
-        except ValueError:
-            raise UserError(f"--shape {shape!r}: expected dimensions like 1x28x28 (without batch)") from None
-        return (batch, *dims)
+def file_input(path: Path) -> tuple[list, str]:
+    """The single input's dimensions (None where dynamic) and numpy dtype name."""
     if path.suffix == ".xml":
         import openvino as ov
-        ps = ov.Core().read_model(str(path)).inputs[0].get_partial_shape()
-        dims = [d.get_length() if d.is_static else None for d in ps]
-    else:
-        t = check_onnx_file(path).graph.input[0].type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        try:
+            inputs = ov.Core().read_model(str(path)).inputs
+        except RuntimeError as e:
+            raise UserError(f"{path}: not a readable OpenVINO IR ({str(e).splitlines()[0][:200]})") from None
+        if len(inputs) != 1:
+            raise UserError(f"{path}: {len(inputs)} inputs; compress profile times single-input models")
+        dims = [d.get_length() if d.is_static else None for d in inputs[0].get_partial_shape()]
+        return dims, inputs[0].get_element_type().to_dtype().name
+    from onnx import helper
+    graph = check_onnx_file(path).graph
+    inits = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in inits]  # old exports list weights as inputs
+    if len(inputs) != 1:
+        raise UserError(f"{path}: {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                        f"compress profile times single-input models")
+    t = inputs[0].type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return dims, np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+
+
+def input_shape(path: Path, batch: int, shape: Optional[str]) -> tuple[int, ...]:
+    """The input shape from the file (first dimension = batch), or from --shape, which must
+    agree with every static dimension the file has."""
+    dims, _ = file_input(path)
+    if shape:
+        try:
+            given = [int(d) for d in shape.lower().split("x")]
+        except ValueError:
+            raise UserError(f"--shape {shape}: expected dimensions like 1x28x28 (without batch), for {path}") from None
+        if len(given) != len(dims) - 1 or any(f is not None and f != g for f, g in zip(dims[1:], given)):
+            want = "x".join("?" if d is None else str(d) for d in dims[1:])
+            raise UserError(f"--shape {shape}: {path} takes input {dims} (batch first); "
+                            f"expected --shape {want} with ? filled in")
+        dims = [dims[0], *given]
     if any(d is None for d in dims[1:]):
         raise UserError(f"{path}: input shape {dims} has dynamic dimensions besides the batch; "
-                        f"give --shape, e.g. --shape 1x28x28")
+                        f"give --shape, e.g. --shape {'x'.join(str(d or 8) for d in dims[1:])}")
+    if dims[0] not in (None, batch):
+        raise UserError(f"--batch {batch}: {path} has a fixed batch of {dims[0]}; use --batch {dims[0]}")
     return (batch, *dims[1:])
 
 
 def profile_file(path: Path, backend: str, batch: int = 1, threads: Optional[int] = None,
                  shape: Optional[str] = None, runs: int = 200, warmup: int = 20,
-                 throughput_batch: int = 64) -> dict:
+                 throughput_batch: int = 64, throughput_runs: int = 30,
+                 options: Optional[dict] = None) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     if path.suffix not in (".onnx", ".xml"):
@@ -49,10 +76,21 @@ def profile_file(path: Path, backend: str, batch: int = 1, threads: Optional[int
     if backend != "openvino" and path.suffix == ".xml":
         raise UserError(f"{path}: {backend} runs ONNX files, not OpenVINO IR")
     shp = input_shape(path, batch, shape)
-    runner = target.compile(path, base.CompileOptions(threads=threads))
-    sample = np.random.default_rng(0).standard_normal((max(batch, 1), *shp[1:])).astype(np.float32)
+    dims, dtype = file_input(path)
+    if dims[0] is not None:  # a fixed-batch file can only be timed at its own batch
+        throughput_batch = dims[0]
+    # what a backend compiles (ORT's optimized graph, a TensorRT engine) goes to a temp dir,
+    # never beside the user's file
+    work = Path(tempfile.mkdtemp(prefix="compress-profile-"))
+    runner = target.compile(path, base.CompileOptions(threads=threads, work_dir=work, options=options or {}))
+    rng = np.random.default_rng(0)
+    n = max(batch, 1)
+    if np.issubdtype(np.dtype(dtype), np.floating):
+        sample = rng.standard_normal((n, *shp[1:])).astype(dtype)
+    else:  # ids / pixels: small non-negative values are valid for embeddings and images alike
+        sample = rng.integers(0, 2, (n, *shp[1:])).astype(dtype)
     res = profile(runner, sample, warmup=warmup, runs=runs, throughput_batch=throughput_batch,
-                  batch=batch)
-    return {"file": str(path), "backend": backend, "input_shape": list(shp), **res,
+                  throughput_runs=throughput_runs, batch=batch)
+    return {"file": str(path), "backend": backend, "input_shape": list(shp), "input_dtype": dtype, **res,
             "executed_precision": runner.info["executed_precision"],
             "runtime": {k: v for k, v in runner.info.items() if k != "executed_precision"}}

@@ -62,6 +62,31 @@ def prune_lines(s: dict) -> list[str]:
     return ["", *out] if out else []
 
 
+def _mean_ci(lat: dict) -> str:
+    return "—" if lat.get("mean") is None else f"{lat['mean']:.3f} ± {lat.get('ci95', 0):.3f}"
+
+
+def diverging_markdown(deployments: list[dict]) -> list[str]:
+    """Per failed deployment: each compute layer's relative error against torch, in graph
+    order, the first one over tolerance marked."""
+    lines = []
+    for d in deployments:
+        diag = d.get("diverging_layers")
+        if not diag:
+            continue
+        first = (diag.get("first_diverging") or {}).get("node")
+        lines += ["", f"### {d['stage']} @ {d['backend']}: layer by layer against torch "
+                      f"(batch {diag.get('batch')}, tolerance {diag.get('tolerance')})", ""]
+        if not diag.get("mapped"):
+            lines.append(f"not compared: {diag.get('reason')}")
+            continue
+        lines += ["| # | torch module | graph node | op | relative error | |", "|---:|---|---|---|---:|---|"]
+        for i, l in enumerate(diag["layers"]):
+            lines.append(f"| {i} | `{l['module']}` | `{l['node']}` | {l['op']} | {_fmt(l['rel_error'], '.3g')} | "
+                         f"{'**first diverging**' if l['node'] == first else ''} |")
+    return lines
+
+
 def to_markdown(report: dict) -> str:
     lines = [f"# {report['name']}", "", f"created {report['created']} · config {report['config_hash']}",
              "", "## Stages (torch)", "", "| stage | accuracy | params | MACs | weights (bytes) | seconds |",
@@ -75,8 +100,8 @@ def to_markdown(report: dict) -> str:
             lines += ["", f"{s['name']}: lowest per-layer SQNR (quantized vs float, calibration data): {worst}"]
         lines += prune_lines(s)
     lines += ["", "## Deployments (measured on the runtime)", "",
-              "| stage | backend | precision | status | accuracy | agreement | max abs diff | p50 ms (b1) | p99 ms | items/s | size (bytes) | executed |",
-              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| stage | backend | precision | status | accuracy | agreement | max abs diff | p50 ms (b1) | p99 ms | mean ± 95% CI ms | items/s | peak RSS MB | size (bytes) | executed |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for d in report["deployments"]:
         lat, thr = d.get("latency_ms") or {}, d.get("throughput") or {}
         executed = (d.get("executed_precision") or {}).get("summary") or d.get("reason") or ""
@@ -84,8 +109,10 @@ def to_markdown(report: dict) -> str:
             f"| {d['stage']} | {d['backend']} | {d['precision']} | {d['status']} | "
             f"{_fmt(d['accuracy'], '.4f')} | {_fmt(d['agreement'], '.4f')} | "
             f"{_fmt(d['max_abs_diff'], '.2e')} | {_fmt(lat.get('p50'), '.3f')} | "
-            f"{_fmt(lat.get('p99'), '.3f')} | {_fmt(thr.get('items_per_s'), ',.0f')} | "
+            f"{_fmt(lat.get('p99'), '.3f')} | {_mean_ci(lat)} | {_fmt(thr.get('items_per_s'), ',.0f')} | "
+            f"{_fmt((d.get('system') or {}).get('peak_rss_mb'), '.0f')} | "
             f"{_fmt(d['size_bytes'], ',')} | {executed} |")
+    lines += diverging_markdown(report["deployments"])
     compared = [d for d in report["deployments"] if d.get("vs_teacher")]
     if compared:
         lines += ["", "## Compared with the teacher on the same backend", "",

@@ -1,8 +1,11 @@
 """TensorRT (10.x / 11.x Python API): ONNX -> strongly typed network -> serialized engine.
 
 Precision comes from the ONNX itself, as TensorRT 11 requires (its precision BuilderFlags
-are gone): int8 from the Q/DQ nodes of a quantized export, fp32 otherwise. Buffers are
-torch CUDA tensors and the engine runs on a torch CUDA stream.
+are gone): int8 from the Q/DQ nodes of a quantized export, fp16 when the float ONNX is
+converted before the build (options["fp16_weights"]), fp32 otherwise. The TRT-ready ONNX
+(targets/trt_onnx.py) is checked and compared with the export on ORT before the build.
+Buffers are torch CUDA tensors, the engine runs on a torch CUDA stream and each call is
+timed with CUDA events (`inner_ms`, read by the profiler).
 """
 from __future__ import annotations
 
@@ -12,6 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from targets.base import CompileOptions, executed_precision
+from targets.trt_onnx import make_trt_ready, max_diff_in_ort
+
+# fp16 logits of a float model differ from fp32 by ~1e-3 relative; more means a broken conversion
+FP16_MAX_DIFF = 0.05
 
 
 def unavailable_reason() -> str:
@@ -34,39 +41,51 @@ class TrtRunner:
         import tensorrt as trt
         import torch
         self.torch = torch
+        work = cfg.work_dir or onnx_path.parent
+        ready = work / f"{onnx_path.stem}.trt.onnx"
+        prep = make_trt_ready(onnx_path, ready, fp16=bool(cfg.options.get("fp16_weights")))
+        lo, opt, hi = cfg.options.get("batch_profile") or (1, 1, 64)
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse(onnx_path.read_bytes()):
+        if not parser.parse(ready.read_bytes()):
             errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"{onnx_path}: TensorRT could not parse the ONNX: {errs}")
+            raise RuntimeError(f"{ready}: TensorRT could not parse the ONNX: {errs}")
+        inp = network.get_input(0)
+        shape = tuple(inp.shape)[1:]
+        # the graph TensorRT builds must compute what was exported (checked on ORT, CPU)
+        x = np.random.default_rng(0).standard_normal((opt, *shape)).astype(np.float32)
+        diff = max_diff_in_ort(onnx_path, ready, x)
+        if prep["precision"] == "fp16" and diff > FP16_MAX_DIFF:
+            raise RuntimeError(f"{ready}: fp16 conversion changes outputs by {diff:.3g} (> {FP16_MAX_DIFF})")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE,
                                      int(cfg.options.get("workspace_mb", 1024)) << 20)
-        inp = network.get_input(0)
-        shape = tuple(inp.shape)[1:]
-        lo, opt, hi = cfg.options.get("batch_profile", (1, 1, 64))
         profile = builder.create_optimization_profile()
         profile.set_shape(inp.name, (lo, *shape), (opt, *shape), (hi, *shape))
         config.add_optimization_profile(profile)
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            raise RuntimeError(f"{onnx_path}: TensorRT engine build failed (see the log above)")
-        work = cfg.work_dir or onnx_path.parent
-        (work / f"{onnx_path.stem}.engine").write_bytes(bytes(serialized))
+            raise RuntimeError(f"{ready}: TensorRT engine build failed (see the log above)")
+        engine_path = work / f"{onnx_path.stem}.engine"
+        engine_path.write_bytes(bytes(serialized))
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
         self.context = self.engine.create_execution_context()
         self.input_name = inp.name
         self.output_name = network.get_output(0).name
         self.stream = torch.cuda.Stream()
+        self.inner_ms: list[float] = []
+        self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         layers = json.loads(self.engine.create_engine_inspector().get_engine_information(
             trt.LayerInformationFormat.JSON)).get("Layers", [])
         compute = [l for l in layers if isinstance(l, dict) and l.get("LayerType") in
                    ("CaskConvolution", "CaskGemmConvolution", "CaskFlattenConvolution", "gemm", "CaskGemm")]
         int8 = [l for l in compute if "Int8" in json.dumps(l.get("Inputs", ""))]
         self.info = {"provider": "tensorrt", "threads": None, "version": trt.__version__,
+                     "engine": str(engine_path), "trt_onnx": prep, "ort_max_diff": diff,
+                     "batch_profile": [lo, opt, hi],
                      "executed_precision": executed_precision(len(int8), len(compute), {})}
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -77,8 +96,13 @@ class TrtRunner:
                           device="cuda", dtype=torch.float32)
         self.context.set_tensor_address(self.input_name, x.data_ptr())
         self.context.set_tensor_address(self.output_name, out.data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream())  # x and out were made on the default stream
+        start, end = self._events
+        start.record(self.stream)
         self.context.execute_async_v3(self.stream.cuda_stream)
+        end.record(self.stream)
         self.stream.synchronize()
+        self.inner_ms.append(start.elapsed_time(end))  # GPU time only, without the copies
         return out.cpu().numpy()
 
 
@@ -92,6 +116,19 @@ class TensorRtTarget:
 
     def compile(self, path: Path, cfg: CompileOptions) -> TrtRunner:
         return TrtRunner(path, cfg)
+
+    def check_without_gpu(self, path: Path, cfg: CompileOptions, x: np.ndarray) -> str:
+        """Everything before the engine build, for a machine without TensorRT: the verdict
+        on the TRT-ready ONNX, one line, so a skipped row still says whether it would build."""
+        work = cfg.work_dir or path.parent
+        try:
+            prep = make_trt_ready(path, work / f"{path.stem}.trt.onnx", bool(cfg.options.get("fp16_weights")))
+        except ValueError as e:
+            lines = str(e).splitlines()
+            more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
+            return f"TRT-ready ONNX check FAILED: {lines[1].strip(' -') if len(lines) > 1 else lines[0]}{more}"
+        diff = max_diff_in_ort(path, Path(prep["path"]), x)
+        return f"TRT-ready ONNX ({prep['precision']}) passes onnx.checker and Q/DQ placement, max |diff| on ORT {diff:.2g}"
 
 
 TARGET = TensorRtTarget()
