@@ -91,7 +91,8 @@ def deploy_one(pipe, stage: str, sdir: Path, manifest: dict, tcfg, x: np.ndarray
         check = getattr(target, "check_without_gpu", None)  # TensorRT: the pre-build checks still run
         if check is not None and fname is not None:
             try:
-                options = {k: getattr(tcfg, k) for k in BACKEND_OPTIONS}
+                options = {**{k: getattr(tcfg, k) for k in BACKEND_OPTIONS},
+                           "sparse_weights": bool(manifest.get("sparsity"))}
                 why += "; " + check(sdir / fname, base.CompileOptions(work_dir=sdir, options=options), x[:8])
             except Exception as e:  # a check that cannot run must not turn a skip into a crash
                 why += f"; TRT-ready ONNX not checked ({type(e).__name__}: {e})"
@@ -103,7 +104,8 @@ def deploy_one(pipe, stage: str, sdir: Path, manifest: dict, tcfg, x: np.ndarray
     row["artifact"] = str(path.relative_to(pipe.run_dir))
     row["size_bytes"] = artifact_size(path)
     try:
-        options = {k: getattr(tcfg, k) for k in BACKEND_OPTIONS}
+        options = {**{k: getattr(tcfg, k) for k in BACKEND_OPTIONS},
+                           "sparse_weights": bool(manifest.get("sparsity"))}
         runner = target.compile(path, base.CompileOptions(threads=tcfg.threads, device=tcfg.device,
                                                         precision=precision, work_dir=sdir,
                                                         options=options))

@@ -66,6 +66,9 @@ class TrtRunner:
         profile.set_shape(inp.name, (lo, *shape), (opt, *shape), (hi, *shape))
         config.add_optimization_profile(profile)
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        if cfg.options.get("sparse_weights") and hasattr(trt.BuilderFlag, "SPARSE_WEIGHTS"):
+            # the manifest says some weights hold 2:4: let TensorRT pick sparse tensor-core kernels
+            config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise RuntimeError(f"{ready}: TensorRT engine build failed (see the log above)")

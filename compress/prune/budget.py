@@ -45,8 +45,9 @@ def paired_p50(base, cand, x: np.ndarray, runs: int) -> tuple[float, float]:
     per = max(5, runs // ROUNDS)
     b, c = [], []
     for _ in range(ROUNDS):
-        b.append(latency(base, x, warmup=3, runs=per)["p50"])
-        c.append(latency(cand, x, warmup=3, runs=per)["p50"])
+        # short warm-ups: both models were already warmed in earlier rounds
+        b.append(latency(base, x, warmup=3, runs=per, max_warmup=40)["p50"])
+        c.append(latency(cand, x, warmup=3, runs=per, max_warmup=40)["p50"])
     return float(np.median(b)), float(np.median(c))
 
 
