@@ -92,6 +92,8 @@ def preflight(cfg: RunConfig, data: Dataset) -> None:
     for i, scfg in enumerate(cfg.stages):
         if scfg.kind == "prune":
             prune.check(student, scfg, f"stages.{i}")
+        if scfg.kind == "quantize":
+            quantize.check(student, scfg, f"stages.{i}")
 
 
 def file_digest(path: Path) -> str:
@@ -205,6 +207,14 @@ class Pipeline:
             from compress.distill.ensemble import Ensemble
             ctx.teacher = Ensemble(members, [t.weight for t in cfg.teachers])
         prev_h = ctx.teacher_key = config_hash(hashes, [t.weight for t in cfg.teachers])
+        if cfg.data.calibration == "synthetic" and any(s.kind == "quantize" for s in cfg.stages):
+            from calib.synthetic import load_or_synthesize
+            source = members[0]  # an ensemble's BN statistics live in its members
+            self.log(f"data.calibration: synthetic: fitting {cfg.data.calib_samples} images to the "
+                     f"teacher's BatchNorm statistics")
+            ctx.calib = load_or_synthesize(self.run_dir / "cache", [ctx.teacher_key], source,
+                                           cfg.data.calib_samples, data.input_shape, data.normalize,
+                                           cfg.data.synthesis, cfg.seed, self.log)
         ctx.data_key = config_hash(cfg.data.identity())
         sc = cfg.student
         model = build_model(sc.model, base["num_classes"], base["in_channels"])
@@ -219,7 +229,9 @@ class Pipeline:
             name = scfg.kind if [s.kind for s in cfg.stages].count(scfg.kind) == 1 else f"{scfg.kind}-{i}"
             sdir = self.run_dir / f"{i:02d}-{scfg.kind}"
             # calibration data only reaches the quantize stage
-            calib = cfg.data.calib_samples if scfg.kind == "quantize" else None
+            # (real calibration keeps its earlier hash, so finished runs stay finished)
+            calib = None if scfg.kind != "quantize" else cfg.data.calib_samples if \
+                cfg.data.calibration == "real" else [cfg.data.calib_samples, cfg.data.synthesis]
             h = config_hash(prev_h, scfg, cfg.data.batch_size, calib)
             if stage_done(sdir, h):
                 self.log(f"[{name}] up to date, skipped")
