@@ -167,7 +167,7 @@ def test_config_takes_the_new_keys_and_names_a_bad_calibration():
     from compress.config import ConfigError, load_config
     tiny = ROOT / "examples" / "tiny.yaml"
     cfg = load_config(tiny, ["data.calibration=synthetic", "data.synthesis.steps=5",
-                             "stages.2.weight_bits=4", "stages.2.mixed_precision={avg_bits: 6}"])
+                             "stages.2.activations=asymmetric", "stages.2.mixed_precision={avg_bits: 6}"])
     assert cfg.data.calibration == "synthetic" and cfg.stages[2].mixed_precision.avg_bits == 6
     with pytest.raises(ConfigError, match=r"data.calibration: Input should be 'real' or 'synthetic'"):
         load_config(tiny, ["data.calibration=imagenet"])
