@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +25,8 @@ class SynthesisConfig(BaseModel):
     """How data-free calibration images are synthesized (data.calibration: synthetic)."""
     model_config = ConfigDict(extra="forbid")
 
+    source: Literal["teacher", "student"] = Field(
+        "teacher", description="whose BatchNorm statistics the images fit: the teacher, or the float model entering the quantize stage (ZeroQ's own setting; far cheaper when the teacher is large)")
     steps: int = Field(200, ge=1, description="Adam steps per batch of synthesized images (ZeroQ used 500 on ImageNet)")
     lr: float = Field(0.1, gt=0, description="Adam learning rate on the pixel logits")
     batch_size: int = Field(128, ge=2, description="images optimized together: the BN batch statistics are taken over this batch")
@@ -50,7 +52,7 @@ class BNStats:
     def __init__(self, model: nn.Module):
         self.layers = bn_layers(model)
         if not self.layers:
-            raise UserError("data.calibration: synthetic needs a teacher with BatchNorm layers "
+            raise UserError("data.calibration: synthetic needs a model with BatchNorm layers "
                             "(their running statistics are what the images are fitted to)")
         self.terms: list[torch.Tensor] = []
         self.handles = [m.register_forward_hook(self._hook) for m in self.layers]

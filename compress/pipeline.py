@@ -180,6 +180,18 @@ class Pipeline:
                                    time.time() - t0, ctx, tc)
         return model, metrics, h, name, sdir
 
+    def _synthetic_calib(self, ctx: RunContext, source: nn.Module, chain_h: str):
+        """Data-free calibration images for a quantize stage, cached under the run's cache/
+        by what made them (the source model's identity and the synthesis settings)."""
+        from calib.synthetic import load_or_synthesize
+        d = self.cfg.data
+        key = ctx.teacher_key if d.synthesis.source == "teacher" else chain_h
+        self.log(f"  data.calibration: synthetic: fitting {d.calib_samples} images to the "
+                 f"{d.synthesis.source}'s BatchNorm statistics")
+        return load_or_synthesize(self.run_dir / "cache", [d.synthesis.source, key], copy.deepcopy(source),
+                                  d.calib_samples, ctx.data.input_shape, ctx.data.normalize,
+                                  d.synthesis, self.cfg.seed, self.log)
+
     def run_stages(self) -> tuple[list[dict], dict[str, tuple[nn.Module, Path, dict]], RunContext]:
         """Train/prune/quantize as configured. Returns the stage rows and, per stage name,
         (model, stage dir, structure) for export."""
@@ -207,14 +219,6 @@ class Pipeline:
             from compress.distill.ensemble import Ensemble
             ctx.teacher = Ensemble(members, [t.weight for t in cfg.teachers])
         prev_h = ctx.teacher_key = config_hash(hashes, [t.weight for t in cfg.teachers])
-        if cfg.data.calibration == "synthetic" and any(s.kind == "quantize" for s in cfg.stages):
-            from calib.synthetic import load_or_synthesize
-            source = members[0]  # an ensemble's BN statistics live in its members
-            self.log(f"data.calibration: synthetic: fitting {cfg.data.calib_samples} images to the "
-                     f"teacher's BatchNorm statistics")
-            ctx.calib = load_or_synthesize(self.run_dir / "cache", [ctx.teacher_key], source,
-                                           cfg.data.calib_samples, data.input_shape, data.normalize,
-                                           cfg.data.synthesis, cfg.seed, self.log)
         ctx.data_key = config_hash(cfg.data.identity())
         sc = cfg.student
         model = build_model(sc.model, base["num_classes"], base["in_channels"])
@@ -223,7 +227,7 @@ class Pipeline:
                       f"student.checkpoint={sc.checkpoint}")
         structure = {**base, "model": sc.model}
         prev_h = config_hash(prev_h, sc, file_digest(cfg.resolve_path(sc.checkpoint)) if sc.checkpoint else None)
-        float_model = model
+        float_model, real_calib = model, ctx.calib
         for i, scfg in enumerate(cfg.stages, start=1):
             # a kind used twice (two prune stages, say) gets its position in the name
             name = scfg.kind if [s.kind for s in cfg.stages].count(scfg.kind) == 1 else f"{scfg.kind}-{i}"
@@ -241,6 +245,11 @@ class Pipeline:
             else:
                 self.log(f"[{name}] running ({sdir.name})")
                 ctx.structure, ctx.history, ctx.metrics = copy.deepcopy(structure), [], {}
+                ctx.calib = real_calib
+                if scfg.kind == "quantize" and cfg.data.calibration == "synthetic":
+                    # an ensemble's BN statistics live in its members: the first one's are used
+                    source = members[0] if cfg.data.synthesis.source == "teacher" else model
+                    ctx.calib = self._synthetic_calib(ctx, source, prev_h)
                 t0 = time.time()
                 # a copy: stages change modules in place, and every stage's model is kept
                 # for export (brevitas' BN merge would otherwise rewrite the float model)

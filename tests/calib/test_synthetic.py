@@ -47,7 +47,7 @@ def test_synthesis_is_cached_and_seeded(synth, trained_tiny, tiny_data):
 
 def test_a_model_without_batchnorm_is_a_user_error(tiny_data):
     model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
-    with pytest.raises(UserError, match="needs a teacher with BatchNorm"):
+    with pytest.raises(UserError, match="needs a model with BatchNorm"):
         synthesize(model, 4, tiny_data.input_shape, tiny_data.normalize, CFG, 0, lambda s: None)
 
 
