@@ -103,7 +103,7 @@ def synthesize(model: nn.Module, n: int, input_shape, normalize: Callable[[torch
                 model(normalize(torch.sigmoid(z) * 255))
                 loss = stats.take()
                 if step == 0:
-                    before.append(float(loss))
+                    before.append(float(loss.detach()))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
