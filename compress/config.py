@@ -51,7 +51,7 @@ class DataConfig(Strict):
     batch_size: int = Field(128, ge=1, description="training batch size")
     eval_batch_size: int = Field(500, ge=1, description="batch size for accuracy passes")
     calib_samples: int = Field(1024, ge=1, description="calibration subset size (stratified, seeded)")
-    calibration: Literal["real", "synthetic"] = Field("real", description="real: a stratified subset of the training split; synthetic: data-free images fitted to the teacher's BatchNorm statistics (ZeroQ), used to calibrate and distill the quantize stage")
+    calibration: Literal["real", "synthetic"] = Field("real", description="real: a stratified subset of the training split; synthetic: data-free images fitted to BatchNorm statistics (ZeroQ; whose: synthesis.source), used to calibrate and distill the quantize stage")
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig, description="used when calibration is synthetic")
     limit_train: Optional[int] = Field(None, ge=1, description="use a stratified subset of this many training examples")
     limit_test: Optional[int] = Field(None, ge=1, description="use a stratified subset of this many test examples")
