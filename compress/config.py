@@ -16,6 +16,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
                       model_validator)
 
 from calib.datasets import FASHION_MNIST_DEFAULT_ROOT
+from calib.synthetic import SynthesisConfig
 from compress.distill.objectives import NEEDS_TEACHER
 from compress.distill.stage import DistillConfig
 from compress.errors import UserError
@@ -50,6 +51,8 @@ class DataConfig(Strict):
     batch_size: int = Field(128, ge=1, description="training batch size")
     eval_batch_size: int = Field(500, ge=1, description="batch size for accuracy passes")
     calib_samples: int = Field(1024, ge=1, description="calibration subset size (stratified, seeded)")
+    calibration: Literal["real", "synthetic"] = Field("real", description="real: a stratified subset of the training split; synthetic: data-free images fitted to BatchNorm statistics (ZeroQ; whose: synthesis.source), used to calibrate and distill the quantize stage")
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig, description="used when calibration is synthetic")
     limit_train: Optional[int] = Field(None, ge=1, description="use a stratified subset of this many training examples")
     limit_test: Optional[int] = Field(None, ge=1, description="use a stratified subset of this many test examples")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="used when dataset is synthetic")

@@ -139,12 +139,35 @@ def versions() -> dict:
     return out
 
 
+def _precision(fmt) -> str:
+    """fp32 | int8 | weight-only: "int8" promises int8 kernels (deploy fails it if none ran);
+    weight-only promises float kernels on integer-stored weights."""
+    if fmt is None:
+        return "fp32"
+    return "weight-only" if fmt["weight_only"] else "int8"
+
+
+def _summary(fmt):
+    if fmt is None:
+        return None
+    bits = "/".join(str(b) for b in sorted(set(fmt["weight_bits"].values()))) or "8"
+    if fmt["weight_only"]:
+        return (f"QCDQ weight-only ({fmt['format']}: int{bits} per-channel weights stored as int8 "
+                f"Q/DQ, float activations and bias)")
+    return (f"QCDQ ({fmt['format']}: int{bits} per-channel weights stored as int8 Q/DQ, "
+            f"int8/uint8 per-tensor activations, int32 bias)")
+
+
 def export_model(model: nn.Module, out_dir: Path, data, opset: int, openvino_ir: bool,
                  stage: str, sparse_layers: list[str] = ()) -> dict:
     """Write model.onnx (+ model.xml/.bin) and manifest.json; returns the manifest.
     sparse_layers: layers made 2:4 sparse, checked in the exported weights and recorded
     so a TensorRT build can enable sparse kernels."""
     quant = is_quantized(model)
+    fmt = None
+    if quant:
+        from compress.quantize.graph import describe
+        fmt = describe(model)
     onnx_path = out_dir / "model.onnx"
     if quant:
         export_qcdq(model, onnx_path, data.input_shape)
@@ -161,8 +184,10 @@ def export_model(model: nn.Module, out_dir: Path, data, opset: int, openvino_ir:
                                           if k in ("scale", "mean", "std")}},
         "output": {"name": OUTPUT, "kind": "logits", "num_classes": data.num_classes,
                    "classes": data.classes},
-        "precision": "int8" if quant else "fp32",
-        "quantization": "QCDQ (int8 per-channel weights, int8/uint8 per-tensor activations, int32 bias)" if quant else None,
+        "precision": _precision(fmt),
+        "quantization": _summary(fmt),
+        # what a deployment should see execute: int8 kernels, or float kernels for weight-only
+        "quant_format": fmt,
         "versions": versions(),
     }
     if sparse_layers:

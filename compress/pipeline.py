@@ -93,6 +93,8 @@ def preflight(cfg: RunConfig, data: Dataset) -> None:
     for i, scfg in enumerate(cfg.stages):
         if scfg.kind == "prune":
             prune.check(student, scfg, f"stages.{i}", data.input_shape)
+        if scfg.kind == "quantize":
+            quantize.check(student, scfg, f"stages.{i}")
 
 
 def file_digest(path: Path) -> str:
@@ -179,6 +181,18 @@ class Pipeline:
                                    time.time() - t0, ctx, tc)
         return model, metrics, h, name, sdir
 
+    def _synthetic_calib(self, ctx: RunContext, source: nn.Module, chain_h: str):
+        """Data-free calibration images for a quantize stage, cached under the run's cache/
+        by what made them (the source model's identity and the synthesis settings)."""
+        from calib.synthetic import load_or_synthesize
+        d = self.cfg.data
+        key = ctx.teacher_key if d.synthesis.source == "teacher" else chain_h
+        self.log(f"  data.calibration: synthetic: fitting {d.calib_samples} images to the "
+                 f"{d.synthesis.source}'s BatchNorm statistics")
+        return load_or_synthesize(self.run_dir / "cache", [d.synthesis.source, key], copy.deepcopy(source),
+                                  d.calib_samples, ctx.data.input_shape, ctx.data.normalize,
+                                  d.synthesis, self.cfg.seed, self.log)
+
     def run_stages(self) -> tuple[list[dict], dict[str, tuple[nn.Module, Path, dict]], RunContext]:
         """Train/prune/quantize as configured. Returns the stage rows and, per stage name,
         (model, stage dir, structure) for export."""
@@ -214,13 +228,15 @@ class Pipeline:
                       f"student.checkpoint={sc.checkpoint}")
         structure = {**base, "model": sc.model}
         prev_h = config_hash(prev_h, sc, file_digest(cfg.resolve_path(sc.checkpoint)) if sc.checkpoint else None)
-        float_model = model
+        float_model, real_calib = model, ctx.calib
         for i, scfg in enumerate(cfg.stages, start=1):
             # a kind used twice (two prune stages, say) gets its position in the name
             name = scfg.kind if [s.kind for s in cfg.stages].count(scfg.kind) == 1 else f"{scfg.kind}-{i}"
             sdir = self.run_dir / f"{i:02d}-{scfg.kind}"
             # calibration data only reaches the quantize stage
-            calib = cfg.data.calib_samples if scfg.kind == "quantize" else None
+            # (real calibration keeps its earlier hash, so finished runs stay finished)
+            calib = None if scfg.kind != "quantize" else cfg.data.calib_samples if \
+                cfg.data.calibration == "real" else [cfg.data.calib_samples, cfg.data.synthesis]
             h = config_hash(prev_h, scfg, cfg.data.batch_size, calib)
             if stage_done(sdir, h):
                 self.log(f"[{name}] up to date, skipped")
@@ -230,6 +246,11 @@ class Pipeline:
             else:
                 self.log(f"[{name}] running ({sdir.name})")
                 ctx.structure, ctx.history, ctx.metrics = copy.deepcopy(structure), [], {}
+                ctx.calib = real_calib
+                if scfg.kind == "quantize" and cfg.data.calibration == "synthetic":
+                    # an ensemble's BN statistics live in its members: the first one's are used
+                    source = members[0] if cfg.data.synthesis.source == "teacher" else model
+                    ctx.calib = self._synthetic_calib(ctx, source, prev_h)
                 t0 = time.time()
                 # a copy: stages change modules in place, and every stage's model is kept
                 # for export (brevitas' BN merge would otherwise rewrite the float model)

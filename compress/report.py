@@ -87,6 +87,23 @@ def diverging_markdown(deployments: list[dict]) -> list[str]:
     return lines
 
 
+def sensitivity_markdown(stage: dict) -> list[str]:
+    """A quantize stage's format, and its mixed-precision sensitivity table when it has one."""
+    out = []
+    if stage.get("format"):
+        out += ["", f"{stage['name']}: format {stage['format']}, average weight bits "
+                    f"{stage['avg_weight_bits']:.2f}, calibration {stage.get('calibration', 'real')}"]
+    if stage.get("sensitivity"):
+        mp = stage["mixed_precision"]
+        out += ["", f"{stage['name']}: mixed precision by sensitivity (objective increase on calibration "
+                    f"data with only that layer lowered): average {mp['avg_bits']:.2f} bits, target "
+                    f"{mp['target_avg_bits']:.2f}", "",
+                "| layer | weights | objective Δ | bits |", "|---|---:|---:|---:|"]
+        out += [f"| `{r['layer']}` | {r['weights']:,} | {_fmt(r['objective_delta'], '+.4f')} | {r['bits']}"
+                f"{' (fixed)' if r['fixed'] else ''} |" for r in stage["sensitivity"]]
+    return out
+
+
 def to_markdown(report: dict) -> str:
     lines = [f"# {report['name']}", "", f"created {report['created']} · config {report['config_hash']}",
              "", "## Stages (torch)", "", "| stage | accuracy | params | MACs | weights (bytes) | seconds |",
@@ -99,6 +116,8 @@ def to_markdown(report: dict) -> str:
             worst = ", ".join(f"`{n}` {s['layer_sqnr_db'][n]:.1f} dB" for n in s.get("worst_layers", []))
             lines += ["", f"{s['name']}: lowest per-layer SQNR (quantized vs float, calibration data): {worst}"]
         lines += prune_lines(s)
+    for s in report["stages"]:
+        lines += sensitivity_markdown(s)
     lines += ["", "## Deployments (measured on the runtime)", "",
               "| stage | backend | precision | status | accuracy | agreement | max abs diff | p50 ms (b1) | p99 ms | mean ± 95% CI ms | items/s | peak RSS MB | size (bytes) | executed |",
               "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
