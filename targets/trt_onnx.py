@@ -76,8 +76,7 @@ def qdq_problems(model: onnx.ModelProto) -> list[str]:
             if zp is None or zp.data_type not in TRT_QUANT_TYPES:
                 kind = TensorProto.DataType.Name(zp.data_type) if zp is not None else "UINT8 (default)"
                 problems.append(f"{n.op_type} '{n.name}': zero point type {kind}; TensorRT quantizes to "
-                                f"INT8/FP8/INT4 only (brevitas: a signed activation quantizer such as "
-                                f"Int8ActPerTensorFloat, also after ReLU)")
+                                f"INT8/FP8/INT4 only (quantize with `activations: signed`)")
             elif np.any(numpy_helper.to_array(zp) != 0):
                 problems.append(f"{n.op_type} '{n.name}': non-zero zero point; TensorRT takes symmetric quantization only")
         if n.op_type == "QuantizeLinear":

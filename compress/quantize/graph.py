@@ -96,12 +96,20 @@ def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
         # accuracy 1.00 -> 0.47..0.87). So the layer returns float and its inserted output
         # quantizer requantizes it.
         kwargs.update(input_quant=ShiftedUint8ActPerTensorFloat, return_quant_tensor=False)
+    act_map, identity_map = QUANT_ACT_MAP, QUANT_IDENTITY_MAP
+    if qsettings.get("activations") == "signed":
+        # TensorRT reads only signed int8 Q/DQ: ReLU outputs lose their unused sign bit
+        # (half the grid) instead of being uint8
+        from brevitas.quant import Int8ActPerTensorFloat
+        act_map = {t: (cls, {**{k: v for k, v in kw.items() if k not in ("max_val", "min_val")},
+                             "act_quant": Int8ActPerTensorFloat}) for t, (cls, kw) in QUANT_ACT_MAP.items()}
+        identity_map = {k: (cls, {**kw, "act_quant": Int8ActPerTensorFloat}) for k, (cls, kw) in QUANT_IDENTITY_MAP.items()}
     compute_map = dict(COMPUTE_LAYER_MAP)
     compute_map[nn.Conv2d] = (qnn.QuantConv2d, kwargs)
     compute_map[nn.Conv1d] = (qnn.QuantConv1d, kwargs)
     compute_map[nn.Linear] = (qnn.QuantLinear, kwargs)
-    return quantize(graph, quant_identity_map=QUANT_IDENTITY_MAP, compute_layer_map=compute_map,
-                    quant_act_map=QUANT_ACT_MAP)
+    return quantize(graph, quant_identity_map=identity_map, compute_layer_map=compute_map,
+                    quant_act_map=act_map)
 
 
 def prepare(model: nn.Module, qsettings: dict) -> nn.Module:

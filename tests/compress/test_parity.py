@@ -44,8 +44,8 @@ def tiny_model() -> nn.Module:
 def quantized(model: nn.Module, x: np.ndarray) -> nn.Module:
     from brevitas.graph.calibrate import calibration_mode
 
-    from compress.quantize import prepare
-    q = prepare(model, {"merge_bn": True})
+    from compress.quantize import QuantizeConfig, prepare, settings
+    q = prepare(model, settings(QuantizeConfig()))
     with torch.no_grad(), calibration_mode(q):
         q(torch.from_numpy(x))
     return q.eval()

@@ -112,6 +112,27 @@ def test_brevitas_unsigned_activations_are_named(tmp_path):
     assert verdict.startswith("TRT-ready ONNX check FAILED: QuantizeLinear '/") and "UINT8" in verdict
 
 
+def test_signed_activations_make_a_trt_ready_int8_export(tmp_path):
+    """quantize.activations: signed -> int8 Q/DQ everywhere: the checks pass and the
+    TRT-ready graph computes what the export does (on ORT)."""
+    import torch
+    from brevitas.graph.calibrate import calibration_mode
+
+    from compress.export import export_qcdq
+    from compress.quantize import QuantizeConfig, prepare, settings
+    from tests.compress.test_parity import SHAPE, tiny_model
+    x = np.random.default_rng(0).standard_normal((8, *SHAPE)).astype(np.float32)
+    q = prepare(tiny_model(), settings(QuantizeConfig(activations="signed")))
+    with torch.no_grad(), calibration_mode(q):
+        q(torch.from_numpy(x))
+    export_qcdq(q.eval(), tmp_path / "q.onnx", SHAPE)
+    zps = [i for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer if i.data_type == onnx.TensorProto.UINT8]
+    assert not zps
+    make_trt_ready(tmp_path / "q.onnx", tmp_path / "q.trt.onnx")
+    verdict = base.get("tensorrt").check_without_gpu(tmp_path / "q.onnx", base.CompileOptions(work_dir=tmp_path), x)
+    assert "FAILED" not in verdict
+
+
 def test_tensorrt_target_is_skipped_here_with_the_precise_reason():
     ok, reason = base.get("tensorrt").available()
     if ok:
