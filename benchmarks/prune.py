@@ -103,6 +103,7 @@ def main():
     ap.add_argument("--epochs", type=float, default=3, help="recovery epochs per pruned model")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     ap.add_argument("--skip-round-to", action="store_true")
+    ap.add_argument("--only-budget", action="store_true", help="only the latency-budget row")
     args = ap.parse_args()
     torch.set_num_threads(2)
     data = fashion_mnist(args.data_root)
@@ -126,7 +127,7 @@ def main():
     s = model_stats(student, student, data)
     print(f"unpruned {args.student}: {acc(student):.4f}, {s['params']:,} params, {s['macs']:,} MACs", flush=True)
     rows = []
-    for ratio in args.ratios:
+    for ratio in ([] if args.only_budget else args.ratios):
         for method, cfg in (
                 ("one-shot + finetune (CE)", PruneConfig(ratio=ratio, steps=1, epochs=args.epochs, loss=[CE()], **RECOVERY)),
                 ("3 steps + KD recovery", PruneConfig(ratio=ratio, steps=3, epochs=args.epochs, loss=KD, **RECOVERY))):

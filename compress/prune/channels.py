@@ -136,11 +136,25 @@ def sync_heads(model: nn.Module, pruner) -> None:
         m.head_dim = m.qkv.out_features // 3 // m.num_heads
 
 
-def make_pruner(model: nn.Module, cfg: PruneConfig, example: torch.Tensor, imp=None):
+def _pruner_class():
     import torch_pruning as tp
+
+    class Pruner(tp.pruner.MetaPruner):
+        def _round_to(self, n_pruned, current_channels, round_to):
+            # torch-pruning floors the kept count to the grid; below one grid step that is
+            # zero channels, and it then skips the layer entirely (measured: ratio 0.8 left
+            # ResNet-8-wide's 32-channel layers at 32 while 0.7 cut them to 8, so MACs rose
+            # with the ratio). Keep at least one grid step instead.
+            kept = (current_channels - n_pruned) // round_to * round_to
+            kept = max(kept, min(round_to, current_channels))
+            return max(current_channels - kept, 0)
+    return Pruner
+
+
+def make_pruner(model: nn.Module, cfg: PruneConfig, example: torch.Tensor, imp=None):
     modules = dict(model.named_modules())
     heads = {m.qkv: m.num_heads for m in attention_modules(model)}
-    return tp.pruner.MetaPruner(
+    return _pruner_class()(
         model, example, importance=imp if imp is not None else importance(cfg.importance),
         pruning_ratio=cfg.ratio, global_pruning=cfg.global_pruning,
         pruning_ratio_dict={modules[n]: r for n, r in cfg.layer_ratios.items()} or None,

@@ -85,3 +85,17 @@ def test_layer_ratio_and_ignored_input_channels(trained_tiny):
     prune_channels(loose, PruneConfig(ratio=0.25, round_to=1, ignored=["fc", "layers.0.conv1"],
                                       keep_ignored_inputs=False), X)
     assert loose.layers[0].conv1.in_channels < 8 and loose.fc.in_features < 16
+
+
+def test_macs_fall_with_the_ratio_even_past_the_round_to_grid():
+    """torch-pruning alone skips a layer whose kept channels would floor to 0 (32 channels
+    at ratio 0.8, round_to 8): such layers keep one grid step instead."""
+    import torch_pruning as tp
+    macs = []
+    for r in (0.3, 0.5, 0.7, 0.8, 0.9):
+        m = build_model("resnet8_wide", 10, 1).eval()
+        prune_channels(m, PruneConfig(ratio=r, round_to=8, max_layer_ratio=0.95), X)
+        assert all(c.out_channels % 8 == 0 for c in m.modules() if isinstance(c, torch.nn.Conv2d))
+        macs.append(tp.utils.count_ops_and_params(m, X)[0])
+    assert m.stem[0].out_channels == 8  # pruned to one grid step, not left at 32
+    assert macs == sorted(macs, reverse=True), macs
