@@ -37,7 +37,7 @@ class QuantizeConfig(TrainConfig):
     weight_bits: int = Field(8, ge=2, le=8, description="weight bit width (per-channel, symmetric, narrow range): 8 = W8, 4 = W4")
     act_bits: Literal[8, 16] = Field(8, description="8 = int8 activations (per tensor); 16 = activations stay float (weight-only, e.g. W4A16)")
     activations: Literal["symmetric", "asymmetric", "signed"] = Field(
-        "symmetric", description="symmetric int8 (ReLU outputs uint8); asymmetric: each compute layer's input uint8 with a learned zero point (residual sums stay symmetric); signed: int8 everywhere, ReLU outputs too (TensorRT's explicit quantization takes no uint8)")
+        "symmetric", description="symmetric int8 (ReLU outputs uint8); asymmetric: each compute layer's input uint8 with a learned zero point (residual sums stay symmetric); signed: int8 everywhere, ReLU outputs too, for TensorRT (which takes no uint8; ORT CPU then cannot fuse Conv+ReLU into QLinearConv)")
     first_layer_bits: Optional[int] = Field(None, ge=2, le=8, description="weight bits of the first compute layer (None = weight_bits)")
     last_layer_bits: Optional[int] = Field(None, ge=2, le=8, description="weight bits of the last compute layer (None = weight_bits)")
     layer_bits: dict[str, int] = Field(default_factory=dict, description="weight bits by qualified module name, e.g. {layers.0.conv1: 4}; wins over first/last")
