@@ -8,7 +8,7 @@ the same file (so load from other processes hits both alike):
     ORT's own profiler (SessionOptions.enable_profiling) on an identically configured session.
 Prints a markdown table of medians over rounds and ours/vendor ratios (min..max over rounds).
 
-    nice -n 10 python benchmarks/profile.py --runs-dir runs/fashion-mnist --threads 1 --rounds 3
+    nice -n 10 python benchmarks/vendor_agreement.py --runs-dir runs/fashion-mnist --threads 1 --rounds 3
 """
 from __future__ import annotations
 
