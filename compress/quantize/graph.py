@@ -108,8 +108,21 @@ def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
     compute_map[nn.Conv2d] = (qnn.QuantConv2d, kwargs)
     compute_map[nn.Conv1d] = (qnn.QuantConv1d, kwargs)
     compute_map[nn.Linear] = (qnn.QuantLinear, kwargs)
-    return quantize(graph, quant_identity_map=identity_map, compute_layer_map=compute_map,
-                    quant_act_map=act_map)
+    try:
+        return quantize(graph, quant_identity_map=identity_map, compute_layer_map=compute_map,
+                        quant_act_map=act_map)
+    except RuntimeError as e:
+        if "align scale factors" not in str(e):
+            raise
+    # brevitas' graph mode needs one scale on every input of an add; a parameter added to
+    # activations (a ViT's position embedding) or attention's matmuls defeat it. Then each
+    # compute layer quantizes its own input instead (brevitas' layerwise mode, what it uses
+    # for transformers): int8 Conv/Gemm inputs and weights, float everything in between.
+    from brevitas.quant import Int8ActPerTensorFloat
+    kwargs.update(input_quant=Int8ActPerTensorFloat, return_quant_tensor=False)
+    table = {nn.Conv2d: (qnn.QuantConv2d, kwargs), nn.Conv1d: (qnn.QuantConv1d, kwargs),
+             nn.Linear: (qnn.QuantLinear, kwargs)}
+    return layerwise_quantize(graph, compute_layer_map=table)
 
 
 def prepare(model: nn.Module, qsettings: dict) -> nn.Module:

@@ -92,9 +92,9 @@ def test_format_exports_its_qdq_graph_and_runs_on_both_backends(fmt, trained_tin
     assert_rebuilds(q, ctx.structure, tmp_path)
 
 
-def assert_rebuilds(q, structure, tmp_path):
+def assert_rebuilds(q, structure, tmp_path, spec="resnet_tiny"):
     save_weights(q, tmp_path / "q.safetensors")
-    rebuilt = rebuild_quantized(build_model("resnet_tiny", 10, 1), structure["quantize"], (1, 28, 28))
+    rebuilt = rebuild_quantized(build_model(spec, 10, 1), structure["quantize"], (1, 28, 28))
     load_into(rebuilt, read_state_dict(tmp_path / "q.safetensors"), "q")
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
@@ -134,7 +134,7 @@ def test_executed_precision_gate_fails_a_float_only_run_and_passes_int8_and_weig
     export_float(trained_tiny, fake / "model.onnx", tiny_data.input_shape, 17)
     row = deploy_one(pipe, "fake", fake, int8_manifest, tcfg, x, labels,
                      predict(trained_tiny, tiny_data.test, tiny_data))
-    assert row["status"] == "failed" and f"only 0 of {LAYERS} compute layers ran an int8 kernel" in row["reason"]
+    assert row["status"] == "failed" and f"only 0 of {LAYERS} quantized compute layers ran an int8 kernel" in row["reason"]
 
 
 def test_unknown_layer_name_is_one_error_naming_the_closest(trained_tiny):
@@ -174,3 +174,30 @@ def test_config_takes_the_new_keys_and_names_a_bad_calibration():
     assert cfg.data.calibration == "synthetic" and cfg.stages[2].mixed_precision.avg_bits == 6
     with pytest.raises(ConfigError, match=r"data.calibration: Input should be 'real' or 'synthetic'"):
         load_config(tiny, ["data.calibration=imagenet"])
+
+
+@pytest.mark.parametrize("spec", ["mobilenet_tiny", "vit_tiny"])
+def test_zoo_models_quantize_export_and_agree_on_ort(spec, tiny_data, tmp_path):
+    """Depthwise/grouped convs, concat, SE, SiLU/Hardswish (graph mode) and a ViT (its
+    position-embedding add defeats graph mode: layerwise fallback) quantize, export as
+    QCDQ, and run on ORT agreeing with the fake-quant model."""
+    import onnxruntime as ort
+    from compress import quantize
+    from compress.export import export_model
+    from compress.models import build_model
+    from compress.train import TrainConfig, fit
+    from tests.conftest import make_ctx
+    torch.manual_seed(0)
+    m = build_model(spec, 10, 1)
+    fit(m, tiny_data, TrainConfig(epochs=1, lr=1e-2, optimizer="adamw", augment=False), batch_size=64,
+        log=lambda s: None)
+    ctx = make_ctx(tiny_data, m, tmp_path, calib=128)
+    q = quantize.run(m.eval(), ctx, quantize.QuantizeConfig(calib_batches=2, epochs=0))
+    assert_rebuilds(q, ctx.structure, tmp_path, spec)
+    manifest = export_model(q, tmp_path, tiny_data, 17, False, "quantize")
+    assert manifest["precision"] == "int8" and len(manifest["quant_format"]["weight_bits"]) >= 10
+    x = tiny_data.normalize(tiny_data.test.images[:128])
+    want = q.eval()(x)
+    want = (want.value if hasattr(want, "value") else want).detach().numpy()
+    got = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"input": x.numpy()})[0]
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
