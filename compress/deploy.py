@@ -85,14 +85,15 @@ def deploy_one(pipe, stage: str, sdir: Path, manifest: dict, tcfg, x: np.ndarray
            "reason": None, "executed_precision": None, "accuracy": None, "agreement": None,
            "max_abs_diff": None, "latency_ms": None, "throughput": None, "size_bytes": None,
            "artifact": None}
+    # the target's own settings, plus what the artifact says about itself (2:4 layers)
+    options = {**{k: getattr(tcfg, k) for k in BACKEND_OPTIONS},
+               "sparse_weights": bool(manifest.get("sparsity"))}
     ok, why = target.available()
     fname = manifest["files"].get(target.artifact)
     if not ok:
         check = getattr(target, "check_without_gpu", None)  # TensorRT: the pre-build checks still run
         if check is not None and fname is not None:
             try:
-                options = {**{k: getattr(tcfg, k) for k in BACKEND_OPTIONS},
-                           "sparse_weights": bool(manifest.get("sparsity"))}
                 why += "; " + check(sdir / fname, base.CompileOptions(work_dir=sdir, options=options), x[:8])
             except Exception as e:  # a check that cannot run must not turn a skip into a crash
                 why += f"; TRT-ready ONNX not checked ({type(e).__name__}: {e})"
@@ -104,8 +105,6 @@ def deploy_one(pipe, stage: str, sdir: Path, manifest: dict, tcfg, x: np.ndarray
     row["artifact"] = str(path.relative_to(pipe.run_dir))
     row["size_bytes"] = artifact_size(path)
     try:
-        options = {**{k: getattr(tcfg, k) for k in BACKEND_OPTIONS},
-                           "sparse_weights": bool(manifest.get("sparsity"))}
         runner = target.compile(path, base.CompileOptions(threads=tcfg.threads, device=tcfg.device,
                                                         precision=precision, work_dir=sdir,
                                                         options=options))

@@ -54,6 +54,14 @@ class RunContext:
     teacher_key: str = "teacher"  # identity hash of the teacher(s): keys the output cache
     data_key: str = "data"
 
+    def calib_batches(self, n: int):
+        """(model input, labels) of the first n batches of the calibration subset, in a fixed
+        order: what every calibration-time measurement (quantizer ranges, importance scores,
+        block distortion, sensitivity) runs on."""
+        from compress.train import batches
+        for _, (x, y, _) in zip(range(n), batches(self.calib, self.batch_size)):
+            yield self.data.normalize(x), y
+
     def fit_kwargs(self, desc: str) -> dict:
         """What every stage passes to the one training loop."""
         return {"batch_size": self.batch_size, "teacher": self.teacher, "teacher_key": self.teacher_key,

@@ -12,7 +12,6 @@ from torch import nn
 
 from compress.checkpoint import set_module
 from compress.errors import UserError
-from compress.train import batches
 
 
 def _has_weights(m: nn.Module) -> bool:
@@ -89,8 +88,7 @@ def remove(model: nn.Module, ctx, cfg) -> tuple[list[str], dict[str, float]]:
     if cfg.remove_blocks > len(names):
         raise UserError(f"prune.remove_blocks={cfg.remove_blocks}, but the model has only "
                         f"{len(names)} removable blocks ({', '.join(names) or 'none'})")
-    xs = [ctx.data.normalize(xb) for i, (xb, _, _) in
-          zip(range(cfg.block_batches), batches(ctx.calib, ctx.batch_size))]
+    xs = [x for x, _ in ctx.calib_batches(cfg.block_batches)]
     scores = distortion(model, names, xs)
     # LAPTOP-Diff: the one-shot scores are close to additive, so the k smallest are removed
     removed = sorted(names, key=scores.get)[:cfg.remove_blocks]

@@ -78,8 +78,9 @@ def search(model: nn.Module, reference: nn.Module, ctx, cfg) -> tuple[float, dic
 
         def measure(ratio: float) -> dict:
             cand = copy.deepcopy(model).eval()
-            prune_channels(cand, cfg.model_copy(update={"ratio": ratio, "importance": crit}),
-                           torch.zeros(1, *shape))
+            if ratio > 0:
+                prune_channels(cand, cfg.model_copy(update={"ratio": ratio, "importance": crit}),
+                               torch.zeros(1, *shape))
             runner = compile_float(cand, work / f"r{ratio:.4f}", shape, target, t)
             bm, cm = paired_p50(base, runner, x, t.runs)
             row = {"ratio": round(ratio, 4), **model_stats(cand, cand, ctx.data),
@@ -92,7 +93,13 @@ def search(model: nn.Module, reference: nn.Module, ctx, cfg) -> tuple[float, dic
 
         lo, hi = 0.0, t.max_ratio
         best = measure(hi)
-        if best["met"]:
+        changed = model_stats(model, model, ctx.data)["macs"] < model_stats(reference, reference, ctx.data)["macs"]
+        if best["met"] and changed:
+            # removed blocks may meet the budget alone: then no channel needs to go
+            zero = measure(0.0)
+            if zero["met"]:
+                best, hi = zero, 0.0
+        if best["met"] and hi > 0:
             for _ in range(t.iterations):
                 mid = (lo + hi) / 2
                 r = measure(mid)

@@ -14,7 +14,6 @@ from torch import nn
 from compress.distill.objectives import Objective
 from compress.errors import UserError
 from compress.prune.config import PruneConfig
-from compress.train import batches
 
 GRADIENT_CRITERIA = {"taylor", "hessian"}
 
@@ -84,10 +83,7 @@ def score_gradients(model: nn.Module, imp, ctx, cfg: PruneConfig, teacher) -> No
     model.zero_grad()
     if cfg.importance == "hessian":
         imp.zero_grad()
-    for i, (xb, yb, _) in enumerate(batches(ctx.calib, ctx.batch_size)):
-        if i >= cfg.importance_batches:
-            break
-        x = ctx.data.normalize(xb)
+    for x, yb in ctx.calib_batches(cfg.importance_batches):
         with torch.no_grad():
             t = teacher(x).float() if (teacher is not None and objective.needs_teacher) else None
         out = model(x)

@@ -68,7 +68,7 @@ def apply(model: nn.Module, names: list[str]) -> None:
 
 
 def holds(w: np.ndarray | torch.Tensor) -> bool:
-    w = torch.as_tensor(np.asarray(w)) if not isinstance(w, torch.Tensor) else w
+    w = torch.tensor(np.asarray(w)) if not isinstance(w, torch.Tensor) else w  # a copy: onnx arrays are read-only
     if w.dim() not in (2, 4) or w.shape[1] % 4:
         return False
     return bool(((_rows(w) == 0).reshape(w.shape[0], -1, 4).sum(2) >= 2).all())
@@ -89,7 +89,11 @@ class MaskKeeper:
     def __call__(self, model: nn.Module) -> None:
         with torch.no_grad():
             for n, m in self.modules.items():
-                m.weight.mul_(self.masks[n].to(m.weight.device, m.weight.dtype))
+                mask = self.masks[n]
+                if mask.device != m.weight.device or mask.dtype != m.weight.dtype:
+                    # once, after fit moves the model: not a conversion every step
+                    mask = self.masks[n] = mask.to(m.weight.device, m.weight.dtype)
+                m.weight.mul_(mask)
 
 
 def onnx_weights(path) -> list[tuple[str, np.ndarray]]:

@@ -20,7 +20,9 @@ def run(model: nn.Module, ctx, cfg: PruneConfig) -> nn.Module:
     from compress.models import count_params
     before = count_params(model)
     example = torch.zeros(1, *ctx.data.input_shape)
-    unpruned = copy.deepcopy(model).eval()
+    # a frozen copy only when something reads it: a teacher (CoFi) or the latency reference
+    need_copy = cfg.recovery_teacher == "unpruned" or cfg.target is not None
+    unpruned = copy.deepcopy(model).eval() if need_copy else None
     teacher = unpruned if cfg.recovery_teacher == "unpruned" else ctx.teacher
     if cfg.remove_blocks:
         removed, scores = blocks.remove(model, ctx, cfg)

@@ -7,15 +7,12 @@ import math
 import torch
 from torch import nn
 
-from compress.train import batches
 
 
 def calib_inputs(ctx, n_batches: int):
     """Model inputs from the first n batches of the (stratified, seeded) calibration subset."""
-    for i, (x, _, _) in enumerate(batches(ctx.calib, ctx.batch_size)):
-        if i >= n_batches:
-            return
-        yield ctx.data.normalize(x)
+    for x, _ in ctx.calib_batches(n_batches):
+        yield x
 
 
 @torch.no_grad()

@@ -12,7 +12,6 @@ from torch import nn
 from compress.distill.objectives import Objective
 from compress.quantize.calibrate import pass_calibration_data
 from compress.quantize.graph import quantize_graph
-from compress.train import batches
 
 
 @torch.no_grad()
@@ -22,10 +21,8 @@ def objective_on_calib(qmodel: nn.Module, ctx, terms, n_batches: int, teacher_ou
     objective = Objective(terms)
     qmodel.eval()
     total, seen = 0.0, 0
-    for i, (x, y, _) in enumerate(batches(ctx.calib, ctx.batch_size)):
-        if i >= n_batches:
-            break
-        loss, _ = objective(qmodel(ctx.data.normalize(x)).float(), teacher_out[i], y, 0.0)
+    for i, (x, y) in enumerate(ctx.calib_batches(n_batches)):
+        loss, _ = objective(qmodel(x).float(), teacher_out[i], y, 0.0)
         total, seen = total + float(loss), seen + 1
     return total / max(1, seen)
 
@@ -33,12 +30,7 @@ def objective_on_calib(qmodel: nn.Module, ctx, terms, n_batches: int, teacher_ou
 @torch.no_grad()
 def teacher_logits(ctx, objective_terms, n_batches: int) -> list:
     needs = Objective(objective_terms).needs_teacher
-    out = []
-    for i, (x, _, _) in enumerate(batches(ctx.calib, ctx.batch_size)):
-        if i >= n_batches:
-            break
-        out.append(ctx.teacher.eval()(ctx.data.normalize(x)).float() if needs else None)
-    return out
+    return [ctx.teacher.eval()(x).float() if needs else None for x, _ in ctx.calib_batches(n_batches)]
 
 
 def measure(graph: nn.Module, qsettings: dict, base_bits: dict[str, int], candidates: list[str],

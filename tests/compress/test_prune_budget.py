@@ -49,3 +49,17 @@ def test_unavailable_budget_backend_fails_before_training(trained_tiny):
     cfg = PruneConfig(target=LatencyTarget(backend="tensorrt", speedup=2))
     with pytest.raises(UserError, match=r"stages.2.target.backend=tensorrt: not available here \(tensorrt is not importable"):
         check(trained_tiny, cfg, "stages.2")
+
+
+def test_removed_blocks_that_meet_the_budget_alone_prune_no_channels(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet_teacher", 10, 1).eval()  # 4 removable blocks, each a real cost
+    ctx = make_ctx(tiny_data, None, tmp_path, calib=64)
+    # a loose budget the block removal alone meets: the search must try ratio 0
+    target = LatencyTarget(backend="onnxruntime", threads=1, speedup=1.05, iterations=1, runs=40)
+    run(model, ctx, PruneConfig(remove_blocks=3, target=target, epochs=0))
+    rec = ctx.metrics["latency_search"]
+    zero = [r for r in rec["candidates"] if r["ratio"] == 0]
+    assert zero, rec["candidates"]
+    if zero[0]["met"]:
+        assert rec["chosen_ratio"] == 0 and len(rec["candidates"]) == 2
