@@ -19,6 +19,7 @@ from torch import nn
 
 from calib.datasets import Split
 from compress.errors import UserError
+from compress.hooks import OutputCapture
 
 
 class SynthesisConfig(BaseModel):
@@ -55,9 +56,9 @@ class BNStats:
             raise UserError("data.calibration: synthetic needs a model with BatchNorm layers "
                             "(their running statistics are what the images are fitted to)")
         self.terms: list[torch.Tensor] = []
-        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
+        self.capture = OutputCapture(None, modules=[(str(i), m) for i, m in enumerate(self.layers)], fn=self._hook)
 
-    def _hook(self, m, inputs, _out):
+    def _hook(self, _name, m, inputs, _out):
         x = inputs[0]
         dims = [d for d in range(x.dim()) if d != 1]
         mean, var = x.mean(dims), x.var(dims, unbiased=False)
@@ -69,8 +70,7 @@ class BNStats:
         return out
 
     def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+        self.capture.close()
 
 
 def bn_distance(model: nn.Module, x: torch.Tensor) -> float:

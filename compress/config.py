@@ -1,7 +1,8 @@
 """The run configuration: one YAML file, pydantic models per section.
 
-Stage configs live beside their code (compress/distill, prune.py, quantize.py) and are
-gathered here into one discriminated union on `kind`. Unknown keys are errors that name
+Stage configs live beside their code (compress/distill, prune/, quantize/); `stages` items
+validate against the configs in the one table of stage kinds (compress/stages.py), as a
+discriminated union on `kind`. Unknown keys are errors that name
 the key path and the file; `--set a.b=c` overrides are applied before validation.
 """
 from __future__ import annotations
@@ -12,17 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WrapValidator,
+                      field_validator, model_validator)
 
 from calib.datasets import FASHION_MNIST_DEFAULT_ROOT
 from calib.synthetic import SynthesisConfig
+from compress import stages as stage_table
 from compress.distill.objectives import NEEDS_TEACHER
-from compress.distill.stage import DistillConfig
 from compress.errors import UserError
 from compress.models import check_model_spec
-from compress.prune import PruneConfig
-from compress.quantize import QuantizeConfig
 from compress.train import TrainConfig
 
 
@@ -105,8 +104,10 @@ class StudentConfig(Strict):
     _check_model = field_validator("model")(lambda cls, v: check_model_spec(v))
 
 
-StageConfig = Annotated[Union[DistillConfig, PruneConfig, QuantizeConfig],
-                        Field(discriminator="kind")]
+# the built-in kinds, for documentation (compress validate --explain); validation below reads
+# the table as it is when a config is validated, so a kind registered later validates too
+StageConfig = stage_table.config_union()
+StageItem = Annotated[Any, WrapValidator(lambda v, _handler: stage_table.validate(v))]
 
 
 class ExportConfig(Strict):
@@ -178,7 +179,7 @@ class RunConfig(Strict):
     teacher: Annotated[list[TeacherConfig], BeforeValidator(lambda v: v if isinstance(v, list) else [v])] = Field(
         description="one teacher, or a list: an ensemble (stages' `ensemble` says how outputs combine)")
     student: StudentConfig = Field(default_factory=StudentConfig)
-    stages: list[StageConfig] = Field(default_factory=list, description="ordered list of stages, each {kind: distill|prune|quantize, ...}")
+    stages: list[StageItem] = Field(default_factory=list, description="ordered list of stages, each {kind: distill|prune|quantize, ...}")
     export: ExportConfig = Field(default_factory=ExportConfig)
     targets: list[TargetConfig] = Field(default_factory=lambda: [
         TargetConfig(backend="onnxruntime"), TargetConfig(backend="openvino"),

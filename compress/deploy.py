@@ -32,7 +32,7 @@ def _export(pipe, stage: str, model, sdir: Path, data, structure: dict) -> dict:
             return manifest
     t0 = time.time()
     manifest = export_model(model, sdir, data, pipe.cfg.export.opset, pipe.cfg.export.openvino_ir, stage,
-                            sparse_layers=list(structure.get("sparsity") or []))
+                            sparse_layers=list(structure.sparsity))
     manifest["source_hash"] = h
     write_json(mpath, manifest)
     pipe.log(f"[{stage}] exported {', '.join(manifest['files'].values())} ({time.time() - t0:.1f}s)")

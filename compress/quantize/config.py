@@ -6,8 +6,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from compress.distill.objectives import LogitTerm
-from compress.distill.stage import kd_default
+from compress.distill.objectives import LogitTerm, kd_default
 from compress.train import TrainConfig
 
 # Bit widths are 2..8: weights are exported as int8 Q/DQ whatever their width (a b-bit
@@ -74,3 +73,10 @@ def settings(cfg: QuantizeConfig) -> dict:
             "activations": cfg.activations, "weight_scaling": "per_channel",
             "bias": "int32" if cfg.act_bits == 8 else "float", "merge_bn": True,
             "equalize_iters": cfg.equalize_iters}
+
+
+def format_name(qs: dict) -> str:
+    """W8A8, W4A8, W4A16 weight-only, W4/8A8 mixed."""
+    bits = sorted(set(qs["layer_bits"].values())) or [qs["weight_bits"]]
+    name = f"W{'/'.join(map(str, bits))}A{qs['act_bits']}"
+    return name + (" weight-only" if qs["act_bits"] == 16 else "") + (" mixed" if len(bits) > 1 else "")
