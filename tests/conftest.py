@@ -41,3 +41,9 @@ def make_ctx(data, teacher, run_dir, calib=256, eval_each_epoch=False, model="re
                       device=torch.device("cpu"), run_dir=run_dir, log=lambda s: None, seed=0,
                       batch_size=64, structure=structure, latency=LatencyService(data.input_shape),
                       model_stats=model_stats, eval_each_epoch=eval_each_epoch)
+
+
+def run_stage(kind, model, ctx, cfg):
+    """A stage of the table, called as the pipeline calls it -> StageResult."""
+    from compress import stages
+    return stages.get(kind).run(model, ctx, cfg)
