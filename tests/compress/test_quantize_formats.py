@@ -78,16 +78,16 @@ def test_format_exports_its_qdq_graph_and_runs_on_both_backends(fmt, trained_tin
         assert peaks[:-2] == [7] * (LAYERS - 2) and peaks[-2:] == [127, 127]
         assert res.metrics["weight_bits"]["stem.0"] == 8 and res.metrics["weight_bits"]["fc"] == 8
     ref = predict(q, tiny_data.test, tiny_data)
-    res = run_backends(tmp_path, tiny_data, ref)
+    rt = run_backends(tmp_path, tiny_data, ref)
     if fmt == "w4a16":
         assert "QuantizeLinear" not in ops and ops.count("DequantizeLinear") == LAYERS
         assert manifest["precision"] == "weight-only" and manifest["quant_format"]["expected_kernels"] == "float"
-        assert res["onnxruntime"][1]["int8_layers"] == 0  # honest: float kernels ran
+        assert rt["onnxruntime"][1]["int8_layers"] == 0  # honest: float kernels ran
     else:
         assert ops.count("QuantizeLinear") >= 5 and manifest["precision"] == "int8"
-        for backend, (_, ep) in res.items():
+        for backend, (_, ep) in rt.items():
             assert ep["int8_layers"] == ep["compute_layers"] == LAYERS, (backend, ep)
-    for backend, (agree, _) in res.items():
+    for backend, (agree, _) in rt.items():
         assert agree >= 0.98, (backend, agree)
     assert_rebuilds(q, res.structure, tmp_path)
 
