@@ -211,7 +211,7 @@ class RunConfig(Strict):
             # a prune stage may distill from the unpruned student itself (CoFi)
             own = getattr(s, "recovery_teacher", "configured") == "unpruned"
             t_spec = self.student.model if own else self.teachers[0].model
-            for j, f in enumerate(s.features):
+            for j, f in enumerate(getattr(s, "features", [])):  # a stage kind may train nothing
                 for role, spec in (("student", self.student.model), ("teacher", t_spec)):
                     if spec not in built:
                         built[spec] = build_model(spec, 10, self.data.synthetic.channels)
