@@ -24,13 +24,15 @@ from compress.hooks import OutputCapture
 
 class SynthesisConfig(BaseModel):
     """How data-free calibration images are synthesized (data.calibration: synthetic)."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    source: Literal["teacher", "student"] = Field(
-        "teacher", description="whose BatchNorm statistics the images fit: the teacher, or the float model entering the quantize stage (ZeroQ's own setting; far cheaper when the teacher is large)")
+    source: Literal["teacher", "student"] = Field("teacher")
+    """whose BatchNorm statistics the images fit: the teacher, or the float model entering the quantize stage (ZeroQ's
+    own setting; far cheaper when the teacher is large)"""
     steps: int = Field(200, ge=1, description="Adam steps per batch of synthesized images (ZeroQ used 500 on ImageNet)")
     lr: float = Field(0.1, gt=0, description="Adam learning rate on the pixel logits")
-    batch_size: int = Field(128, ge=2, description="images optimized together: the BN batch statistics are taken over this batch")
+    batch_size: int = Field(128, ge=2)
+    """images optimized together: the BN batch statistics are taken over this batch"""
 
 
 @dataclass

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from compress.distill.objectives import LogitTerm, kd_default
@@ -13,8 +13,10 @@ from compress.train import TrainConfig, fit
 
 class DistillConfig(TrainConfig):
     """Knowledge distillation of the student from the teacher."""
+    model_config = ConfigDict(use_attribute_docstrings=True)
     kind: Literal["distill"] = "distill"
-    loss: list[LogitTerm] = Field(default_factory=kd_default, description="logit terms, each {kind, weight, ...}: ce, kl, reverse_kl, js, mse_logits, cakld, taid, dist, dkd")
+    loss: list[LogitTerm] = Field(default_factory=kd_default)
+    """logit terms, each {kind, weight, ...}: ce, kl, reverse_kl, js, mse_logits, cakld, taid, dist, dkd"""
 
 
 class DistillStage:

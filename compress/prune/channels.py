@@ -95,7 +95,8 @@ def protected_modules(model: nn.Module, cfg: PruneConfig, example: torch.Tensor)
             continue
         for dep, _ in dg.get_pruning_group(m, fn, idxs=[0]):
             target = dep.target.module
-            if isinstance(target, (nn.Conv2d, nn.Linear)) and getattr(dep.handler, "__name__", "") == "prune_out_channels":
+            feeds = getattr(dep.handler, "__name__", "") == "prune_out_channels"
+            if isinstance(target, (nn.Conv2d, nn.Linear)) and feeds:
                 out.append(target)
     return out
 

@@ -63,8 +63,13 @@ def _weight_quant(bits: int):
 def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
     """Preprocessed float graph -> brevitas quant layers (structure only, no calibration)."""
     import brevitas.nn as qnn
-    from brevitas.graph.quantize import (COMPUTE_LAYER_MAP, QUANT_ACT_MAP, QUANT_IDENTITY_MAP,
-                                         layerwise_quantize, quantize)
+    from brevitas.graph.quantize import (
+        COMPUTE_LAYER_MAP,
+        QUANT_ACT_MAP,
+        QUANT_IDENTITY_MAP,
+        layerwise_quantize,
+        quantize,
+    )
     from brevitas.quant import Int32Bias
     from brevitas.quant.shifted_scaled_int import ShiftedUint8ActPerTensorFloat
 
@@ -99,7 +104,8 @@ def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
         from brevitas.quant import Int8ActPerTensorFloat
         act_map = {t: (cls, {**{k: v for k, v in kw.items() if k not in ("max_val", "min_val")},
                              "act_quant": Int8ActPerTensorFloat}) for t, (cls, kw) in QUANT_ACT_MAP.items()}
-        identity_map = {k: (cls, {**kw, "act_quant": Int8ActPerTensorFloat}) for k, (cls, kw) in QUANT_IDENTITY_MAP.items()}
+        identity_map = {k: (cls, {**kw, "act_quant": Int8ActPerTensorFloat})
+                        for k, (cls, kw) in QUANT_IDENTITY_MAP.items()}
     compute_map = dict(COMPUTE_LAYER_MAP)
     compute_map[nn.Conv2d] = (qnn.QuantConv2d, kwargs)
     compute_map[nn.Conv1d] = (qnn.QuantConv1d, kwargs)

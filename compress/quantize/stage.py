@@ -14,8 +14,14 @@ from torch import nn
 
 from compress.quantize.calibrate import equalize_activations, layer_sqnr, pass_calibration_data
 from compress.quantize.config import QuantizeConfig, format_name, settings
-from compress.quantize.graph import (check_layer_names, compute_layers, preprocess, quantize_graph,
-                                     resolve_bits, weight_counts)
+from compress.quantize.graph import (
+    check_layer_names,
+    compute_layers,
+    preprocess,
+    quantize_graph,
+    resolve_bits,
+    weight_counts,
+)
 from compress.stage import RunContext, StageResult
 from compress.structure import QuantSettings
 from compress.train import accuracy, fit, predict

@@ -41,7 +41,8 @@ def test_budget_needs_exactly_one_goal_and_a_known_backend(trained_tiny, tiny_da
         LatencyTarget(backend="openvino")
     # the backend name is checked at preflight, through the injected latency service
     ctx = dataclasses.replace(make_ctx(tiny_data, None, tmp_path), where="stages.1")
-    with pytest.raises(UserError, match=r"stages.1.target.backend=onnx: unknown backend 'onnx': expected one of onnxrun"):
+    msg = r"stages.1.target.backend=onnx: unknown backend 'onnx': expected one of onnxrun"
+    with pytest.raises(UserError, match=msg):
         PruneStage().check(trained_tiny, ctx, PruneConfig(target=LatencyTarget(backend="onnx", speedup=2)))
 
 
@@ -51,7 +52,8 @@ def test_unavailable_budget_backend_fails_before_training(trained_tiny, tiny_dat
         pytest.skip("tensorrt is available on this machine")
     cfg = PruneConfig(target=LatencyTarget(backend="tensorrt", speedup=2))
     ctx = dataclasses.replace(make_ctx(tiny_data, None, tmp_path), where="stages.2")
-    with pytest.raises(UserError, match=r"stages.2.target.backend=tensorrt: not available here \(tensorrt is not importable"):
+    msg = r"stages.2.target.backend=tensorrt: not available here \(tensorrt is not importable"
+    with pytest.raises(UserError, match=msg):
         PruneStage().check(trained_tiny, ctx, cfg)
 
 

@@ -152,6 +152,7 @@ def test_pruned_checkpoint_reloads_in_a_fresh_process(tiny_data, tmp_path):
     pickled: the structure is data, the module comes from the factory)."""
     import subprocess
     import sys
+
     from tests.conftest import ROOT
     torch.manual_seed(0)
     model = build_model("mobilenet_tiny", 10, 1)

@@ -5,13 +5,13 @@ import onnx
 import pytest
 import torch
 
-from tests.conftest import make_ctx, run_stage
-from compress.checkpoint import apply_shapes, load_into, read_state_dict, record_shapes, save_weights
+from compress.checkpoint import load_into, read_state_dict, save_weights
 from compress.export import export_model
 from compress.models import build_model
 from compress.quantize import QuantizeConfig, rebuild_quantized
 from compress.train import accuracy, predict
 from targets import base
+from tests.conftest import make_ctx, run_stage
 
 
 @pytest.fixture(scope="module")

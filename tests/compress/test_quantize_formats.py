@@ -134,11 +134,13 @@ def test_executed_precision_gate_fails_a_float_only_run_and_passes_int8_and_weig
     export_float(trained_tiny, fake / "model.onnx", tiny_data.input_shape, 17)
     row = deploy_one(pipe, "fake", fake, int8_manifest, tcfg, x, labels,
                      predict(trained_tiny, tiny_data.test, tiny_data))
-    assert row["status"] == "failed" and f"only 0 of {LAYERS} quantized compute layers ran an int8 kernel" in row["reason"]
+    assert row["status"] == "failed"
+    assert f"only 0 of {LAYERS} quantized compute layers ran an int8 kernel" in row["reason"]
 
 
 def test_unknown_layer_name_is_one_error_naming_the_closest(trained_tiny):
-    with pytest.raises(UserError, match=r"stages.2.layer_bits: no quantizable compute layer .* 'layers.0.conv' \(closest: .*layers.0.conv1"):
+    msg = r"stages.2.layer_bits: no quantizable compute layer .* 'layers.0.conv' \(closest: .*layers.0.conv1"
+    with pytest.raises(UserError, match=msg):
         check(trained_tiny, QuantizeConfig(layer_bits={"layers.0.conv": 4}), "stages.2")
     check(trained_tiny, QuantizeConfig(layer_bits={"layers.0.conv1": 4}), "stages.2")  # a real name passes
 
@@ -149,7 +151,8 @@ def test_cli_rejects_a_bad_layer_name_before_any_work(tmp_path):
     from cli import app
     res = CliRunner().invoke(app, ["run", str(ROOT / "examples" / "tiny.yaml"), "--set", f"output.dir={tmp_path}",
                                    "--set", "stages.2.layer_bits={layers.0.conv: 4}"])
-    assert res.exit_code == 2 and "stages.2.layer_bits: no quantizable compute layer (Conv/Linear) named 'layers.0.conv'" in res.output
+    assert res.exit_code == 2
+    assert "stages.2.layer_bits: no quantizable compute layer (Conv/Linear) named 'layers.0.conv'" in res.output
     assert "closest:" in res.output and "layers.0.conv1" in res.output
     assert not (tmp_path / "tiny" / "00-teacher").exists()
 
@@ -182,6 +185,7 @@ def test_zoo_models_quantize_export_and_agree_on_ort(spec, tiny_data, tmp_path):
     position-embedding add defeats graph mode: layerwise fallback) quantize, export as
     QCDQ, and run on ORT agreeing with the fake-quant model."""
     import onnxruntime as ort
+
     from compress.export import export_model
     from compress.models import build_model
     from compress.train import TrainConfig, fit
