@@ -94,10 +94,10 @@ def run(exports, kind, backend, bad):
 def test_correct_export_matches_torch_layer_by_layer(exports, kind, backend):
     res = run(exports, kind, backend, bad=False)
     assert res["mapped"], res.get("reason")
-    assert [l["module"] for l in res["layers"]] == NAMES
+    assert [lyr["module"] for lyr in res["layers"]] == NAMES
     assert res["first_diverging"] is None
     # float: rounding only; int8: activation rounding ties between runtimes and brevitas
-    assert max(l["rel_error"] for l in res["layers"]) < (1e-4 if kind == "float" else 0.01)
+    assert max(lyr["rel_error"] for lyr in res["layers"]) < (1e-4 if kind == "float" else 0.01)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
@@ -108,7 +108,7 @@ def test_scaled_weight_names_that_layer(exports, kind, backend):
     assert res["mapped"] and first is not None
     assert first["module"] == "block.0" and first["op"] == "Conv"
     assert first["node"] == ("/block.0/Conv" if kind == "int8" else "/block/block.0/Conv")
-    errs = [l["rel_error"] for l in res["layers"]]
+    errs = [lyr["rel_error"] for lyr in res["layers"]]
     assert errs[0] < 0.01 and errs[1] > 0.5  # conv1 intact; block.0 is off by its factor
 
 
