@@ -152,7 +152,7 @@ class TargetConfig(Strict):
     device: str = Field("cpu", description="cpu, or cuda/gpu where the backend supports it")
     options: SerializeAsAny[BaseModel] = Field(None, description=(
         "the backend's own options (its Options model in targets/); their keys may also be written "
-        "flat beside `backend`, as in {backend: openvino, performance_hint: THROUGHPUT}"))
+        "flat beside `backend`, as older configs do"))
     parity: ParityConfig = Field(default_factory=ParityConfig, description="the gate a deployment must pass")
 
     @model_validator(mode="before")

@@ -30,7 +30,7 @@ class TrtOptions(BaseModel):
     # TensorRT builds one optimization profile; a batch outside [min, max] cannot run
     batch_profile: tuple[int, int, int] = Field(
         (1, 1, 64), description="dynamic batch min/opt/max of the engine's optimization profile")
-    # 1 GiB: enough for the tactics of the models here; TensorRT falls back to slower ones below it
+    # 1 GiB: the workspace every engine here has been built with (not tuned)
     workspace_mb: int = Field(1024, ge=1, description="builder workspace memory pool (MiB)")
 
     @field_validator("batch_profile")
