@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.export import to_openvino
 from compress.parity import diverging_layers
 from compress.pipeline import rebuild
+from targets.openvino import to_ir as to_openvino
 from tests.compress.test_parity import scale_weight_of
 
 

@@ -27,12 +27,13 @@ from calib.sampling import calibration_split
 from calib.synthetic import SynthesisConfig, load_or_synthesize
 from compress.checkpoint import load_into, read_state_dict
 from compress.distill.objectives import CAKLD, CE, KL
-from compress.export import export_float, export_model, to_openvino
+from compress.export import export_float, export_model
 from compress.models import build_model
 from compress.pipeline import RunContext, file_digest, rebuild
 from compress.quantize import QuantizeConfig, run
 from compress.train import accuracy, predict
 from targets import base
+from targets.openvino import to_ir as to_openvino
 from targets.profile import profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +78,7 @@ def measure(path_onnx: Path, path_xml: Path | None, x: np.ndarray, labels: np.nd
 
 
 def ort_static(float_onnx: Path, out: Path, calib_x: np.ndarray) -> None:
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):

@@ -35,6 +35,18 @@ def _kinds(title: str, union, out: list[str]) -> None:
                 out.append(f"    {name} = {default!r}  # {f.description or ''}")
 
 
+def _backends(out: list[str]) -> None:
+    """Each registered backend's own options (keys of a targets[] entry)."""
+    from targets import base
+    out.append("\nbackends (targets.N.backend) and their options:")
+    for name in base.names():
+        options = base.get(name).Options
+        out.append(f"  {name}: {' '.join((options.__doc__ or '').split())}")
+        for key, f in options.model_fields.items():
+            default = f.default_factory() if f.default_factory else f.default
+            out.append(f"    {key} = {default!r}  # {f.description or ''}")
+
+
 def explain_config(cfg: BaseModel) -> str:
     out: list[str] = []
     _rows(cfg, "", out)
@@ -42,4 +54,5 @@ def explain_config(cfg: BaseModel) -> str:
     from compress.distill.objectives import LogitTerm
     _kinds("stage kinds (stages.N.kind) and their fields", StageConfig, out)
     _kinds("loss term kinds (stages.N.loss.M.kind)", LogitTerm, out)
+    _backends(out)
     return "\n".join(out)

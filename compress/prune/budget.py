@@ -22,14 +22,12 @@ ROUNDS = 5
 
 
 def compile_float(model: nn.Module, work: Path, input_shape, target, cfg):
-    from compress.export import export_float, to_openvino
+    from compress.export import export_float
     from targets.base import CompileOptions
     work.mkdir(parents=True, exist_ok=True)
     path = work / "model.onnx"
     export_float(model, path, input_shape, opset=17)
-    if target.artifact == "openvino":
-        to_openvino(path, work / "model.xml")
-        path = work / "model.xml"
+    path = target.prepare(path, work)
     return target.compile(path, CompileOptions(threads=cfg.threads, precision="fp32", work_dir=work))
 
 
