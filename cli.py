@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -58,31 +57,50 @@ def run(config: Path = typer.Argument(..., help="run config YAML"),
         raise typer.Exit(1)
 
 
+def _backends() -> list[str]:
+    from targets import base
+    return base.names()
+
+
+def _options(pairs: Optional[List[str]], shorthand: dict) -> dict:
+    """--option KEY=VALUE (VALUE read as YAML) and the shorthand flags that were given."""
+    import yaml
+
+    from compress.errors import UserError
+    out = {k: v for k, v in shorthand.items() if v is not None}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--option {pair!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 @app.command("profile")
-def profile_cmd(model: Path = typer.Argument(..., help="an .onnx file or OpenVINO .xml IR (any, not only ours)"),
-                backend: str = typer.Option("onnxruntime", help="onnxruntime | openvino | tensorrt"),
+def profile_cmd(model: Path = typer.Argument(..., help="an .onnx file or one in the backend's own format (any file)"),
+                backend: str = typer.Option(_backends()[0], help=f"a registered backend: {' | '.join(_backends())}"),
                 batch: int = typer.Option(1, help="batch size of the latency runs"),
                 threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
-                shape: Optional[str] = typer.Option(None, help="input shape without batch, e.g. 1x28x28, when the file's is dynamic"),
+                shape: Optional[str] = typer.Option(
+                    None, help="input shape without batch, e.g. 1x28x28, when the file's is dynamic"),
                 runs: int = typer.Option(200, help="timed runs (>= 100)"),
                 warmup: int = typer.Option(20, help="least warm-up runs; goes on until timings settle"),
                 throughput_batch: int = typer.Option(64, help="batch of the throughput runs"),
                 throughput_runs: int = typer.Option(30, help="timed runs at the throughput batch"),
-                hint: str = typer.Option("LATENCY", help="openvino: LATENCY | THROUGHPUT hint of the latency runs"),
-                inter_op: int = typer.Option(1, help="onnxruntime: inter-op threads"),
-                graph_opt: str = typer.Option("all", help="onnxruntime: disable | basic | extended | all"),
+                option: Optional[List[str]] = typer.Option(
+                    None, "--option", help="a backend option, KEY=VALUE (repeatable); the keys of targets[] entries"),
+                hint: Optional[str] = typer.Option(None, help="shorthand for --option performance_hint=VALUE"),
+                inter_op: Optional[int] = typer.Option(None, help="shorthand for --option inter_op_threads=VALUE"),
+                graph_opt: Optional[str] = typer.Option(None, help="shorthand for --option graph_optimization=VALUE"),
                 as_json: bool = typer.Option(False, "--json", help="print the result as JSON")):
     """Time a model file on one backend: p50/p90/p99, mean ± CI, throughput, memory, precision that ran."""
     from compress.profile_cli import profile_file
     try:
-        if hint not in ("LATENCY", "THROUGHPUT") or graph_opt not in ("disable", "basic", "extended", "all"):
-            from compress.errors import UserError
-            raise UserError(f"--hint {hint} / --graph-opt {graph_opt}: expected LATENCY|THROUGHPUT and "
-                            f"disable|basic|extended|all")
+        options = _options(option, {"performance_hint": hint, "inter_op_threads": inter_op,
+                                    "graph_optimization": graph_opt})
         res = profile_file(model, backend, batch=batch, threads=threads, shape=shape, runs=max(runs, 100),
                            warmup=warmup, throughput_batch=throughput_batch, throughput_runs=throughput_runs,
-                           options={"performance_hint": hint, "inter_op_threads": inter_op,
-                                    "graph_optimization": graph_opt})
+                           options=options)
     except _user_errors() as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

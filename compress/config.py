@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializeAsAny,
     ValidationError,
     WrapValidator,
     field_validator,
@@ -31,6 +32,7 @@ from compress.distill.objectives import NEEDS_TEACHER
 from compress.errors import UserError
 from compress.models import check_model_spec
 from compress.train import TrainConfig
+from targets import base as backends
 
 
 class ConfigError(UserError):
@@ -127,10 +129,19 @@ StageItem = Annotated[Any, WrapValidator(lambda v, _handler: stage_table.validat
 
 
 class ExportConfig(Strict):
-    """ONNX / OpenVINO IR export of each stage's model."""
+    """ONNX export of each stage's model (each target prepares its own format from it)."""
     opset: int = Field(17, ge=13, le=18, description="ONNX opset of float exports (13-18)")
-    openvino_ir: bool = Field(True, description="also convert each ONNX to OpenVINO IR (.xml/.bin)")
-    stages: Optional[list[str]] = Field(None, description="stage names to export and deploy (default: teacher and every stage)")
+    stages: Optional[list[str]] = Field(
+        None, description="stage names to export and deploy (default: teacher and every stage)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, v):
+        if isinstance(v, dict) and "openvino_ir" in v:
+            raise ValueError("openvino_ir: moved: each target converts the ONNX to the format it compiles "
+                             "when it is deployed (targets/<backend>.py); remove the key, and the target "
+                             "from targets[] if its artifact is not wanted")
+        return v
 
 
 class ParityConfig(Strict):
@@ -140,43 +151,72 @@ class ParityConfig(Strict):
     # float exports agree on ~100%. Below that it is not the model that was validated.
     min_agreement: float = Field(0.98, ge=0, le=1, description="least top-1 agreement with the torch model")
     # half a point of accuracy is past run-to-run noise of a 10k test split
-    max_acc_drop: float = Field(0.005, ge=0, le=1, description="largest accuracy loss against the torch model on the same data")
-    max_abs_diff: Optional[float] = Field(None, gt=0, description="largest |delta logit| (off by default: logit scales differ by model)")
+    max_acc_drop: float = Field(
+        0.005, ge=0, le=1, description="largest accuracy loss against the torch model on the same data")
+    max_abs_diff: Optional[float] = Field(
+        None, gt=0, description="largest |delta logit| (off by default: logit scales differ by model)")
     # 0.02: correct int8 exports of the demo stay below 0.002 per layer on ORT and OpenVINO
     # (rounding ties only), float ones below 1e-5; one weight scaled x3 gives ~2.
-    layer_tolerance: float = Field(0.02, gt=0, description="relative error ||runtime - torch|| / ||torch|| above which a layer is named as diverging")
-    diagnose_batch: int = Field(32, ge=1, description="inputs compared layer by layer when a deployment fails parity (0 work when it passes)")
+    layer_tolerance: float = Field(0.02, gt=0, description=(
+        "relative error ||runtime - torch|| / ||torch|| above which a layer is named as diverging"))
+    diagnose_batch: int = Field(32, ge=1, description=(
+        "inputs compared layer by layer when a deployment fails parity (0 work when it passes)"))
 
 
 class TargetConfig(Strict):
     """One backend the exported models are deployed and measured on."""
-    backend: Literal["onnxruntime", "openvino", "tensorrt"] = Field(description="runtime to deploy on")
+    backend: str = Field(description="runtime to deploy on: a backend of targets/base.py's table")
     threads: Optional[int] = Field(None, ge=1, description="intra-op threads (default: all cores)")
     device: str = Field("cpu", description="cpu, or cuda/gpu where the backend supports it")
-    # ORT_ENABLE_ALL fuses Q/DQ pairs into QLinear* kernels: that is where int8 speed comes from
-    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field("all", description="onnxruntime: graph optimization level (recorded in the report)")
-    inter_op_threads: int = Field(1, ge=1, description="onnxruntime: inter-op threads; >1 runs independent branches in parallel (ORT_PARALLEL)")
-    performance_hint: Literal["LATENCY", "THROUGHPUT"] = Field("LATENCY", description="openvino: hint of the latency runs (throughput runs always use THROUGHPUT)")
-    inference_precision: Literal["f32", "bf16", "f16"] = Field("f32", description="openvino: INFERENCE_PRECISION_HINT (f32: never bf16 behind the user's back)")
-    fp16_weights: bool = Field(False, description="openvino: compile an IR copy with FP16-compressed weights; tensorrt: convert the float ONNX to fp16 before the build")
-    # TensorRT builds one optimization profile; a batch outside [min, max] cannot run
-    batch_profile: tuple[int, int, int] = Field((1, 1, 64), description="tensorrt: dynamic batch min/opt/max of the engine's optimization profile")
+    options: SerializeAsAny[BaseModel] = Field(None, description=(
+        "the backend's own options (its Options model in targets/); their keys may also be written "
+        "flat beside `backend`, as older configs do"))
     parity: ParityConfig = Field(default_factory=ParityConfig, description="the gate a deployment must pass")
 
-    @field_validator("batch_profile")
+    @model_validator(mode="before")
     @classmethod
-    def _batch_profile(cls, v):
-        if not 1 <= v[0] <= v[1] <= v[2]:
-            raise ValueError(f"expected 1 <= min <= opt <= max, got {list(v)}")
+    def _backend_options(cls, v):
+        """Gather the backend's options (flat keys and `options:`) into its own model, so a
+        key is checked by the backend that reads it."""
+        if not isinstance(v, dict) or not isinstance(v.get("backend"), str):
+            return v
+        try:
+            target = backends.get(v["backend"])
+        except ValueError as e:
+            raise ValueError(f"backend: {e}") from None
+        v = dict(v)
+        given = v.pop("options", None) or {}
+        if isinstance(given, BaseModel):
+            given = given.model_dump()
+        flat = {k: v.pop(k) for k in list(v) if k not in cls.model_fields}
+        misplaced(v["backend"], target, flat)
+        v["options"] = target.Options.model_validate({**given, **flat})
         return v
+
+
+def misplaced(backend: str, target, keys) -> None:
+    """A flat key that is another backend's option: say whose it is (old configs could put
+    any backend's option on any entry; it was ignored there)."""
+    mine = set(target.Options.model_fields)
+    for key in keys:
+        if key in mine:
+            continue
+        owners = [n for n in backends.names() if key in backends.get(n).Options.model_fields]
+        if owners:
+            raise ValueError(f"{key}: an option of backend {' / '.join(owners)}, not of {backend} "
+                             f"(its options: {', '.join(sorted(mine)) or 'none'})")
 
 
 class ProfileConfig(Strict):
     """The timing harness shared by every backend."""
-    warmup: int = Field(20, ge=0, description="least untimed runs before timing; warm-up goes on until the timings settle")
-    max_warmup: int = Field(1000, ge=0, description="cap on warm-up runs when the timings never settle (recorded as settled: false)")
+    warmup: int = Field(
+        20, ge=0, description="least untimed runs before timing; warm-up goes on until the timings settle")
+    max_warmup: int = Field(
+        1000, ge=0, description="cap on warm-up runs when the timings never settle (recorded as settled: false)")
     # 0.05: half the 10% we hold our numbers to against the vendors' own tools
-    settle_tolerance: float = Field(0.05, gt=0, description="warm-up ends when the coefficient of variation and the median of two consecutive windows of runs differ by less than this")
+    settle_tolerance: float = Field(0.05, gt=0, description=(
+        "warm-up ends when the coefficient of variation and the median of two consecutive windows "
+        "of runs differ by less than this"))
     runs: int = Field(200, ge=100, description="timed batch-1 runs (>= 100 for a stable p99)")
     throughput_batch: int = Field(64, ge=1, description="batch size of the throughput measurement")
     throughput_runs: int = Field(30, ge=1, description="timed runs at the throughput batch")
@@ -198,9 +238,9 @@ class RunConfig(Strict):
     stages: list[StageItem] = Field(default_factory=list)
     """ordered list of stages, each {kind: distill|prune|quantize, ...}"""
     export: ExportConfig = Field(default_factory=ExportConfig)
-    targets: list[TargetConfig] = Field(default_factory=lambda: [
-        TargetConfig(backend="onnxruntime"), TargetConfig(backend="openvino"),
-        TargetConfig(backend="tensorrt")])
+    targets: list[TargetConfig] = Field(
+        default_factory=lambda: [TargetConfig(backend=n) for n in backends.builtin()],
+        description="backends to deploy on (default: every built-in one)")
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     config_dir: str = Field(".", exclude=True, description="(set by the loader) folder of the YAML file")

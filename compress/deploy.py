@@ -1,8 +1,10 @@
-"""Export every stage, run each artifact on each configured backend, and measure it there:
-accuracy on the runtime (with the manifest's preprocessing), agreement with torch,
-executed precision, latency and throughput. Nothing here knows about training."""
+"""Export every stage of a deployment plan, run each artifact on each planned target, and
+measure it there: accuracy on the runtime (with the manifest's preprocessing), agreement
+with torch, executed precision, latency and throughput. Nothing here knows about training,
+the run config or any backend by name: a target's behaviour is its own (targets/)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import traceback
@@ -11,42 +13,49 @@ from pathlib import Path
 import numpy as np
 
 from compress.checkpoint import write_json
-from compress.config import config_hash
 from compress.evaluate import compare, logits_of, preprocess
-from compress.errors import UserError
-from compress.export import export_model, is_quantized
+from compress.export import export_model
 from compress.parity import diverging_layers
-from compress.report import write_report
+from compress.plan import DeploymentPlan, Parity, StageArtifact, TargetSpec, sparse_layers
 from compress.train import predict
 from targets import base
 from targets.profile import profile
 
 
-def _export(pipe, stage: str, model, sdir: Path, data, structure: dict) -> dict:
-    metrics = json.loads((sdir / "metrics.json").read_text())
-    h = config_hash(metrics["config_hash"], pipe.cfg.export.opset, pipe.cfg.export.openvino_ir)
-    mpath = sdir / "manifest.json"
+def _usable(plan: DeploymentPlan) -> list[str]:
+    return [t.backend for t in plan.targets if base.get(t.backend).available()[0]]
+
+
+def export_stage(plan: DeploymentPlan, stage: StageArtifact) -> dict:
+    """The stage's ONNX, each usable target's artifact and the manifest; reused when the
+    manifest was made from the same model and settings and lists every artifact wanted."""
+    mpath, backends = stage.dir / "manifest.json", _usable(plan)
     if mpath.is_file():
         manifest = json.loads(mpath.read_text())
-        if manifest.get("source_hash") == h and all((sdir / f).is_file() for f in manifest["files"].values()):
+        files = manifest.get("files", {})
+        if manifest.get("source_hash") == stage.export_hash and all(
+                (stage.dir / f).is_file() for f in files.values()) and all(
+                base.get(b).artifact in files for b in backends):
             return manifest
     t0 = time.time()
-    manifest = export_model(model, sdir, data, pipe.cfg.export.opset, pipe.cfg.export.openvino_ir, stage,
-                            sparse_layers=list(structure.sparsity))
-    manifest["source_hash"] = h
+    manifest = export_model(stage.model, stage.dir, plan.data.dataset, plan.opset, backends, stage.name,
+                            sparse_layers=sparse_layers(stage.structure))
+    manifest["source_hash"] = stage.export_hash
     write_json(mpath, manifest)
-    pipe.log(f"[{stage}] exported {', '.join(manifest['files'].values())} ({time.time() - t0:.1f}s)")
+    plan.log(f"[{stage.name}] exported {', '.join(manifest['files'].values())} ({time.time() - t0:.1f}s)")
     return manifest
 
 
 def artifact_size(path: Path) -> int:
+    """The file and, for graph formats that keep weights beside it (IR .xml + .bin), those."""
     size = path.stat().st_size
-    if path.suffix == ".xml":
-        size += path.with_suffix(".bin").stat().st_size
+    weights = path.with_suffix(".bin")
+    if path.suffix != ".bin" and weights.is_file():
+        size += weights.stat().st_size
     return size
 
 
-def parity_failures(row: dict, torch_accuracy: float, parity) -> list[str]:
+def parity_failures(row: dict, torch_accuracy: float, parity: Parity) -> list[str]:
     out = []
     if row["agreement"] < parity.min_agreement:
         out.append(f"top-1 agreement with torch {row['agreement']:.4f} < min_agreement {parity.min_agreement}")
@@ -59,112 +68,112 @@ def parity_failures(row: dict, torch_accuracy: float, parity) -> list[str]:
     return out
 
 
-# what a backend reads from its targets[] entry (the rest of TargetConfig is generic)
-BACKEND_OPTIONS = ("graph_optimization", "inter_op_threads", "performance_hint",
-                   "inference_precision", "fp16_weights", "batch_profile")
-
-
-def diagnose(pipe, model, sdir: Path, manifest: dict, path: Path, tcfg, x: np.ndarray) -> dict:
+def diagnose(plan: DeploymentPlan, model, onnx_path: Path, artifact: Path, spec: TargetSpec,
+             cfg: base.CompileOptions, x: np.ndarray) -> dict:
     """Layer-by-layer comparison on one batch, run only for a deployment that failed parity."""
     try:
-        return diverging_layers(model, sdir / manifest["files"]["onnx"], path, tcfg.backend,
-                                x[:tcfg.parity.diagnose_batch], tcfg.parity.layer_tolerance,
-                                tcfg.threads or 1)
+        return diverging_layers(model, onnx_path, artifact, spec.backend, x[:spec.parity.diagnose_batch],
+                                spec.parity.layer_tolerance, cfg=dataclasses.replace(cfg, threads=cfg.threads or 1))
     except Exception as e:  # the diagnosis must never hide the failure it explains
-        pipe.log(traceback.format_exc())
+        plan.log(traceback.format_exc())
         return {"mapped": False, "reason": f"{type(e).__name__}: {e}", "layers": [], "first_diverging": None}
 
 
-def deploy_one(pipe, stage: str, sdir: Path, manifest: dict, tcfg, x: np.ndarray,
-               labels: np.ndarray, ref: np.ndarray, model=None) -> dict:
+def explain(diag: dict) -> str:
+    """The diagnosis in one clause of a row's reason."""
+    first = diag.get("first_diverging")
+    if first:
+        return (f"first diverging layer: {first['module']} ({first['node']}), "
+                f"relative error {first['rel_error']:.3g} > {diag['tolerance']}")
+    if diag.get("mapped"):
+        return f"every compute layer within layer_tolerance {diag['tolerance']}"
+    return f"layers not compared: {diag.get('reason')}"
+
+
+def int8_failure(row: dict, manifest: dict) -> str:
+    """Every layer with quantized weights must run an int8 kernel; weightless matmuls
+    (attention's q·k, attn·v) stay float by design in layerwise-quantized models."""
+    ep = row["executed_precision"]
+    quantized = len((manifest.get("quant_format") or {}).get("weight_bits") or {}) or ep["compute_layers"]
+    expected = min(quantized, ep["compute_layers"])
+    if manifest["precision"] != "int8" or ep["int8_layers"] >= expected:
+        return ""
+    return (f"int8 artifact but only {ep['int8_layers']} of {expected} quantized "
+            f"compute layers ran an int8 kernel: {ep['detail']}")
+
+
+def skipped(target, why: str, onnx_path: Path, cfg: base.CompileOptions, x: np.ndarray) -> str:
+    """Why a row is skipped, with what the target could still check here."""
+    try:
+        more = target.check_offline(onnx_path, cfg, x[:8])
+    except Exception as e:  # a check that cannot run must not turn a skip into a crash
+        more = f"offline checks not run ({type(e).__name__}: {e})"
+    return f"{why}; {more}" if more else why
+
+
+def measure(plan: DeploymentPlan, runner, x: np.ndarray, labels: np.ndarray, ref: np.ndarray) -> dict:
+    p = plan.profile
+    out = compare(logits_of(runner, x, plan.data.batch_size), labels, ref)
+    out.update(profile(runner, x[:64], warmup=p.warmup, runs=p.runs, throughput_batch=p.throughput_batch,
+                       throughput_runs=p.throughput_runs, max_warmup=p.max_warmup,
+                       settle_tolerance=p.settle_tolerance))
+    out["executed_precision"] = runner.info["executed_precision"]
+    out["runtime"] = {k: v for k, v in runner.info.items() if k != "executed_precision"}
+    return out
+
+
+def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spec: TargetSpec,
+               x: np.ndarray, labels: np.ndarray, ref: np.ndarray, model=None) -> dict:
     """model: the torch model the artifact was exported from; given, a parity failure is
     explained layer by layer (`diverging_layers` in the row)."""
-    target = base.get(tcfg.backend)
-    precision = manifest["precision"]
-    row = {"stage": stage, "backend": tcfg.backend, "precision": precision, "status": "ok",
+    target = base.get(spec.backend)
+    row = {"stage": stage, "backend": spec.backend, "precision": manifest["precision"], "status": "ok",
            "reason": None, "executed_precision": None, "accuracy": None, "agreement": None,
            "max_abs_diff": None, "latency_ms": None, "throughput": None, "size_bytes": None,
            "artifact": None}
-    # the target's own settings, plus what the artifact says about itself (2:4 layers)
-    options = {**{k: getattr(tcfg, k) for k in BACKEND_OPTIONS},
-               "sparse_weights": bool(manifest.get("sparsity"))}
+    cfg = base.CompileOptions(threads=spec.threads, device=spec.device, precision=manifest["precision"],
+                              work_dir=sdir, options=spec.options, sparse_weights=bool(manifest.get("sparsity")))
+    onnx_path = sdir / manifest["files"]["onnx"]
     ok, why = target.available()
-    fname = manifest["files"].get(target.artifact)
     if not ok:
-        check = getattr(target, "check_without_gpu", None)  # TensorRT: the pre-build checks still run
-        if check is not None and fname is not None:
-            try:
-                why += "; " + check(sdir / fname, base.CompileOptions(work_dir=sdir, options=options), x[:8])
-            except Exception as e:  # a check that cannot run must not turn a skip into a crash
-                why += f"; TRT-ready ONNX not checked ({type(e).__name__}: {e})"
-        return {**row, "status": "skipped", "reason": why}
-    if fname is None:
-        return {**row, "status": "skipped", "reason": f"no {target.artifact} artifact exported "
-                                                       f"(export.openvino_ir is off)"}
-    path = sdir / fname
-    row["artifact"] = str(path.relative_to(pipe.run_dir))
-    row["size_bytes"] = artifact_size(path)
+        return {**row, "status": "skipped", "reason": skipped(target, why, onnx_path, cfg, x)}
     try:
-        runner = target.compile(path, base.CompileOptions(threads=tcfg.threads, device=tcfg.device,
-                                                        precision=precision, work_dir=sdir,
-                                                        options=options))
-        logits = logits_of(runner, x, pipe.cfg.data.eval_batch_size)
-        row.update(compare(logits, labels, ref))
-        p = pipe.cfg.profile
-        row.update(profile(runner, x[:64], warmup=p.warmup, runs=p.runs,
-                           throughput_batch=p.throughput_batch, throughput_runs=p.throughput_runs,
-                           max_warmup=p.max_warmup, settle_tolerance=p.settle_tolerance))
-        row["executed_precision"] = runner.info["executed_precision"]
-        row["runtime"] = {k: v for k, v in runner.info.items() if k != "executed_precision"}
+        name = manifest["files"].get(target.artifact)
+        path = sdir / name if name else target.prepare(onnx_path, sdir)
+        row["artifact"], row["size_bytes"] = str(path.relative_to(plan.run.run_dir)), artifact_size(path)
+        row.update(measure(plan, target.compile(path, cfg), x, labels, ref))
     except Exception as e:  # a backend failure is a result to report, not a crash of the run
-        pipe.log(traceback.format_exc())
+        plan.log(traceback.format_exc())
         return {**row, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
-    failures = parity_failures(row, float((ref.argmax(1) == labels).mean()), tcfg.parity)
+    failures = parity_failures(row, float((ref.argmax(1) == labels).mean()), spec.parity)
     if failures:
-        row["status"] = "failed"
-        row["reason"] = "parity: " + "; ".join(failures)
+        row.update(status="failed", reason="parity: " + "; ".join(failures))
         if model is not None:
-            diag = row["diverging_layers"] = diagnose(pipe, model, sdir, manifest, path, tcfg, x)
-            first = diag.get("first_diverging")
-            if first:
-                row["reason"] += (f"; first diverging layer: {first['module']} ({first['node']}), "
-                                  f"relative error {first['rel_error']:.3g} > {diag['tolerance']}")
-            elif diag.get("mapped"):
-                row["reason"] += f"; every compute layer within layer_tolerance {diag['tolerance']}"
-            else:
-                row["reason"] += f"; layers not compared: {diag.get('reason')}"
+            diag = row["diverging_layers"] = diagnose(plan, model, onnx_path, path, spec, cfg, x)
+            row["reason"] += "; " + explain(diag)
         return row
-    ep = row["executed_precision"]
-    # every layer with quantized weights must run an int8 kernel; weightless matmuls
-    # (attention's q·k, attn·v) stay float by design in layerwise-quantized models
-    quantized = len((manifest.get("quant_format") or {}).get("weight_bits") or {}) or ep["compute_layers"]
-    expected = min(quantized, ep["compute_layers"])
-    if precision == "int8" and ep["int8_layers"] < expected:
-        row["status"] = "failed"
-        row["reason"] = (f"int8 artifact but only {ep['int8_layers']} of {expected} quantized "
-                         f"compute layers ran an int8 kernel: {ep['detail']}")
-    return row
+    bad = int8_failure(row, manifest)
+    return {**row, "status": "failed", "reason": bad} if bad else row
 
 
-def deploy_all(pipe, rows: list[dict], models: dict, ctx) -> dict:
-    data = ctx.data
-    wanted = pipe.cfg.export.stages or list(models)
-    unknown = [s for s in wanted if s not in models]
-    if unknown:
-        raise UserError(f"export.stages: {unknown} are not stages of this run ({list(models)})")
+def deploy_stage(plan: DeploymentPlan, stage: StageArtifact) -> list[dict]:
+    manifest = export_stage(plan, stage)
+    data = plan.data.dataset
+    # the inputs every backend sees: raw test pixels through the manifest's preprocessing
+    x = preprocess(data.test.images.numpy(), manifest)
     labels = data.test.labels.numpy()
-    deployments = []
-    for stage in wanted:
-        model, sdir, structure = models[stage]
-        manifest = _export(pipe, stage, model, sdir, data, structure)
-        # the inputs every backend sees: raw test pixels through the manifest's preprocessing
-        x = preprocess(data.test.images.numpy(), manifest)
-        ref = predict(model, data.test, data, pipe.cfg.data.eval_batch_size)
-        for tcfg in pipe.cfg.targets:
-            row = deploy_one(pipe, stage, sdir, manifest, tcfg, x, labels, ref, model=model)
-            msg = row["reason"] if row["status"] != "ok" else (
-                f"acc {row['accuracy']:.4f} agree {row['agreement']:.4f} "
-                f"p50 {row['latency_ms']['p50']:.3f} ms, {row['executed_precision']['summary']}")
-            pipe.log(f"[{stage} @ {tcfg.backend}] {row['status']}: {msg}")
-            deployments.append(row)
-    return write_report(pipe, rows, deployments)
+    ref = predict(stage.model, data.test, data, plan.data.batch_size)
+    rows = []
+    for spec in plan.targets:
+        row = deploy_one(plan, stage.name, stage.dir, manifest, spec, x, labels, ref, model=stage.model)
+        msg = row["reason"] if row["status"] != "ok" else (
+            f"acc {row['accuracy']:.4f} agree {row['agreement']:.4f} "
+            f"p50 {row['latency_ms']['p50']:.3f} ms, {row['executed_precision']['summary']}")
+        plan.log(f"[{stage.name} @ {spec.backend}] {row['status']}: {msg}")
+        rows.append(row)
+    return rows
+
+
+def deploy_all(plan: DeploymentPlan) -> list[dict]:
+    """One row per stage x target, in plan order."""
+    return [row for stage in plan.stages for row in deploy_stage(plan, stage)]

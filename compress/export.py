@@ -1,10 +1,12 @@
 """ONNX export (float, or QCDQ for brevitas-quantized models), graph clean-up for the
-runtimes, OpenVINO IR conversion, and the deployment manifest beside each artifact."""
+runtimes, each target's own artifact prepared from the ONNX, and the deployment manifest
+beside them."""
 from __future__ import annotations
 
 import importlib.metadata as md
 import warnings
 from pathlib import Path
+from typing import Iterable, Union
 
 import numpy as np
 import onnx
@@ -63,10 +65,6 @@ def fold_weight_clips(graph: onnx.GraphProto) -> int:
     and runs the convolution in bf16/f32 (measured: 1538 vs 2684 img/s once folded).
     """
     inits = {i.name: i for i in graph.initializer}
-    consumers: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
     folded, keep = 0, []
     for n in graph.node:
         if n.op_type == "Clip" and n.input and n.input[0] in inits and all(
@@ -118,15 +116,17 @@ def check_onnx_file(path: Path) -> onnx.ModelProto:
     return model
 
 
-def to_openvino(onnx_path: Path, xml_path: Path) -> None:
-    import openvino as ov
-    model = ov.convert_model(str(onnx_path))
-    # compress_to_fp16=False: the IR keeps the weights exactly as exported; FP16 storage
-    # would change the float model's numbers before any precision was asked for.
-    tmp_xml = xml_path.with_name(f".{xml_path.stem}.tmp.xml")
-    ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
-    tmp_xml.with_suffix(".bin").replace(xml_path.with_suffix(".bin"))
-    tmp_xml.replace(xml_path)
+def prepare_artifacts(onnx_path: Path, out_dir: Path, backends: Union[bool, Iterable[str]]) -> dict:
+    """Each backend's artifact made from the ONNX by its own Target.prepare: {format: file name}.
+    backends: names, or True for every registered backend available here."""
+    from targets import base
+    names = [n for n in base.names() if base.get(n).available()[0]] if backends is True else list(backends or ())
+    files = {"onnx": onnx_path.name}
+    for name in names:
+        target = base.get(name)
+        if target.artifact not in files:
+            files[target.artifact] = target.prepare(onnx_path, out_dir).name
+    return files
 
 
 def versions() -> dict:
@@ -158,11 +158,11 @@ def _summary(fmt):
             f"int8/uint8 per-tensor activations, int32 bias)")
 
 
-def export_model(model: nn.Module, out_dir: Path, data, opset: int, openvino_ir: bool,
+def export_model(model: nn.Module, out_dir: Path, data, opset: int, backends: Union[bool, Iterable[str]],
                  stage: str, sparse_layers: list[str] = ()) -> dict:
-    """Write model.onnx (+ model.xml/.bin) and manifest.json; returns the manifest.
-    sparse_layers: layers made 2:4 sparse, checked in the exported weights and recorded
-    so a TensorRT build can enable sparse kernels."""
+    """Write model.onnx, the artifact each of `backends` compiles (see prepare_artifacts),
+    and manifest.json; returns the manifest. sparse_layers: layers made 2:4 sparse, checked
+    in the exported weights and recorded so a backend can enable sparse kernels."""
     quant = is_quantized(model)
     fmt = None
     if quant:
@@ -173,10 +173,7 @@ def export_model(model: nn.Module, out_dir: Path, data, opset: int, openvino_ir:
         export_qcdq(model, onnx_path, data.input_shape)
     else:
         export_float(model, onnx_path, data.input_shape, opset)
-    files = {"onnx": onnx_path.name}
-    if openvino_ir:
-        to_openvino(onnx_path, out_dir / "model.xml")
-        files["openvino"] = "model.xml"
+    files = prepare_artifacts(onnx_path, out_dir, backends)
     manifest = {
         "stage": stage, "files": files,
         "input": {"name": INPUT, "shape": ["batch", *data.input_shape], "layout": "NCHW",

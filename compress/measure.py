@@ -40,17 +40,15 @@ class LatencySession:
 
     def compile(self, model: nn.Module) -> Any:
         """Export `model` in float, compile it on the backend; returns a runner to time."""
-        from compress.export import export_float, to_openvino
+        from compress.export import export_float
         from targets.base import CompileOptions
         self._n += 1
         work = self.work / f"m{self._n}"
         work.mkdir(parents=True)
         path = work / "model.onnx"
         export_float(model, path, self.shape, opset=self.opset)
-        if self.target.artifact == "openvino":
-            to_openvino(path, work / "model.xml")
-            path = work / "model.xml"
-        return self.target.compile(path, CompileOptions(threads=self.threads, precision="fp32", work_dir=work))
+        artifact = self.target.prepare(path, work)  # what this backend compiles (ONNX, IR, ...)
+        return self.target.compile(artifact, CompileOptions(threads=self.threads, precision="fp32", work_dir=work))
 
     def paired_p50(self, base: Any, cand: Any, runs: int) -> tuple[float, float]:
         """Median over rounds of each runner's p50 (ms), the two alternating within a round."""

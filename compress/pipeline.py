@@ -239,4 +239,7 @@ class Pipeline:
     def run(self) -> dict:
         rows, models, ctx = self.run_stages()
         from compress.deploy import deploy_all
-        return deploy_all(self, rows, models, ctx)
+        from compress.plan import deployment_plan
+        from compress.report import write_report
+        plan = deployment_plan(self.cfg, rows, models, ctx.data, self.run_dir, self.log)
+        return write_report(plan.run, rows, deploy_all(plan), self.log)

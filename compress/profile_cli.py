@@ -1,5 +1,5 @@
-"""`compress profile`: time any ONNX or OpenVINO IR file on a backend with the shared
-harness, whatever produced it."""
+"""`compress profile`: time any model file a backend compiles (an ONNX, or the backend's
+own format) with the shared harness, whatever produced it."""
 from __future__ import annotations
 
 import tempfile
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
 from compress.errors import UserError
 from compress.export import check_onnx_file
@@ -14,18 +15,13 @@ from targets import base
 from targets.profile import profile
 
 
-def file_input(path: Path) -> tuple[list, str]:
+def file_input(path: Path, target) -> tuple[list, str]:
     """The single input's dimensions (None where dynamic) and numpy dtype name."""
-    if path.suffix == ".xml":
-        import openvino as ov
+    if path.suffix != ".onnx":  # the backend's own format: only it can read it
         try:
-            inputs = ov.Core().read_model(str(path)).inputs
-        except RuntimeError as e:
-            raise UserError(f"{path}: not a readable OpenVINO IR ({str(e).splitlines()[0][:200]})") from None
-        if len(inputs) != 1:
-            raise UserError(f"{path}: {len(inputs)} inputs; compress profile times single-input models")
-        dims = [d.get_length() if d.is_static else None for d in inputs[0].get_partial_shape()]
-        return dims, inputs[0].get_element_type().to_dtype().name
+            return target.read_input(path)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     from onnx import helper
     graph = check_onnx_file(path).graph
     inits = {i.name for i in graph.initializer}
@@ -38,10 +34,9 @@ def file_input(path: Path) -> tuple[list, str]:
     return dims, np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name
 
 
-def input_shape(path: Path, batch: int, shape: Optional[str]) -> tuple[int, ...]:
-    """The input shape from the file (first dimension = batch), or from --shape, which must
-    agree with every static dimension the file has."""
-    dims, _ = file_input(path)
+def input_shape(dims: list, path: Path, batch: int, shape: Optional[str]) -> tuple[int, ...]:
+    """The input shape from the file's dims (first dimension = batch), or from --shape, which
+    must agree with every static dimension the file has."""
     if shape:
         try:
             given = [int(d) for d in shape.lower().split("x")]
@@ -60,37 +55,56 @@ def input_shape(path: Path, batch: int, shape: Optional[str]) -> tuple[int, ...]
     return (batch, *dims[1:])
 
 
+def backend_options(target, options: Optional[dict]) -> BaseModel:
+    """--option KEY=VALUE pairs checked by the backend's own options model."""
+    try:
+        return target.Options.model_validate(options or {})
+    except ValidationError as e:
+        known = ", ".join(target.Options.model_fields) or "none"
+        bad = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise UserError(f"--option: {bad} (options of {target.name}: {known})") from None
+
+
+def usable_target(path: Path, backend: str):
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        target = base.get(backend)
+    except ValueError as e:
+        raise UserError(f"--backend: {e}") from None
+    ok, why = target.available()
+    if not ok:
+        raise UserError(f"backend {backend} is unavailable here: {why}")
+    if path.suffix not in target.suffixes:
+        raise UserError(f"{path}: {backend} compiles {' or '.join(target.suffixes)} files, not {path.suffix}")
+    return target
+
+
+def sample_input(shp: tuple, dtype: str, batch: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    n = max(batch, 1)
+    if np.issubdtype(np.dtype(dtype), np.floating):
+        return rng.standard_normal((n, *shp[1:])).astype(dtype)
+    # ids / pixels: small non-negative values are valid for embeddings and images alike
+    return rng.integers(0, 2, (n, *shp[1:])).astype(dtype)
+
+
 def profile_file(path: Path, backend: str, batch: int = 1, threads: Optional[int] = None,
                  shape: Optional[str] = None, runs: int = 200, warmup: int = 20,
                  throughput_batch: int = 64, throughput_runs: int = 30,
                  options: Optional[dict] = None) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    if path.suffix not in (".onnx", ".xml"):
-        raise UserError(f"{path}: expected an .onnx file or an OpenVINO .xml IR")
-    target = base.get(backend)
-    ok, why = target.available()
-    if not ok:
-        raise UserError(f"backend {backend} is unavailable here: {why}")
-    # OpenVINO reads ONNX directly, so a one-off profile writes no IR
-    if backend != "openvino" and path.suffix == ".xml":
-        raise UserError(f"{path}: {backend} runs ONNX files, not OpenVINO IR")
-    shp = input_shape(path, batch, shape)
-    dims, dtype = file_input(path)
+    target = usable_target(path, backend)
+    opts = backend_options(target, options)
+    dims, dtype = file_input(path, target)
+    shp = input_shape(dims, path, batch, shape)
     if dims[0] is not None:  # a fixed-batch file can only be timed at its own batch
         throughput_batch = dims[0]
     # what a backend compiles (ORT's optimized graph, a TensorRT engine) goes to a temp dir,
     # never beside the user's file
     work = Path(tempfile.mkdtemp(prefix="compress-profile-"))
-    runner = target.compile(path, base.CompileOptions(threads=threads, work_dir=work, options=options or {}))
-    rng = np.random.default_rng(0)
-    n = max(batch, 1)
-    if np.issubdtype(np.dtype(dtype), np.floating):
-        sample = rng.standard_normal((n, *shp[1:])).astype(dtype)
-    else:  # ids / pixels: small non-negative values are valid for embeddings and images alike
-        sample = rng.integers(0, 2, (n, *shp[1:])).astype(dtype)
-    res = profile(runner, sample, warmup=warmup, runs=runs, throughput_batch=throughput_batch,
-                  throughput_runs=throughput_runs, batch=batch)
+    runner = target.compile(path, base.CompileOptions(threads=threads, work_dir=work, options=opts))
+    res = profile(runner, sample_input(shp, dtype, batch), warmup=warmup, runs=runs,
+                  throughput_batch=throughput_batch, throughput_runs=throughput_runs, batch=batch)
     return {"file": str(path), "backend": backend, "input_shape": list(shp), "input_dtype": dtype, **res,
             "executed_precision": runner.info["executed_precision"],
             "runtime": {k: v for k, v in runner.info.items() if k != "executed_precision"}}

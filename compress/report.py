@@ -5,10 +5,11 @@ from __future__ import annotations
 import platform
 import sys
 from datetime import datetime, timezone
+from typing import Callable
 
 from compress.checkpoint import atomic_write, write_json
-from compress.config import config_hash
 from compress.export import versions
+from compress.plan import RunIdentity
 
 
 def cpu_name() -> str:
@@ -31,6 +32,7 @@ def environment() -> dict:
 
 
 STAGE_KEYS = ("name", "accuracy", "params", "macs", "size_bytes", "seconds")
+PRIVATE_KEYS = ("history", "config_hash", "config")  # in metrics.json, not in the report
 
 
 def _fmt(v, spec="") -> str:
@@ -81,9 +83,9 @@ def diverging_markdown(deployments: list[dict]) -> list[str]:
             lines.append(f"not compared: {diag.get('reason')}")
             continue
         lines += ["| # | torch module | graph node | op | relative error | |", "|---:|---|---|---|---:|---|"]
-        for i, l in enumerate(diag["layers"]):
-            lines.append(f"| {i} | `{l['module']}` | `{l['node']}` | {l['op']} | {_fmt(l['rel_error'], '.3g')} | "
-                         f"{'**first diverging**' if l['node'] == first else ''} |")
+        for i, lyr in enumerate(diag["layers"]):
+            lines.append(f"| {i} | `{lyr['module']}` | `{lyr['node']}` | {lyr['op']} | "
+                         f"{_fmt(lyr['rel_error'], '.3g')} | {'**first diverging**' if lyr['node'] == first else ''} |")
     return lines
 
 
@@ -119,7 +121,8 @@ def to_markdown(report: dict) -> str:
     for s in report["stages"]:
         lines += sensitivity_markdown(s)
     lines += ["", "## Deployments (measured on the runtime)", "",
-              "| stage | backend | precision | status | accuracy | agreement | max abs diff | p50 ms (b1) | p99 ms | mean ± 95% CI ms | items/s | peak RSS MB | size (bytes) | executed |",
+              "| stage | backend | precision | status | accuracy | agreement | max abs diff | p50 ms (b1) | p99 ms "
+              "| mean ± 95% CI ms | items/s | peak RSS MB | size (bytes) | executed |",
               "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for d in report["deployments"]:
         lat, thr = d.get("latency_ms") or {}, d.get("throughput") or {}
@@ -143,7 +146,8 @@ def to_markdown(report: dict) -> str:
                          f"{v['latency_speedup']:.1f}× | {v['throughput_ratio']:.1f}× | "
                          f"{v['accuracy_delta']:+.4f} |")
     env = report["environment"]
-    lines += ["", f"threads: {', '.join(sorted({str((d.get('latency_ms') or {}).get('threads')) for d in report['deployments'] if d.get('latency_ms')}))} · "
+    threads = sorted({str(d["latency_ms"].get("threads")) for d in report["deployments"] if d.get("latency_ms")})
+    lines += ["", f"threads: {', '.join(threads)} · "
               f"cpu: {env['cpu']} ({env['cores']} cores) · gpu: {env['gpu']} · torch {env['torch']} · "
               f"onnxruntime {env['onnxruntime']} · openvino {env['openvino']} · brevitas {env['brevitas']}", ""]
     return "\n".join(lines)
@@ -165,21 +169,23 @@ def add_teacher_ratios(deployments: list[dict]) -> None:
         }
 
 
-def write_report(pipe, rows: list[dict], deployments: list[dict]) -> dict:
+def write_report(run: RunIdentity, rows: list[dict], deployments: list[dict],
+                 log: Callable[[str], None] = print) -> dict:
+    """rows: the stage rows (metrics.json of each stage); deployments: deploy's rows."""
     add_teacher_ratios(deployments)
     report = {
-        "name": pipe.cfg.name,
+        "name": run.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config_hash": config_hash(pipe.cfg),
+        "config_hash": run.config_hash,
         "environment": environment(),
         "stages": [{**{k: r.get(k) for k in STAGE_KEYS},
-                    **{k: v for k, v in r.items() if k not in STAGE_KEYS and k not in ("history", "config_hash", "config")}}
+                    **{k: v for k, v in r.items() if k not in STAGE_KEYS and k not in PRIVATE_KEYS}}
                    for r in rows],
         "deployments": deployments,
     }
-    write_json(pipe.run_dir / "report.json", report)
+    write_json(run.run_dir / "report.json", report)
     md = to_markdown(report)
-    atomic_write(pipe.run_dir / "report.md", lambda p: p.write_text(md))
-    pipe.log("\n" + md)
-    pipe.log(f"report: {pipe.run_dir / 'report.json'}, {pipe.run_dir / 'report.md'}")
+    atomic_write(run.run_dir / "report.md", lambda p: p.write_text(md))
+    log("\n" + md)
+    log(f"report: {run.run_dir / 'report.json'}, {run.run_dir / 'report.md'}")
     return report

@@ -1,1 +1,1 @@
-"""Deployment backends: one Target per runtime, looked up by name in targets.base.TARGETS."""
+"""Deployment backends: one Target per runtime, looked up by name in targets.base's table (base.get)."""

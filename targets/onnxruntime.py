@@ -1,15 +1,18 @@
 """ONNX Runtime: CPU (and CUDA where present) sessions; providers, graph optimization
-level and threads come from the target's config and are recorded in `info`."""
+level and threads come from the target's options and are read back from the session."""
 from __future__ import annotations
 
 import os
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Literal, Optional
 
 import numpy as np
+import onnx
+from pydantic import BaseModel, ConfigDict, Field
 
-from targets.base import FLOAT_ORT_COMPUTE, INT8_ORT_OPS, CompileOptions, executed_precision
+from targets.base import FLOAT_ORT_COMPUTE, INT8_ORT_OPS, CompileOptions, executed_precision, options_of
 
 LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
           "all": "ORT_ENABLE_ALL"}
@@ -17,6 +20,16 @@ LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended":
 INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                 "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
                 "tensor(int8)": np.int8, "tensor(bool)": np.bool_}
+
+
+class OrtOptions(BaseModel):
+    """Session options of a targets[] entry."""
+    model_config = ConfigDict(extra="forbid")
+    # ORT_ENABLE_ALL fuses Q/DQ pairs into QLinear* kernels: that is where int8 speed comes from
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="graph optimization level (recorded in the report)")
+    inter_op_threads: int = Field(
+        1, ge=1, description="inter-op threads; >1 runs independent branches in parallel (ORT_PARALLEL)")
 
 
 def providers_for(device: str) -> list[str]:
@@ -29,36 +42,48 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def session_options(opts: OrtOptions, threads: int):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    # ORT_ENABLE_ALL fuses Q/DQ pairs into QLinear* kernels: that is where int8 speed
+    # comes from (3-6x over FP32 measured here); lower levels leave Q/DQ as float ops.
+    so.log_severity_level = 3  # the 'optimized model is hardware specific' warning is expected: we only count its ops
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[opts.graph_optimization])
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = opts.inter_op_threads
+    parallel = opts.inter_op_threads > 1
+    so.execution_mode = ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
+    return so
+
+
+def op_counts(path: Path, so, work: Path, providers: list[str]):
+    """A session on `path`, and the op types of the graph it optimized (written to `work`
+    only to be counted, never beside a user's file)."""
+    import onnxruntime as ort
+    opt_path = work / f"{path.stem}.ort-optimized.onnx"
+    so.optimized_model_filepath = str(opt_path)
+    session = ort.InferenceSession(str(path), so, providers=providers)
+    ops = Counter(n.op_type for n in onnx.load(str(opt_path)).graph.node)
+    opt_path.unlink(missing_ok=True)
+    return session, ops
+
+
 class OrtRunner:
     def __init__(self, path: Path, cfg: CompileOptions):
-        import onnx
         import onnxruntime as ort
-        so = ort.SessionOptions()
-        # ORT_ENABLE_ALL fuses Q/DQ pairs into QLinear* kernels: that is where int8 speed
-        # comes from (3-6x over FP32 measured here); lower levels leave Q/DQ as float ops.
-        so.log_severity_level = 3  # the 'optimized model is hardware specific' warning is expected: we only count its ops
-        level = LEVELS[cfg.options.get("graph_optimization", "all")]
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        threads = cfg.threads or os.cpu_count() or 1
-        inter = int(cfg.options.get("inter_op_threads", 1))
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = inter
-        so.execution_mode = ort.ExecutionMode.ORT_PARALLEL if inter > 1 else ort.ExecutionMode.ORT_SEQUENTIAL
-        # the optimized graph is written only to count its ops; never beside a user's file
         work = cfg.work_dir or Path(tempfile.mkdtemp(prefix="compress-ort-"))
         work.mkdir(parents=True, exist_ok=True)
-        opt_path = work / f"{path.stem}.ort-optimized.onnx"
-        so.optimized_model_filepath = str(opt_path)
-        self.session = ort.InferenceSession(str(path), so, providers=providers_for(cfg.device))
+        so = session_options(options_of(TARGET, cfg), cfg.threads or os.cpu_count() or 1)
+        self.session, ops = op_counts(path, so, work, providers_for(cfg.device))
         inp = self.session.get_inputs()[0]
         self.input_name, self.dtype = inp.name, INPUT_DTYPES.get(inp.type, np.float32)
-        ops = Counter(n.op_type for n in onnx.load(str(opt_path)).graph.node)
-        opt_path.unlink(missing_ok=True)
         int8 = sum(v for k, v in ops.items() if k in INT8_ORT_OPS)
         flt = sum(v for k, v in ops.items() if k in FLOAT_ORT_COMPUTE)
+        used = self.session.get_session_options()  # what the session runs with, not what we asked
         self.info = {
             "provider": self.session.get_providers()[0], "providers": self.session.get_providers(),
-            "threads": threads, "inter_op_threads": inter, "graph_optimization": level,
+            "threads": used.intra_op_num_threads, "inter_op_threads": used.inter_op_num_threads,
+            "graph_optimization": used.graph_optimization_level.name,
             # ORT spreads its intra-op pool over the allowed CPUs; no affinity set by us
             "pinning": "os default (no session.intra_op_thread_affinities)", "version": ort.__version__,
             "executed_precision": executed_precision(
@@ -70,9 +95,44 @@ class OrtRunner:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, self.dtype)})[0]
 
 
+def prefix_graph(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    """The part of the graph `tensor` depends on, with `tensor` as its only output.
+    onnx.utils.Extractor (what onnx.utils.extract_model runs) keeps ORT's int8 fusion of
+    every earlier layer: measured on tests/compress/test_parity.py's QCDQ export, the
+    prefix of each layer has as many QLinearConv as the full graph has before that layer
+    (0, 1, 2, 3), the same as the hand-written cut it replaced."""
+    inferred = onnx.shape_inference.infer_shapes(model)  # the Extractor needs each tensor's value_info
+    return onnx.utils.Extractor(inferred).extract_model([i.name for i in model.graph.input], [tensor])
+
+
+def read_tensors(path: Path, tensors: list[str], x: np.ndarray, cfg: CompileOptions) -> list:
+    """Run the ONNX on ORT with the entry's options (as deployed) and read the tensors.
+
+    A float graph: one session with the tensors as extra graph outputs. A Q/DQ graph: ORT
+    will not fuse DequantizeLinear -> Conv -> QuantizeLinear into its int8 kernel when a
+    tensor inside the group is a graph output (measured: 4 of 9 QLinearConv left), so each
+    tensor is read from its own prefix of the graph, in which every earlier layer keeps its
+    int8 kernel."""
+    import onnxruntime as ort
+    model = onnx.load(str(path))
+    so = session_options(options_of(TARGET, cfg), cfg.threads or 1)
+
+    def run(m: onnx.ModelProto, names: list[str]) -> list:
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=providers_for(cfg.device))
+        return sess.run(names, {sess.get_inputs()[0].name: x})
+    if any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        return [run(prefix_graph(model, t), [t])[0] for t in tensors]
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for t in dict.fromkeys(tensors) if t not in have)
+    return run(model, tensors)
+
+
 class OnnxRuntimeTarget:
     name = "onnxruntime"
     artifact = "onnx"
+    suffixes = (".onnx",)
+    Options = OrtOptions
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -81,8 +141,21 @@ class OnnxRuntimeTarget:
             return False, f"onnxruntime is not importable ({e})"
         return True, ""
 
-    def compile(self, path: Path, cfg: CompileOptions) -> OrtRunner:
-        return OrtRunner(path, cfg)
+    def prepare(self, onnx_path: Path, work_dir: Path) -> Path:
+        return onnx_path
+
+    def compile(self, artifact: Path, cfg: CompileOptions) -> OrtRunner:
+        return OrtRunner(artifact, cfg)
+
+    def intermediate_outputs(self, artifact: Path, tensors: list[str], x: np.ndarray,
+                             cfg: CompileOptions) -> list[Optional[np.ndarray]]:
+        return read_tensors(artifact, tensors, x, cfg)
+
+    def check_offline(self, onnx_path: Path, cfg: CompileOptions, x: np.ndarray) -> str:
+        return ""
+
+    def read_input(self, artifact: Path) -> tuple[list, str]:
+        raise NotImplementedError("onnxruntime compiles ONNX files only")
 
 
 TARGET = OnnxRuntimeTarget()

@@ -1,17 +1,42 @@
-"""OpenVINO: compile the IR for CPU with an explicit inference precision, and read the
-precision each layer actually ran from the runtime model."""
+"""OpenVINO: convert the ONNX to IR, compile it for CPU with an explicit inference
+precision, and read the precision each layer actually ran from the runtime model."""
 from __future__ import annotations
 
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Literal, Optional
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from targets.base import CompileOptions, executed_precision
+from targets.base import CompileOptions, executed_precision, options_of
 
 COMPUTE_TYPES = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution",
                  "GroupDeconvolution", "FullyConnectedCompressed"}
+
+
+class OvOptions(BaseModel):
+    """Compile properties of a targets[] entry."""
+    model_config = ConfigDict(extra="forbid")
+    performance_hint: Literal["LATENCY", "THROUGHPUT"] = Field(
+        "LATENCY", description="hint of the latency runs (throughput runs always use THROUGHPUT)")
+    inference_precision: Literal["f32", "bf16", "f16"] = Field(
+        "f32", description="INFERENCE_PRECISION_HINT (f32: never bf16 behind the user's back)")
+    fp16_weights: bool = Field(False, description="compile an IR copy with FP16-compressed weights")
+
+
+def to_ir(onnx_path: Path, xml_path: Path) -> Path:
+    """ONNX -> IR (.xml + .bin), written atomically (temp names, then rename)."""
+    import openvino as ov
+    model = ov.convert_model(str(onnx_path))
+    # compress_to_fp16=False: the IR keeps the weights exactly as exported; FP16 storage
+    # would change the float model's numbers before any precision was asked for.
+    tmp_xml = xml_path.with_name(f".{xml_path.stem}.tmp.xml")
+    ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+    tmp_xml.with_suffix(".bin").replace(xml_path.with_suffix(".bin"))
+    tmp_xml.replace(xml_path)
+    return xml_path
 
 
 def runtime_layers(compiled) -> list[dict]:
@@ -39,6 +64,12 @@ def kernel_precision(layer: dict) -> str:
     return layer["runtimePrecision"].lower() or "unknown"
 
 
+def compile_properties(opts: OvOptions, threads: int) -> dict:
+    # f32 explicitly: on CPUs with bf16 support OpenVINO otherwise runs "FP32" models
+    # in bf16. An int8 model keeps its int8 layers either way; the hint governs the rest.
+    return {"INFERENCE_PRECISION_HINT": opts.inference_precision, "INFERENCE_NUM_THREADS": threads}
+
+
 def fp16_ir(path: Path, work: Path) -> Path:
     """A copy of the IR with FP16-compressed weights (only when asked: it changes a float
     model's numbers). OpenVINO decompresses them to the inference precision at load."""
@@ -52,30 +83,28 @@ class OvRunner:
     def __init__(self, path: Path, cfg: CompileOptions):
         import openvino as ov
         self.ov, self.core = ov, ov.Core()
-        threads = cfg.threads or os.cpu_count() or 1
-        if cfg.options.get("fp16_weights") and path.suffix == ".xml":
+        opts = options_of(TARGET, cfg)
+        if opts.fp16_weights and path.suffix == ".xml":
             path = fp16_ir(path, cfg.work_dir or path.parent)
         self.model = self.core.read_model(str(path))
-        # f32 explicitly: on CPUs with bf16 support OpenVINO otherwise runs "FP32" models
-        # in bf16. An int8 model keeps its int8 layers either way; the hint governs the rest.
-        self.props = {"INFERENCE_PRECISION_HINT": cfg.options.get("inference_precision", "f32"),
-                      "INFERENCE_NUM_THREADS": threads}
+        self.props = compile_properties(opts, cfg.threads or os.cpu_count() or 1)
         self.device = "GPU" if cfg.device in ("gpu", "cuda") else "CPU"
-        hint = cfg.options.get("performance_hint", "LATENCY")
-        self.compiled = self.core.compile_model(self.model, self.device, {**self.props, "PERFORMANCE_HINT": hint})
+        self.compiled = self.core.compile_model(self.model, self.device,
+                                                {**self.props, "PERFORMANCE_HINT": opts.performance_hint})
         self.request = self.compiled.create_infer_request()
         self.dtype = self.compiled.inputs[0].get_element_type().to_dtype()
         self._queue = None
         self.inner_ms: list[float] = []
         device = self.device
         layers = runtime_layers(self.compiled)
-        compute = [l for l in layers if l["layerType"] in COMPUTE_TYPES]
-        int8 = [l for l in compute if is_int8_layer(l)]
-        kernels = Counter(f"{l['layerType']}:{l['primitiveType']}" for l in compute)
-        by_prec = Counter("int8" if is_int8_layer(l) else kernel_precision(l) for l in compute)
+        compute = [lyr for lyr in layers if lyr["layerType"] in COMPUTE_TYPES]
+        int8 = [lyr for lyr in compute if is_int8_layer(lyr)]
+        kernels = Counter(f"{lyr['layerType']}:{lyr['primitiveType']}" for lyr in compute)
+        by_prec = Counter("int8" if is_int8_layer(lyr) else kernel_precision(lyr) for lyr in compute)
+        prop = self.compiled.get_property  # what the plugin compiled with, not what we asked
         self.info = {
-            "provider": f"openvino-{device}", "threads": threads, "version": ov.__version__,
-            "performance_hint": hint, "artifact": path.name,
+            "provider": f"openvino-{device}", "threads": int(prop("INFERENCE_NUM_THREADS")),
+            "version": ov.__version__, "performance_hint": str(prop("PERFORMANCE_HINT")), "artifact": path.name,
             "streams": int(self.compiled.get_property("NUM_STREAMS")),
             "pinning": f"ENABLE_CPU_PINNING={self.compiled.get_property('ENABLE_CPU_PINNING')}"
             if device == "CPU" else None,
@@ -107,9 +136,42 @@ class OvRunner:
                 "streams": self._streams}
 
 
+def read_tensors(ir_path: Path, tensors: list[str], x: np.ndarray, cfg: CompileOptions) -> list:
+    """Run the IR on the OpenVINO CPU plugin with the tensors (names kept from the ONNX by
+    the converter) as extra outputs; a name the IR no longer has gives None. Unlike ORT, the
+    CPU plugin keeps its int8 kernels with these outputs (measured on the demo's int8 IR: 10 of
+    10 compute layers still *_I8)."""
+    import openvino as ov
+    core = ov.Core()
+    model = core.read_model(str(ir_path))
+    for t in tensors:
+        try:
+            model.add_outputs(t)
+        except RuntimeError:
+            pass
+    compiled = core.compile_model(model, "CPU", compile_properties(options_of(TARGET, cfg), cfg.threads or 1))
+    res = compiled({0: x})
+    by_name = {n: res[o] for o in compiled.outputs for n in o.get_names()}
+    return [by_name.get(t) for t in tensors]
+
+
+def read_input(path: Path) -> tuple[list, str]:
+    import openvino as ov
+    try:
+        inputs = ov.Core().read_model(str(path)).inputs
+    except RuntimeError as e:
+        raise ValueError(f"{path}: not a readable OpenVINO IR ({str(e).splitlines()[0][:200]})") from None
+    if len(inputs) != 1:
+        raise ValueError(f"{path}: {len(inputs)} inputs; compress profile times single-input models")
+    dims = [d.get_length() if d.is_static else None for d in inputs[0].get_partial_shape()]
+    return dims, inputs[0].get_element_type().to_dtype().name
+
+
 class OpenVinoTarget:
     name = "openvino"
-    artifact = "openvino"
+    artifact = "openvino"  # the manifest's files key of the IR
+    suffixes = (".xml", ".onnx")  # the plugin reads ONNX directly: a one-off profile writes no IR
+    Options = OvOptions
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -118,8 +180,21 @@ class OpenVinoTarget:
             return False, f"openvino is not importable ({e})"
         return True, ""
 
-    def compile(self, path: Path, cfg: CompileOptions) -> OvRunner:
-        return OvRunner(path, cfg)
+    def prepare(self, onnx_path: Path, work_dir: Path) -> Path:
+        return to_ir(onnx_path, work_dir / f"{onnx_path.stem}.xml")
+
+    def compile(self, artifact: Path, cfg: CompileOptions) -> OvRunner:
+        return OvRunner(artifact, cfg)
+
+    def intermediate_outputs(self, artifact: Path, tensors: list[str], x: np.ndarray,
+                             cfg: CompileOptions) -> list[Optional[np.ndarray]]:
+        return read_tensors(artifact, tensors, x, cfg)
+
+    def check_offline(self, onnx_path: Path, cfg: CompileOptions, x: np.ndarray) -> str:
+        return ""
+
+    def read_input(self, artifact: Path) -> tuple[list, str]:
+        return read_input(artifact)
 
 
 TARGET = OpenVinoTarget()

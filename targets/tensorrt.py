@@ -2,7 +2,7 @@
 
 Precision comes from the ONNX itself, as TensorRT 11 requires (its precision BuilderFlags
 are gone): int8 from the Q/DQ nodes of a quantized export, fp16 when the float ONNX is
-converted before the build (options["fp16_weights"]), fp32 otherwise. The TRT-ready ONNX
+converted before the build (`fp16_weights`), fp32 otherwise. The TRT-ready ONNX
 (targets/trt_onnx.py) is checked and compared with the export on ORT before the build.
 Buffers are torch CUDA tensors, the engine runs on a torch CUDA stream and each call is
 timed with CUDA events (`inner_ms`, read by the profiler).
@@ -11,14 +11,34 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from targets.base import CompileOptions, executed_precision
+from targets.base import CompileOptions, executed_precision, options_of
 from targets.trt_onnx import make_trt_ready, max_diff_in_ort
 
 # fp16 logits of a float model differ from fp32 by ~1e-3 relative; more means a broken conversion
 FP16_MAX_DIFF = 0.05
+
+
+class TrtOptions(BaseModel):
+    """Engine build settings of a targets[] entry."""
+    model_config = ConfigDict(extra="forbid")
+    fp16_weights: bool = Field(False, description="convert the float ONNX to fp16 before the build")
+    # TensorRT builds one optimization profile; a batch outside [min, max] cannot run
+    batch_profile: tuple[int, int, int] = Field(
+        (1, 1, 64), description="dynamic batch min/opt/max of the engine's optimization profile")
+    # 1 GiB: the workspace every engine here has been built with (not tuned)
+    workspace_mb: int = Field(1024, ge=1, description="builder workspace memory pool (MiB)")
+
+    @field_validator("batch_profile")
+    @classmethod
+    def _batch_profile(cls, v):
+        if not 1 <= v[0] <= v[1] <= v[2]:
+            raise ValueError(f"expected 1 <= min <= opt <= max, got {list(v)}")
+        return v
 
 
 def unavailable_reason() -> str:
@@ -41,10 +61,11 @@ class TrtRunner:
         import tensorrt as trt
         import torch
         self.torch = torch
+        opts = options_of(TARGET, cfg)
         work = cfg.work_dir or onnx_path.parent
         ready = work / f"{onnx_path.stem}.trt.onnx"
-        prep = make_trt_ready(onnx_path, ready, fp16=bool(cfg.options.get("fp16_weights")))
-        lo, opt, hi = cfg.options.get("batch_profile") or (1, 1, 64)
+        prep = make_trt_ready(onnx_path, ready, fp16=opts.fp16_weights)
+        lo, opt, hi = opts.batch_profile
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -61,12 +82,12 @@ class TrtRunner:
             raise RuntimeError(f"{ready}: fp16 conversion changes outputs by {diff:.3g} (> {FP16_MAX_DIFF})")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE,
-                                     int(cfg.options.get("workspace_mb", 1024)) << 20)
+                                     opts.workspace_mb << 20)
         profile = builder.create_optimization_profile()
         profile.set_shape(inp.name, (lo, *shape), (opt, *shape), (hi, *shape))
         config.add_optimization_profile(profile)
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        if cfg.options.get("sparse_weights") and hasattr(trt.BuilderFlag, "SPARSE_WEIGHTS"):
+        if cfg.sparse_weights and hasattr(trt.BuilderFlag, "SPARSE_WEIGHTS"):
             # the manifest says some weights hold 2:4: let TensorRT pick sparse tensor-core kernels
             config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
         serialized = builder.build_serialized_network(network, config)
@@ -83,9 +104,9 @@ class TrtRunner:
         self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         layers = json.loads(self.engine.create_engine_inspector().get_engine_information(
             trt.LayerInformationFormat.JSON)).get("Layers", [])
-        compute = [l for l in layers if isinstance(l, dict) and l.get("LayerType") in
+        compute = [lyr for lyr in layers if isinstance(lyr, dict) and lyr.get("LayerType") in
                    ("CaskConvolution", "CaskGemmConvolution", "CaskFlattenConvolution", "gemm", "CaskGemm")]
-        int8 = [l for l in compute if "Int8" in json.dumps(l.get("Inputs", ""))]
+        int8 = [lyr for lyr in compute if "Int8" in json.dumps(lyr.get("Inputs", ""))]
         self.info = {"provider": "tensorrt", "threads": None, "version": trt.__version__,
                      "engine": str(engine_path), "trt_onnx": prep, "ort_max_diff": diff,
                      "batch_profile": [lo, opt, hi],
@@ -111,27 +132,43 @@ class TrtRunner:
 
 class TensorRtTarget:
     name = "tensorrt"
-    artifact = "onnx"
+    artifact = "onnx"  # the engine depends on the entry's options: compile() builds it
+    suffixes = (".onnx",)
+    Options = TrtOptions
 
     def available(self) -> tuple[bool, str]:
         reason = unavailable_reason()
         return (not reason), reason
 
-    def compile(self, path: Path, cfg: CompileOptions) -> TrtRunner:
-        return TrtRunner(path, cfg)
+    def prepare(self, onnx_path: Path, work_dir: Path) -> Path:
+        return onnx_path
 
-    def check_without_gpu(self, path: Path, cfg: CompileOptions, x: np.ndarray) -> str:
+    def compile(self, artifact: Path, cfg: CompileOptions) -> TrtRunner:
+        return TrtRunner(artifact, cfg)
+
+    def intermediate_outputs(self, artifact: Path, tensors: list[str], x: np.ndarray,
+                             cfg: CompileOptions) -> list[Optional[np.ndarray]]:
+        # marking a tensor as a network output changes which layers TensorRT fuses, so
+        # the values read would not be those of the engine that failed
+        raise NotImplementedError("tensorrt does not read intermediate tensors of the engine it built "
+                                  "(marking them as outputs changes its layer fusion)")
+
+    def read_input(self, artifact: Path) -> tuple[list, str]:
+        raise NotImplementedError("tensorrt compiles ONNX files only")
+
+    def check_offline(self, path: Path, cfg: CompileOptions, x: np.ndarray) -> str:
         """Everything before the engine build, for a machine without TensorRT: the verdict
         on the TRT-ready ONNX, one line, so a skipped row still says whether it would build."""
         work = cfg.work_dir or path.parent
         try:
-            prep = make_trt_ready(path, work / f"{path.stem}.trt.onnx", bool(cfg.options.get("fp16_weights")))
+            prep = make_trt_ready(path, work / f"{path.stem}.trt.onnx", options_of(self, cfg).fp16_weights)
         except ValueError as e:
             lines = str(e).splitlines()
             more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
             return f"TRT-ready ONNX check FAILED: {lines[1].strip(' -') if len(lines) > 1 else lines[0]}{more}"
         diff = max_diff_in_ort(path, Path(prep["path"]), x)
-        return f"TRT-ready ONNX ({prep['precision']}) passes onnx.checker and Q/DQ placement, max |diff| on ORT {diff:.2g}"
+        return (f"TRT-ready ONNX ({prep['precision']}) passes onnx.checker and Q/DQ placement, "
+                f"max |diff| on ORT {diff:.2g}")
 
 
 TARGET = TensorRtTarget()

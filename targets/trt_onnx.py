@@ -7,12 +7,13 @@ fp16 comes from converting the float graph's types before the build.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
+
+from compress.onnx_graph import consumers, producers
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -62,11 +63,7 @@ def qdq_problems(model: onnx.ModelProto) -> list[str]:
     if not any(n.op_type in QDQ for n in g.node):
         return []
     consts = _constants(g)
-    producer = {o: n for n in g.node for o in n.output}
-    consumers = defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            consumers[i].append(n)
+    producer, users_of = producers(g), consumers(g)
     out_names = {o.name for o in g.output}
     problems = []
     for n in g.node:
@@ -78,9 +75,10 @@ def qdq_problems(model: onnx.ModelProto) -> list[str]:
                 problems.append(f"{n.op_type} '{n.name}': zero point type {kind}; TensorRT quantizes to "
                                 f"INT8/FP8/INT4 only (quantize with `activations: signed`)")
             elif np.any(numpy_helper.to_array(zp) != 0):
-                problems.append(f"{n.op_type} '{n.name}': non-zero zero point; TensorRT takes symmetric quantization only")
+                problems.append(f"{n.op_type} '{n.name}': non-zero zero point; "
+                                f"TensorRT takes symmetric quantization only")
         if n.op_type == "QuantizeLinear":
-            users = consumers.get(n.output[0], [])
+            users = users_of.get(n.output[0], [])
             if not users or any(u.op_type != "DequantizeLinear" for u in users) or n.output[0] in out_names:
                 problems.append(f"QuantizeLinear '{n.name}': dangling, its output feeds "
                                 f"{[u.op_type for u in users] or 'nothing'} instead of only DequantizeLinear")
@@ -88,7 +86,8 @@ def qdq_problems(model: onnx.ModelProto) -> list[str]:
             src = producer.get(n.input[0])
             if n.input[0] not in consts and (src is None or src.op_type != "QuantizeLinear"):
                 problems.append(f"DequantizeLinear '{n.name}': its input comes from "
-                                f"{src.op_type if src else 'a graph input'}, not a QuantizeLinear or quantized constant")
+                                f"{src.op_type if src else 'a graph input'}, "
+                                f"not a QuantizeLinear or quantized constant")
         elif n.op_type in COMPUTE:
             for i, what in ((0, "data input"), (1, "weight")):
                 src = producer.get(n.input[i])

@@ -11,8 +11,9 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from compress.export import export_float, export_qcdq, to_openvino
-from compress.parity import diverging_layers
+from compress.export import export_float, export_qcdq
+from compress.parity import diverging_layers, onnx_points
+from targets.openvino import to_ir
 
 SHAPE = (1, 12, 12)
 NAMES = ["conv1", "block.0", "conv3", "fc"]
@@ -77,7 +78,7 @@ def exports(tmp_path_factory):
     for kind in ("float", "int8"):
         scale_weight_of(d / f"{kind}.onnx", d / f"{kind}-bad.onnx", 1)
         for name in (kind, f"{kind}-bad"):
-            to_openvino(d / f"{name}.onnx", d / f"{name}.xml")
+            to_ir(d / f"{name}.onnx", d / f"{name}.xml")
     return d, x, {"float": f, "int8": q}
 
 
@@ -93,10 +94,10 @@ def run(exports, kind, backend, bad):
 def test_correct_export_matches_torch_layer_by_layer(exports, kind, backend):
     res = run(exports, kind, backend, bad=False)
     assert res["mapped"], res.get("reason")
-    assert [l["module"] for l in res["layers"]] == NAMES
+    assert [lyr["module"] for lyr in res["layers"]] == NAMES
     assert res["first_diverging"] is None
     # float: rounding only; int8: activation rounding ties between runtimes and brevitas
-    assert max(l["rel_error"] for l in res["layers"]) < (1e-4 if kind == "float" else 0.01)
+    assert max(lyr["rel_error"] for lyr in res["layers"]) < (1e-4 if kind == "float" else 0.01)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
@@ -107,7 +108,7 @@ def test_scaled_weight_names_that_layer(exports, kind, backend):
     assert res["mapped"] and first is not None
     assert first["module"] == "block.0" and first["op"] == "Conv"
     assert first["node"] == ("/block.0/Conv" if kind == "int8" else "/block/block.0/Conv")
-    errs = [l["rel_error"] for l in res["layers"]]
+    errs = [lyr["rel_error"] for lyr in res["layers"]]
     assert errs[0] < 0.01 and errs[1] > 0.5  # conv1 intact; block.0 is off by its factor
 
 
@@ -126,6 +127,7 @@ def test_deployment_that_fails_parity_names_the_layer(exports, tmp_path):
     per-layer table in report.md."""
     from compress.config import load_config
     from compress.deploy import deploy_one
+    from compress.plan import deployment_plan
     from compress.report import diverging_markdown
     from tests.conftest import ROOT
     d, x, models = exports
@@ -135,14 +137,11 @@ def test_deployment_that_fails_parity_names_the_layer(exports, tmp_path):
     with torch.no_grad():
         ref = models["float"](torch.from_numpy(x)).numpy()
 
-    class P:  # the pipeline's view deploy_one needs
-        run_dir = tmp_path
-        cfg = load_config(ROOT / "examples" / "tiny.yaml", ["profile.runs=100", "profile.throughput_runs=1",
-                                                             "profile.max_warmup=0"])
-        log = staticmethod(lambda s: None)
-    tcfg = P.cfg.targets[0]
+    cfg = load_config(ROOT / "examples" / "tiny.yaml", ["profile.runs=100", "profile.throughput_runs=1",
+                                                         "profile.max_warmup=0"])
+    plan = deployment_plan(cfg, [], {}, None, tmp_path, log=lambda s: None)
     manifest = {"precision": "fp32", "files": {"onnx": "model.onnx"}}
-    row = deploy_one(P, "distill", sdir, manifest, tcfg, x, ref.argmax(1), ref, model=models["float"])
+    row = deploy_one(plan, "distill", sdir, manifest, plan.targets[0], x, ref.argmax(1), ref, model=models["float"])
     assert row["status"] == "failed", row
     assert "first diverging layer: block.0 (/block/block.0/Conv)" in row["reason"]
     md = "\n".join(diverging_markdown([row]))
@@ -150,20 +149,33 @@ def test_deployment_that_fails_parity_names_the_layer(exports, tmp_path):
     json.dumps(row)  # the row goes into report.json as it is
 
 
-def test_ort_reads_an_int8_layer_with_every_earlier_layer_on_its_int8_kernel(exports, tmp_path):
-    """Exposing a tensor inside a Q/DQ group stops ORT's QLinearConv fusion; the prefix graph
-    the diagnosis runs for a layer keeps all layers before it fused."""
+def ort_ops(model: onnx.ModelProto, path) -> dict:
+    """Op types of the graph ORT runs after its optimizations (ORT_ENABLE_ALL, as deployed)."""
     from collections import Counter
 
     import onnxruntime as ort
-
-    from compress.parity import _prefix, onnx_points
-    d = exports[0]
-    model = onnx.load(str(d / "int8.onnx"))
-    third = onnx_points(model)[2]  # conv3: conv1 and block.0 come before it
     so = ort.SessionOptions()
-    so.optimized_model_filepath, so.log_severity_level = str(tmp_path / "opt.onnx"), 3
-    ort.InferenceSession(_prefix(model, third["tensor"]).SerializeToString(), so,
-                         providers=["CPUExecutionProvider"])
-    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
-    assert ops["QLinearConv"] == 2 and ops["Gemm"] + ops["QGemm"] == 0
+    so.optimized_model_filepath, so.log_severity_level = str(path), 3
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def test_ort_reads_an_int8_layer_with_every_earlier_layer_on_its_int8_kernel(exports, tmp_path):
+    """Exposing a tensor inside a Q/DQ group stops ORT's QLinearConv fusion; the prefix graph
+    the diagnosis runs for a layer keeps all layers before it fused, as many as the full graph."""
+    from targets.onnxruntime import prefix_graph
+    model = onnx.load(str(exports[0] / "int8.onnx"))
+    full = ort_ops(model, tmp_path / "full.onnx")
+    assert full["QLinearConv"] == 3 and full["QGemm"] == 1  # conv1, block.0, conv3; fc
+    points = onnx_points(model)
+    fused = [ort_ops(prefix_graph(model, p["tensor"]), tmp_path / f"p{i}.onnx")["QLinearConv"]
+             for i, p in enumerate(points)]
+    assert fused == [0, 1, 2, 3]  # the prefix of layer i: the i convolutions before it, all int8
+
+
+def test_a_backend_that_cannot_read_layers_says_so(exports):
+    """No other backend stands in: the TensorRT row's diagnosis says it was not done, and why."""
+    d, x, models = exports
+    res = diverging_layers(models["float"], d / "float-bad.onnx", d / "float-bad.onnx", "tensorrt", x, 0.02)
+    assert not res["mapped"] and res["layers"] == [] and res["first_diverging"] is None
+    assert res["reason"].startswith("tensorrt cannot read layer outputs: ")

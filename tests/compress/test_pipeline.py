@@ -272,11 +272,10 @@ def test_parity_gate_fails_a_corrupted_export_and_passes_a_correct_one(tiny_run)
         ref = model(torch.from_numpy(x)).numpy()
     labels = data.test.labels.numpy()
 
-    class P:  # the pipeline's view deploy_one needs
-        run_dir = out / "tiny"
-        cfg = load_config(TINY, [f"output.dir={out}", "profile.runs=100", "profile.throughput_runs=1"])
-        log = staticmethod(lambda s: None)
-    tcfg = P.cfg.targets[0]
+    from compress.plan import deployment_plan
+    P = deployment_plan(load_config(TINY, [f"output.dir={out}", "profile.runs=100", "profile.throughput_runs=1"]),
+                        [], {}, data, out / "tiny", log=lambda s: None)
+    tcfg = P.targets[0]
     good = deploy_one(P, "distill", sdir, manifest, tcfg, x, labels, ref)
     assert good["status"] == "ok", good["reason"]
 

@@ -1,7 +1,6 @@
 """Quantization formats end to end: the Q/DQ graph each format exports, what ORT and OpenVINO
 execute, agreement with the brevitas model, rebuilds, and the user errors of the config."""
 import copy
-import types
 
 import numpy as np
 import onnx
@@ -117,9 +116,11 @@ def test_executed_precision_gate_fails_a_float_only_run_and_passes_int8_and_weig
     export behind an int8 manifest); a real int8 export and an honest weight-only one pass."""
     from compress.config import load_config
     from compress.deploy import deploy_one
-    pipe = types.SimpleNamespace(run_dir=tmp_path, log=lambda s: None, cfg=load_config(
-        ROOT / "examples" / "tiny.yaml", ["profile.runs=100", "profile.throughput_runs=1", "profile.warmup=1"]))
-    tcfg = pipe.cfg.targets[0]  # onnxruntime
+    from compress.plan import deployment_plan
+    cfg = load_config(ROOT / "examples" / "tiny.yaml", ["profile.runs=100", "profile.throughput_runs=1",
+                                                         "profile.warmup=1"])
+    pipe = deployment_plan(cfg, [], {}, tiny_data, tmp_path, lambda s: None)
+    tcfg = pipe.targets[0]  # onnxruntime
     x = tiny_data.normalize_np(tiny_data.test.images.numpy())
     labels = tiny_data.test.labels.numpy()
     for name, kw in (("int8", {}), ("weight-only", dict(act_bits=16))):

@@ -71,6 +71,22 @@ def test_fixed_batch_file_and_wrong_backend_are_clear_errors(tmp_path):
     assert ok.exit_code == 0 and json.loads(ok.output)["throughput"]["batch"] == 2
     (tmp_path / "m.xml").write_text("<net/>")
     res = profile(tmp_path / "m.xml", "--backend", "onnxruntime")
-    assert res.exit_code == 2 and "onnxruntime runs ONNX files, not OpenVINO IR" in res.output
+    assert res.exit_code == 2 and "m.xml: onnxruntime compiles .onnx files, not .xml" in res.output
     res = profile(tmp_path / "m.xml", "--backend", "openvino")
     assert res.exit_code == 2 and "m.xml: not a readable OpenVINO IR" in res.output, res.output
+
+
+def test_backend_options_are_checked_by_the_backend(tmp_path):
+    """--option KEY=VALUE (and the --hint/--inter-op/--graph-opt shorthands) go through the
+    backend's own options model: applied where they belong, one clear error where not."""
+    tiny_onnx(tmp_path / "m.onnx", np.random.default_rng(0))
+    ok = profile(tmp_path / "m.onnx", "--backend", "openvino", "--option", "performance_hint=THROUGHPUT", "--json")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["runtime"]["performance_hint"] == "THROUGHPUT"  # read from the compiled model
+    res = profile(tmp_path / "m.onnx", "--backend", "onnxruntime", "--hint", "THROUGHPUT")
+    assert res.exit_code == 2 and "--option: performance_hint: Extra inputs are not permitted" in res.output
+    assert "(options of onnxruntime: graph_optimization, inter_op_threads)" in res.output
+    res = profile(tmp_path / "m.onnx", "--graph-opt", "fastest")
+    assert res.exit_code == 2 and "graph_optimization: Input should be 'disable', 'basic'" in res.output
+    res = profile(tmp_path / "m.onnx", "--backend", "tflite")
+    assert res.exit_code == 2 and "--backend: unknown backend 'tflite'" in res.output

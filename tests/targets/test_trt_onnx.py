@@ -108,7 +108,7 @@ def test_brevitas_unsigned_activations_are_named(tmp_path):
                                            r"zero point type UINT8"):
         make_trt_ready(tmp_path / "q.onnx", tmp_path / "q.trt.onnx")
     # a skipped TensorRT row carries the same verdict, first offending node named
-    verdict = base.get("tensorrt").check_without_gpu(tmp_path / "q.onnx", base.CompileOptions(work_dir=tmp_path), x)
+    verdict = base.get("tensorrt").check_offline(tmp_path / "q.onnx", base.CompileOptions(work_dir=tmp_path), x)
     assert verdict.startswith("TRT-ready ONNX check FAILED: QuantizeLinear '/") and "UINT8" in verdict
 
 
@@ -129,8 +129,8 @@ def test_signed_activations_make_a_trt_ready_int8_export(tmp_path):
     zps = [i for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer if i.data_type == onnx.TensorProto.UINT8]
     assert not zps
     make_trt_ready(tmp_path / "q.onnx", tmp_path / "q.trt.onnx")
-    verdict = base.get("tensorrt").check_without_gpu(tmp_path / "q.onnx", base.CompileOptions(work_dir=tmp_path), x)
-    assert "FAILED" not in verdict
+    verdict = base.get("tensorrt").check_offline(tmp_path / "q.onnx", base.CompileOptions(work_dir=tmp_path), x)
+    assert verdict.startswith("TRT-ready ONNX (int8) passes onnx.checker and Q/DQ placement"), verdict
 
 
 def test_tensorrt_target_is_skipped_here_with_the_precise_reason():
@@ -151,9 +151,12 @@ def test_tensorrt_engine_builds_runs_and_is_timed_on_the_gpu(tmp_path, fp16):
     if not ok:
         pytest.skip(reason)
     ref = tiny_onnx(tmp_path / "m.onnx", np.random.default_rng(0))
-    runner = base.get("tensorrt").compile(tmp_path / "m.onnx", base.CompileOptions(
-        work_dir=tmp_path, options={"fp16_weights": fp16, "batch_profile": (1, 4, 8)}))
+    target = base.get("tensorrt")
+    runner = target.compile(tmp_path / "m.onnx", base.CompileOptions(
+        work_dir=tmp_path, options=target.Options(fp16_weights=fp16, batch_profile=(1, 4, 8))))
     np.testing.assert_allclose(runner(X), ref(X), atol=1e-2 if fp16 else 1e-3, rtol=1e-2)
-    assert (tmp_path / "m.engine").is_file() and runner.info["batch_profile"] == [1, 4, 8]
+    assert (tmp_path / "m.engine").is_file()
+    shapes = runner.engine.get_tensor_profile_shape(runner.input_name, 0)  # the engine's own (min, opt, max)
+    assert [tuple(s)[0] for s in shapes] == [1, 4, 8]
     assert runner.info["trt_onnx"]["precision"] == ("fp16" if fp16 else "fp32")
     assert len(runner.inner_ms) == 1 and runner.inner_ms[0] > 0

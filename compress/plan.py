@@ -1,0 +1,117 @@
+"""What deployment needs from a run, typed: the artifacts per stage, the targets with their
+options, the evaluation data, the parity and profile settings, the run's identity. Built
+once by `deployment_plan` from the run config; compress.deploy and compress.report read
+only this, never the config or the pipeline."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from pydantic import BaseModel
+from torch import nn
+
+from compress.errors import UserError
+
+if TYPE_CHECKING:  # the builder reads the config; nothing else here depends on it
+    from calib.datasets import Dataset
+    from compress.config import RunConfig
+
+
+def sparse_layers(structure) -> list[str]:
+    """The one read of a stage's structure record deployment makes: its 2:4 layers."""
+    return list(structure.sparsity)
+
+
+@dataclass(frozen=True)
+class Parity:
+    """The gate a deployment must pass, and the diagnosis run when it does not."""
+    min_agreement: float = 0.98
+    max_acc_drop: float = 0.005
+    max_abs_diff: Optional[float] = None
+    layer_tolerance: float = 0.02
+    diagnose_batch: int = 32
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The timing harness's settings (targets/profile.py)."""
+    warmup: int = 20
+    max_warmup: int = 1000
+    settle_tolerance: float = 0.05
+    runs: int = 200
+    throughput_batch: int = 64
+    throughput_runs: int = 30
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One targets[] entry: the backend, its generic settings and its own options model."""
+    backend: str
+    threads: Optional[int] = None
+    device: str = "cpu"
+    options: Optional[BaseModel] = None  # the backend's Options; None: its defaults
+    parity: Parity = field(default_factory=Parity)
+
+
+@dataclass
+class StageArtifact:
+    """A stage's model as deployment sees it: where its files go, what it is."""
+    name: str
+    model: nn.Module
+    dir: Path
+    structure: Any  # the stage's compress.structure.Structure; read only through sparse_layers()
+    export_hash: str  # marks the exports in `dir` as made from this model and these settings
+
+
+@dataclass
+class EvalData:
+    """The test split every backend is measured on: raw pixels, labels, and the dataset's
+    normalization (recorded in each manifest, from which a deployment preprocesses)."""
+    dataset: "Dataset"
+    batch_size: int = 500
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    name: str
+    run_dir: Path
+    config_hash: str
+    seed: int = 0
+
+
+@dataclass
+class DeploymentPlan:
+    run: RunIdentity
+    stages: list[StageArtifact]
+    targets: list[TargetSpec]
+    data: EvalData
+    profile: Profile = field(default_factory=Profile)
+    opset: int = 17
+    log: Callable[[str], None] = print
+
+
+def target_spec(entry) -> TargetSpec:
+    """A validated targets[] entry (compress.config.TargetConfig) as deployment reads it."""
+    return TargetSpec(backend=entry.backend, threads=entry.threads, device=entry.device,
+                      options=entry.options, parity=Parity(**entry.parity.model_dump()))
+
+
+def deployment_plan(cfg: "RunConfig", rows: list[dict], models: dict, data: "Dataset",
+                    run_dir: Path, log: Callable[[str], None] = print) -> DeploymentPlan:
+    """rows: the stage rows (metrics, each with its chained config_hash); models: stage name
+    -> (model, stage dir, structure), in run order."""
+    from compress.config import config_hash
+    wanted = cfg.export.stages or list(models)
+    unknown = [s for s in wanted if s not in models]
+    if unknown:
+        raise UserError(f"export.stages: {unknown} are not stages of this run ({list(models)})")
+    stage_hash = {r["name"]: r["config_hash"] for r in rows}
+    # True: the IR flag these hashes held before each target prepared its own artifact;
+    # kept so the exports of finished runs stay valid
+    stages = [StageArtifact(name, *models[name], export_hash=config_hash(stage_hash[name], cfg.export.opset, True))
+              for name in wanted]
+    return DeploymentPlan(
+        run=RunIdentity(cfg.name, Path(run_dir), config_hash(cfg), cfg.seed), stages=stages,
+        targets=[target_spec(t) for t in cfg.targets], data=EvalData(data, cfg.data.eval_batch_size),
+        profile=Profile(**cfg.profile.model_dump()), opset=cfg.export.opset, log=log)
