@@ -7,14 +7,13 @@ ONNX Runtime and OpenVINO, plus the intact file's largest per-layer error.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from compress.parity import diverging_layers
-from compress.pipeline import rebuild
+from compress.structure import Structure, rebuild
 from targets.openvino import to_ir as to_openvino
 from tests.compress.test_parity import scale_weight_of
 
@@ -30,7 +29,7 @@ def main() -> None:
     x = np.random.default_rng(0).standard_normal((32, 1, 28, 28)).astype(np.float32)
     for stage in a.stages:
         d = a.runs_dir / stage
-        model = rebuild(json.loads((d / "structure.json").read_text()), d / "model.safetensors")
+        model = rebuild(Structure.read(d / "structure.json"), d / "model.safetensors")
         bad = out / f"{stage}-bad.onnx"
         node = scale_weight_of(d / "model.onnx", bad, a.conv)
         to_openvino(bad, bad.with_suffix(".xml"))

@@ -26,10 +26,11 @@ from calib.datasets import FASHION_MNIST_DEFAULT_ROOT, fashion_mnist
 from calib.sampling import calibration_split
 from compress.checkpoint import load_into, read_state_dict
 from compress.distill.objectives import CE, ReverseKL
+from compress.measure import LatencyService, LatencySession, model_stats
 from compress.models import build_model, count_params
-from compress.pipeline import RunContext, model_stats
-from compress.prune import LatencyTarget, PruneConfig, run
-from compress.prune.budget import compile_float, paired_p50
+from compress.prune import LatencyTarget, PruneConfig, PruneStage
+from compress.stage import RunContext
+from compress.structure import Structure
 from compress.train import TrainConfig, accuracy, fit, predict
 from targets import base as targets
 
@@ -45,10 +46,8 @@ def quiet(_):
 def latency_vs(reference: nn.Module, model: nn.Module, x: np.ndarray, work: Path, runs=300) -> dict:
     out = {}
     for backend in ("onnxruntime", "openvino"):
-        t = LatencyTarget(backend=backend, threads=1, speedup=2, runs=runs)
-        a = compile_float(reference, work / f"{backend}-ref", x.shape[1:], targets.get(backend), t)
-        b = compile_float(model, work / f"{backend}-m", x.shape[1:], targets.get(backend), t)
-        ref_ms, ms = paired_p50(a, b, x, runs)
+        with LatencyService(x.shape[1:]).session(backend, 1, x) as s:
+            ref_ms, ms = s.paired_p50(s.compile(reference), s.compile(model), runs)
         out[backend] = (ms, ms / ref_ms)
     return out
 
@@ -56,8 +55,7 @@ def latency_vs(reference: nn.Module, model: nn.Module, x: np.ndarray, work: Path
 def round_to_check(work: Path) -> list[str]:
     """One conv (C -> C, 3x3, 14x14 input) at widths around 64: does leaving the grid of 8
     cost more than the channels it removes?"""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self, c):
@@ -88,7 +86,8 @@ def round_to_check(work: Path) -> list[str]:
                     ov.save_model(ov.convert_model(str(path)), str(d / f"{kind}.xml"), compress_to_fp16=False)
                     path = d / f"{kind}.xml"
                 r = targets.get(backend).compile(path, CompileOptions(threads=1, precision="int8" if kind == "q" else "fp32", work_dir=d))
-                ms[kind, backend] = paired_p50(r, r, x, 200)[0]
+                with LatencySession(backend, 1, x, x.shape[1:], 17) as s:
+                    ms[kind, backend] = s.paired_p50(r, r, 200)[0]
         lines.append(f"| {c} | {ms['f', 'onnxruntime']:.4f} | {ms['f', 'openvino']:.4f} | "
                      f"{ms['q', 'onnxruntime']:.4f} | {ms['q', 'openvino']:.4f} |")
     return lines
@@ -113,7 +112,9 @@ def main():
     teacher.eval()
     ctx = RunContext(data=data, calib=calibration_split(data.train, 1024, 0), teacher=teacher,
                      device=torch.device("cpu"), run_dir=work, log=quiet, seed=0, batch_size=128,
-                     structure={}, eval_each_epoch=False, teacher_key="bench-teacher", data_key="fmnist")
+                     structure=Structure(model=args.student, num_classes=10, in_channels=1, input_shape=[1, 28, 28]),
+                     latency=LatencyService(data.input_shape), model_stats=model_stats,
+                     eval_each_epoch=False, teacher_key="bench-teacher", data_key="fmnist")
     torch.manual_seed(0)
     student = build_model(args.student, 10, 1)
     fit(student, data, TrainConfig(epochs=args.student_epochs, loss=KD, lr=0.1, warmup_epochs=0.5,
@@ -124,23 +125,22 @@ def main():
         return accuracy(predict(m, data.test, data), data.test.labels)
 
     x = ctx.data.normalize(ctx.calib.images[:1]).numpy()
-    s = model_stats(student, student, data)
+    s = model_stats(student, student, data.input_shape)
     print(f"unpruned {args.student}: {acc(student):.4f}, {s['params']:,} params, {s['macs']:,} MACs", flush=True)
     rows = []
     for ratio in ([] if args.only_budget else args.ratios):
         for method, cfg in (
                 ("one-shot + finetune (CE)", PruneConfig(ratio=ratio, steps=1, epochs=args.epochs, loss=[CE()], **RECOVERY)),
                 ("3 steps + KD recovery", PruneConfig(ratio=ratio, steps=3, epochs=args.epochs, loss=KD, **RECOVERY))):
-            ctx.structure, ctx.metrics = {}, {}
-            m = run(copy.deepcopy(student), ctx, cfg).eval()
-            st = model_stats(m, m, data)
+            m = PruneStage().run(copy.deepcopy(student), ctx, cfg).model.eval()
+            st = model_stats(m, m, data.input_shape)
             lat = latency_vs(student, m, x, work)
             rows.append((ratio, method, acc(m), st["params"], st["macs"], lat))
             print(rows[-1], flush=True)
-    ctx.structure, ctx.metrics = {}, {}
     target = LatencyTarget(backend="openvino", threads=1, speedup=2.0, runs=300)
-    m = run(copy.deepcopy(student), ctx, PruneConfig(target=target, steps=3, epochs=args.epochs, loss=KD, **RECOVERY)).eval()
-    search = ctx.metrics["latency_search"]
+    res = PruneStage().run(copy.deepcopy(student), ctx,
+                           PruneConfig(target=target, steps=3, epochs=args.epochs, loss=KD, **RECOVERY))
+    m, search = res.model.eval(), res.metrics["latency_search"]
     print(f"\nunpruned {args.student}: accuracy {acc(student):.4f}, {s['params']:,} params, {s['macs']:,} MACs; "
           f"recovery {args.epochs:g} epochs each (sgd lr 0.02, batch 128); KD = reverse_kl T4 0.9 + ce 0.1 "
           f"from resnet_teacher; b1 latency fp32, 1 thread, as a ratio to the unpruned model timed "

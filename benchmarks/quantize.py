@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,9 +27,11 @@ from calib.synthetic import SynthesisConfig, load_or_synthesize
 from compress.checkpoint import load_into, read_state_dict
 from compress.distill.objectives import CAKLD, CE, KL
 from compress.export import export_float, export_model
+from compress.measure import model_stats
 from compress.models import build_model
-from compress.pipeline import RunContext, file_digest, rebuild
-from compress.quantize import QuantizeConfig, run
+from compress.pipeline import RunContext, file_digest
+from compress.quantize import QuantizeConfig, QuantizeStage
+from compress.structure import Structure, rebuild
 from compress.train import accuracy, predict
 from targets import base
 from targets.openvino import to_ir as to_openvino
@@ -124,7 +125,8 @@ def main():
 
     data = fashion_mnist(args.data_root)
     sdir = Path(args.student)
-    student = rebuild(json.loads((sdir / "structure.json").read_text()), sdir / "model.safetensors")
+    structure = Structure.read(sdir / "structure.json")
+    student = rebuild(structure, sdir / "model.safetensors")
     teacher = build_model("resnet_teacher", 10, 1)
     load_into(teacher, read_state_dict(Path(args.teacher)), args.teacher)
     teacher.eval()
@@ -138,7 +140,7 @@ def main():
 
     def ctx_for(calib_split, run_dir):
         return RunContext(data=data, calib=calib_split, teacher=teacher, device=torch.device("cpu"),
-                          run_dir=work, log=log, seed=0, batch_size=128, structure={},
+                          run_dir=work, log=log, seed=0, batch_size=128, structure=structure, model_stats=model_stats,
                           eval_each_epoch=False, teacher_key=file_digest(Path(args.teacher)),
                           data_key="fashion_mnist-full")
 
@@ -169,18 +171,19 @@ def main():
             cs = synthetic
             extra["bn_distance"] = list(synthetic.bn_distance)
         ctx = ctx_for(cs, work)
-        q = run(copy.deepcopy(student), ctx, QuantizeConfig(**kw))
+        res = QuantizeStage().run(copy.deepcopy(student), ctx, QuantizeConfig(**kw))
+        q = res.model
         rdir = work / name.split(" (")[0].replace(" ", "_").replace(",", "").replace("/", "-").replace("+", "p")
         manifest = export_model(q, rdir, data, 17, True, name)
         ref = predict(q, data.test, data)
-        row = {"row": name, "torch": accuracy(ref, labels), "ptq_torch": ctx.metrics["ptq_accuracy"],
-               "format": ctx.metrics["format"], "avg_weight_bits": ctx.metrics["avg_weight_bits"],
+        row = {"row": name, "torch": accuracy(ref, labels), "ptq_torch": res.metrics["ptq_accuracy"],
+               "format": res.metrics["format"], "avg_weight_bits": res.metrics["avg_weight_bits"],
                "packed_weight_bytes": manifest["quant_format"]["packed_weight_bytes"],
                "precision": manifest["precision"], "seconds": time.time() - t0, **extra,
                **measure(rdir / "model.onnx", rdir / "model.xml", x, labels, ref, rdir, args.runs)}
-        if "mixed_precision" in ctx.metrics:
-            row["mixed_precision"] = ctx.metrics["mixed_precision"]
-            row["sensitivity"] = ctx.metrics["sensitivity"]
+        if "mixed_precision" in res.metrics:
+            row["mixed_precision"] = res.metrics["mixed_precision"]
+            row["sensitivity"] = res.metrics["sensitivity"]
         results.append(row)
         log(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'sensitivity'}, default=str)}")
 

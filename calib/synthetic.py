@@ -19,17 +19,20 @@ from torch import nn
 
 from calib.datasets import Split
 from compress.errors import UserError
+from compress.hooks import OutputCapture
 
 
 class SynthesisConfig(BaseModel):
     """How data-free calibration images are synthesized (data.calibration: synthetic)."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    source: Literal["teacher", "student"] = Field(
-        "teacher", description="whose BatchNorm statistics the images fit: the teacher, or the float model entering the quantize stage (ZeroQ's own setting; far cheaper when the teacher is large)")
+    source: Literal["teacher", "student"] = Field("teacher")
+    """whose BatchNorm statistics the images fit: the teacher, or the float model entering the quantize stage (ZeroQ's
+    own setting; far cheaper when the teacher is large)"""
     steps: int = Field(200, ge=1, description="Adam steps per batch of synthesized images (ZeroQ used 500 on ImageNet)")
     lr: float = Field(0.1, gt=0, description="Adam learning rate on the pixel logits")
-    batch_size: int = Field(128, ge=2, description="images optimized together: the BN batch statistics are taken over this batch")
+    batch_size: int = Field(128, ge=2)
+    """images optimized together: the BN batch statistics are taken over this batch"""
 
 
 @dataclass
@@ -55,9 +58,9 @@ class BNStats:
             raise UserError("data.calibration: synthetic needs a model with BatchNorm layers "
                             "(their running statistics are what the images are fitted to)")
         self.terms: list[torch.Tensor] = []
-        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
+        self.capture = OutputCapture(None, modules=[(str(i), m) for i, m in enumerate(self.layers)], fn=self._hook)
 
-    def _hook(self, m, inputs, _out):
+    def _hook(self, _name, m, inputs, _out):
         x = inputs[0]
         dims = [d for d in range(x.dim()) if d != 1]
         mean, var = x.mean(dims), x.var(dims, unbiased=False)
@@ -69,8 +72,7 @@ class BNStats:
         return out
 
     def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+        self.capture.close()
 
 
 def bn_distance(model: nn.Module, x: torch.Tensor) -> float:

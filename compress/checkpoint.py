@@ -19,7 +19,6 @@ from torch import nn
 
 from compress.errors import UserError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -1,7 +1,8 @@
 """The run configuration: one YAML file, pydantic models per section.
 
-Stage configs live beside their code (compress/distill, prune.py, quantize.py) and are
-gathered here into one discriminated union on `kind`. Unknown keys are errors that name
+Stage configs live beside their code (compress/distill, prune/, quantize/); `stages` items
+validate against the configs in the one table of stage kinds (compress/stages.py), as a
+discriminated union on `kind`. Unknown keys are errors that name
 the key path and the file; `--set a.b=c` overrides are applied before validation.
 """
 from __future__ import annotations
@@ -9,20 +10,27 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 
 from calib.datasets import FASHION_MNIST_DEFAULT_ROOT
 from calib.synthetic import SynthesisConfig
+from compress import stages as stage_table
 from compress.distill.objectives import NEEDS_TEACHER
-from compress.distill.stage import DistillConfig
 from compress.errors import UserError
 from compress.models import check_model_spec
-from compress.prune import PruneConfig
-from compress.quantize import QuantizeConfig
 from compress.train import TrainConfig
 from targets import base as backends
 
@@ -32,7 +40,8 @@ class ConfigError(UserError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # a docstring under a field is its description (litgpt's TrainArgs): lines stay short
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class SyntheticConfig(Strict):
@@ -47,13 +56,17 @@ class SyntheticConfig(Strict):
 
 class DataConfig(Strict):
     """Where the images come from and how they are batched."""
-    dataset: str = Field("fashion_mnist", description="fashion_mnist | synthetic | 'pkg.module:factory' returning calib.datasets.Dataset")
+    dataset: str = Field("fashion_mnist")
+    """fashion_mnist | synthetic | 'pkg.module:factory' returning calib.datasets.Dataset"""
     root: str = Field(FASHION_MNIST_DEFAULT_ROOT, description="folder with the four Fashion-MNIST IDX .gz files")
     batch_size: int = Field(128, ge=1, description="training batch size")
     eval_batch_size: int = Field(500, ge=1, description="batch size for accuracy passes")
     calib_samples: int = Field(1024, ge=1, description="calibration subset size (stratified, seeded)")
-    calibration: Literal["real", "synthetic"] = Field("real", description="real: a stratified subset of the training split; synthetic: data-free images fitted to BatchNorm statistics (ZeroQ; whose: synthesis.source), used to calibrate and distill the quantize stage")
-    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig, description="used when calibration is synthetic")
+    calibration: Literal["real", "synthetic"] = Field("real")
+    """real: a stratified subset of the training split; synthetic: data-free images fitted to BatchNorm statistics
+    (ZeroQ; whose: synthesis.source), used to calibrate and distill the quantize stage"""
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    """used when calibration is synthetic"""
     limit_train: Optional[int] = Field(None, ge=1, description="use a stratified subset of this many training examples")
     limit_test: Optional[int] = Field(None, ge=1, description="use a stratified subset of this many test examples")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="used when dataset is synthetic")
@@ -70,6 +83,7 @@ class DataConfig(Strict):
 
 class TeacherTrainConfig(TrainConfig):
     """Training of the teacher when no checkpoint is given (CE only)."""
+    model_config = ConfigDict(use_attribute_docstrings=True)
     optimizer: Literal["adamw", "sgd"] = Field("sgd", description="adamw or sgd (momentum, nesterov)")
     lr: float = Field(0.1, gt=0, description="peak learning rate")
 
@@ -84,8 +98,10 @@ class TeacherTrainConfig(TrainConfig):
 class TeacherConfig(Strict):
     """The trained model to compress: a checkpoint, or trained here first."""
     model: str = Field("resnet_teacher", description="zoo name or 'pkg.module:factory'")
-    checkpoint: Optional[str] = Field(None, description="state_dict (.safetensors, or .pt read with weights_only=True); relative to the config file")
-    train: Optional[TeacherTrainConfig] = Field(None, description="train the teacher as the first stage when no checkpoint is given")
+    checkpoint: Optional[str] = Field(None)
+    """state_dict (.safetensors, or .pt read with weights_only=True); relative to the config file"""
+    train: Optional[TeacherTrainConfig] = Field(None)
+    """train the teacher as the first stage when no checkpoint is given"""
     weight: float = Field(1.0, gt=0, description="weight of this teacher in an ensemble (teacher: [..])")
 
     _check_model = field_validator("model")(lambda cls, v: check_model_spec(v))
@@ -106,8 +122,10 @@ class StudentConfig(Strict):
     _check_model = field_validator("model")(lambda cls, v: check_model_spec(v))
 
 
-StageConfig = Annotated[Union[DistillConfig, PruneConfig, QuantizeConfig],
-                        Field(discriminator="kind")]
+# the built-in kinds, for documentation (compress validate --explain); validation below reads
+# the table as it is when a config is validated, so a kind registered later validates too
+StageConfig = stage_table.config_union()
+StageItem = Annotated[Any, WrapValidator(lambda v, _handler: stage_table.validate(v))]
 
 
 class ExportConfig(Strict):
@@ -217,7 +235,8 @@ class RunConfig(Strict):
     teacher: Annotated[list[TeacherConfig], BeforeValidator(lambda v: v if isinstance(v, list) else [v])] = Field(
         description="one teacher, or a list: an ensemble (stages' `ensemble` says how outputs combine)")
     student: StudentConfig = Field(default_factory=StudentConfig)
-    stages: list[StageConfig] = Field(default_factory=list, description="ordered list of stages, each {kind: distill|prune|quantize, ...}")
+    stages: list[StageItem] = Field(default_factory=list)
+    """ordered list of stages, each {kind: distill|prune|quantize, ...}"""
     export: ExportConfig = Field(default_factory=ExportConfig)
     targets: list[TargetConfig] = Field(
         default_factory=lambda: [TargetConfig(backend=n) for n in backends.builtin()],
@@ -249,7 +268,7 @@ class RunConfig(Strict):
             # a prune stage may distill from the unpruned student itself (CoFi)
             own = getattr(s, "recovery_teacher", "configured") == "unpruned"
             t_spec = self.student.model if own else self.teachers[0].model
-            for j, f in enumerate(s.features):
+            for j, f in enumerate(getattr(s, "features", [])):  # a stage kind may train nothing
                 for role, spec in (("student", self.student.model), ("teacher", t_spec)):
                     if spec not in built:
                         built[spec] = build_model(spec, 10, self.data.synthetic.channels)

@@ -7,6 +7,11 @@ from typing import get_args
 from pydantic import BaseModel
 
 
+def _one_line(text) -> str:
+    """A field docstring wrapped over lines, as one line of help."""
+    return " ".join((text or "").split())
+
+
 def _rows(model: BaseModel, prefix: str, out: list[str]) -> None:
     for name, field in type(model).model_fields.items():
         if field.exclude:
@@ -17,11 +22,11 @@ def _rows(model: BaseModel, prefix: str, out: list[str]) -> None:
             out.append(f"{key}:  {type(value).__doc__.splitlines()[0] if type(value).__doc__ else ''}".rstrip())
             _rows(value, key + ".", out)
         elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
-            out.append(f"{key}:  {field.description or ''}")
+            out.append(f"{key}:  {_one_line(field.description)}")
             for i, item in enumerate(value):
                 _rows(item, f"{key}.{i}.", out)
         else:
-            out.append(f"{key} = {value!r}  # {field.description or ''}".rstrip(" #"))
+            out.append(f"{key} = {value!r}  # {_one_line(field.description)}".rstrip(" #"))
 
 
 def _kinds(title: str, union, out: list[str]) -> None:
@@ -32,7 +37,7 @@ def _kinds(title: str, union, out: list[str]) -> None:
         for name, f in cls.model_fields.items():
             if name != "kind":
                 default = f.default_factory() if f.default_factory else f.default
-                out.append(f"    {name} = {default!r}  # {f.description or ''}")
+                out.append(f"    {name} = {default!r}  # {_one_line(f.description)}")
 
 
 def _backends(out: list[str]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pydantic import BaseModel
 from torch import nn
@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the builder reads the config; nothing else here depends on 
 
 def sparse_layers(structure) -> list[str]:
     """The one read of a stage's structure record deployment makes: its 2:4 layers."""
-    return list(structure.get("sparsity") or [])
+    return list(structure.sparsity)
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class StageArtifact:
     name: str
     model: nn.Module
     dir: Path
-    structure: dict  # the stage's structure record; read only through sparse_layers()
+    structure: Any  # the stage's compress.structure.Structure; read only through sparse_layers()
     export_hash: str  # marks the exports in `dir` as made from this model and these settings
 
 

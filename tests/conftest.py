@@ -29,10 +29,21 @@ def trained_tiny(tiny_data):
     return model.eval()
 
 
-def make_ctx(data, teacher, run_dir, calib=256, eval_each_epoch=False):
-    """The RunContext a stage receives, for stage-level tests."""
+def make_ctx(data, teacher, run_dir, calib=256, eval_each_epoch=False, model="resnet_tiny"):
+    """The RunContext a stage receives, for stage-level tests (the pipeline's services)."""
     from calib.sampling import calibration_split
-    from compress.pipeline import RunContext
+    from compress.measure import LatencyService, model_stats
+    from compress.stage import RunContext
+    from compress.structure import Structure
+    structure = Structure(model=model, num_classes=data.num_classes, in_channels=data.input_shape[0],
+                          input_shape=list(data.input_shape))
     return RunContext(data=data, calib=calibration_split(data.train, calib, 0), teacher=teacher,
                       device=torch.device("cpu"), run_dir=run_dir, log=lambda s: None, seed=0,
-                      batch_size=64, structure={}, eval_each_epoch=eval_each_epoch)
+                      batch_size=64, structure=structure, latency=LatencyService(data.input_shape),
+                      model_stats=model_stats, eval_each_epoch=eval_each_epoch)
+
+
+def run_stage(kind, model, ctx, cfg):
+    """A stage of the table, called as the pipeline calls it -> StageResult."""
+    from compress import stages
+    return stages.get(kind).run(model, ctx, cfg)

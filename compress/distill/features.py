@@ -3,7 +3,6 @@ their qualified names, on student and teacher; adapters map student features to 
 teacher's width, train with the student, and are never part of the exported model."""
 from __future__ import annotations
 
-import difflib
 from typing import Literal
 
 import torch
@@ -12,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from compress.errors import UserError
+from compress.hooks import OutputCapture
+from compress.names import resolve
 
 
 class FeatureTerm(BaseModel):
@@ -26,12 +27,7 @@ class FeatureTerm(BaseModel):
 
 def check_names(model: nn.Module, names: list[str], where: str) -> None:
     """Fail with the closest existing names (run at config validation)."""
-    modules = {n for n, _ in model.named_modules() if n}
-    for n in names:
-        if n not in modules:
-            close = difflib.get_close_matches(n, sorted(modules), n=3)
-            raise UserError(f"{where}: no module named {n!r}"
-                            + (f" (closest: {', '.join(close)})" if close else ""))
+    resolve(model, names, where)
 
 
 def attention_map(f: torch.Tensor) -> torch.Tensor:
@@ -50,13 +46,14 @@ class FeatureDistiller(nn.Module):
                  example: torch.Tensor):
         super().__init__()
         self.terms = terms
-        self.captured: dict[str, torch.Tensor] = {}
-        self.handles = []
+        pairs = []
         for i, t in enumerate(terms):
-            check_names(student, [t.student], f"features.{i}.student")
-            check_names(teacher, [t.teacher], f"features.{i}.teacher")
-            self._hook(student.get_submodule(t.student), f"s{i}")
-            self._hook(teacher.get_submodule(t.teacher), f"t{i}")
+            pairs.append((f"s{i}", resolve(student, [t.student], f"features.{i}.student")[0]))
+            pairs.append((f"t{i}", resolve(teacher, [t.teacher], f"features.{i}.teacher")[0]))
+        # one capture for both models: the student's outputs keep their graph (the loss
+        # backpropagates through them); the teacher's are detached when read
+        self.capture = OutputCapture(None, modules=pairs)
+        self.captured = self.capture.outputs
         was_training = student.training
         with torch.no_grad():
             student.eval()(example)
@@ -73,11 +70,6 @@ class FeatureDistiller(nn.Module):
             if t.kind != "attention":
                 self.adapters[str(i)] = _adapter(s.shape[1], tt.shape[1], s.dim())
         self.captured.clear()
-
-    def _hook(self, module: nn.Module, key: str) -> None:
-        def hook(_m, _inp, out):
-            self.captured[key] = out
-        self.handles.append(module.register_forward_hook(hook))
 
     def losses(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -98,7 +90,4 @@ class FeatureDistiller(nn.Module):
         return out
 
     def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        self.captured.clear()
+        self.capture.close()

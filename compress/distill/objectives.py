@@ -88,6 +88,11 @@ class DKD(_Term):
 
 LogitTerm = Annotated[Union[CE, KL, ReverseKL, JS, MSELogits, CAKLD, TAID, DIST, DKD],
                       Field(discriminator="kind")]
+def kd_default() -> list:
+    """Hinton KD at T=4 with a little label CE: the classic recipe (Hinton et al. 2015)."""
+    return [KL(weight=0.9, temperature=4.0), CE(weight=0.1)]
+
+
 NEEDS_TEACHER = {"kl", "reverse_kl", "js", "mse_logits", "cakld", "taid", "dist", "dkd"}
 
 

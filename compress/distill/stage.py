@@ -3,24 +3,30 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
-from compress.distill.objectives import CE, KL, LogitTerm
+from compress.distill.objectives import LogitTerm, kd_default
+from compress.stage import RunContext, StageResult
 from compress.train import TrainConfig, fit
-
-
-def kd_default() -> list:
-    """Hinton KD at T=4 with a little label CE: the classic recipe (Hinton et al. 2015)."""
-    return [KL(weight=0.9, temperature=4.0), CE(weight=0.1)]
 
 
 class DistillConfig(TrainConfig):
     """Knowledge distillation of the student from the teacher."""
+    model_config = ConfigDict(use_attribute_docstrings=True)
     kind: Literal["distill"] = "distill"
-    loss: list[LogitTerm] = Field(default_factory=kd_default, description="logit terms, each {kind, weight, ...}: ce, kl, reverse_kl, js, mse_logits, cakld, taid, dist, dkd")
+    loss: list[LogitTerm] = Field(default_factory=kd_default)
+    """logit terms, each {kind, weight, ...}: ce, kl, reverse_kl, js, mse_logits, cakld, taid, dist, dkd"""
 
 
-def run(model: nn.Module, ctx, cfg: DistillConfig) -> nn.Module:
-    ctx.history = fit(model, ctx.data, cfg, **ctx.fit_kwargs("distill"))
-    return model
+class DistillStage:
+    """The student learns from the teacher; its structure does not change."""
+    config = DistillConfig
+    calibrates = False
+
+    def check(self, model: nn.Module, ctx: RunContext, cfg: DistillConfig) -> None:
+        """Feature-term names are checked when the config is validated."""
+
+    def run(self, model: nn.Module, ctx: RunContext, cfg: DistillConfig) -> StageResult:
+        history = fit(model, ctx.data, cfg, **ctx.fit_kwargs("distill"))
+        return StageResult(model, ctx.structure, history)

@@ -12,6 +12,8 @@ from torch import nn
 
 from compress.checkpoint import set_module
 from compress.errors import UserError
+from compress.hooks import OutputCapture
+from compress.names import unknown_name
 
 
 def _has_weights(m: nn.Module) -> bool:
@@ -21,21 +23,12 @@ def _has_weights(m: nn.Module) -> bool:
 def shape_preserving(model: nn.Module, example: torch.Tensor) -> dict[str, bool]:
     """For every named module: does its (first) output have the shape of its input?"""
     seen: dict[str, bool] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if not name:
-            continue
 
-        def hook(mod, inp, out, name=name):
-            if inp and isinstance(inp[0], torch.Tensor) and isinstance(out, torch.Tensor):
-                seen.setdefault(name, tuple(inp[0].shape) == tuple(out.shape))
-        hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    def same(name, _m, inp, out):
+        if inp and isinstance(inp[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            seen.setdefault(name, tuple(inp[0].shape) == tuple(out.shape))
+    with OutputCapture(None, modules=[(n, m) for n, m in model.named_modules() if n], fn=same), torch.no_grad():
+        model.eval()(example)
     return seen
 
 
@@ -47,7 +40,7 @@ def candidates(model: nn.Module, example: torch.Tensor, names: list[str]) -> lis
     if names:
         for n in names:
             if n not in modules:
-                raise UserError(f"prune.block_candidates: no module named {n!r}")
+                raise unknown_name("prune.block_candidates", n, modules)
             if not same.get(n):
                 raise UserError(f"prune.block_candidates: {n!r} changes the shape of its input, "
                                 f"so no identity can replace it")

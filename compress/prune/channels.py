@@ -6,44 +6,26 @@ gradients of the same objective), lamp, and random as a control.
 """
 from __future__ import annotations
 
-import difflib
-
 import torch
 from torch import nn
 
 from compress.distill.objectives import Objective
 from compress.errors import UserError
+from compress.names import resolve
 from compress.prune.config import PruneConfig
 
 GRADIENT_CRITERIA = {"taylor", "hessian"}
 
 
-def resolve_modules(model: nn.Module, names: list[str], field: str) -> list[nn.Module]:
-    """Qualified names -> modules, failing with the closest existing names."""
-    modules = dict(model.named_modules())
-    out = []
-    for n in names:
-        if n not in modules:
-            close = difflib.get_close_matches(n, [k for k in modules if k], n=3)
-            raise UserError(f"{field}: no module named {n!r} in the model"
-                            + (f" (closest: {', '.join(close)})" if close else ""))
-        out.append(modules[n])
-    return out
-
-
 def check(model: nn.Module, cfg: PruneConfig, where: str, input_shape=(1, 28, 28)) -> None:
-    """Run at preflight, before any training: names must exist in the student."""
+    """Run at preflight, before any training: names must exist in the student. (The
+    latency target's backend is checked by the stage, through ctx.latency.)"""
     from compress.prune import blocks, sparse
-    resolve_modules(model, cfg.ignored, f"{where}.ignored")
-    resolve_modules(model, list(cfg.layer_ratios), f"{where}.layer_ratios")
-    resolve_modules(model, cfg.block_candidates, f"{where}.block_candidates")
+    resolve(model, cfg.ignored, f"{where}.ignored")
+    resolve(model, list(cfg.layer_ratios), f"{where}.layer_ratios")
+    resolve(model, cfg.block_candidates, f"{where}.block_candidates")
     if cfg.semi_structured:
         sparse.select(model, cfg.semi_structured)
-    if cfg.target is not None:  # a latency search needs its runtime: say so before training
-        from targets import base
-        ok, why = base.get(cfg.target.backend).available()
-        if not ok:
-            raise UserError(f"{where}.target.backend={cfg.target.backend}: not available here ({why})")
     if cfg.remove_blocks:
         found = blocks.candidates(model, torch.zeros(1, *input_shape), cfg.block_candidates)
         if cfg.remove_blocks > len(found):
@@ -102,7 +84,7 @@ def protected_modules(model: nn.Module, cfg: PruneConfig, example: torch.Tensor)
     feed them (through residual adds too): torch-pruning's ignored_layers alone keeps only
     an ignored layer's outputs and still shrinks its inputs."""
     import torch_pruning as tp
-    mods = resolve_modules(model, cfg.ignored, "prune.ignored")
+    mods = resolve(model, cfg.ignored, "prune.ignored")
     if not cfg.keep_ignored_inputs:
         return mods
     dg = tp.DependencyGraph().build_dependency(model, example)
@@ -113,7 +95,8 @@ def protected_modules(model: nn.Module, cfg: PruneConfig, example: torch.Tensor)
             continue
         for dep, _ in dg.get_pruning_group(m, fn, idxs=[0]):
             target = dep.target.module
-            if isinstance(target, (nn.Conv2d, nn.Linear)) and getattr(dep.handler, "__name__", "") == "prune_out_channels":
+            feeds = getattr(dep.handler, "__name__", "") == "prune_out_channels"
+            if isinstance(target, (nn.Conv2d, nn.Linear)) and feeds:
                 out.append(target)
     return out
 

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from compress.hooks import OutputCapture
 
 
 def calib_inputs(ctx, n_batches: int):
@@ -36,28 +37,18 @@ def layer_sqnr(model: nn.Module, ctx, n_batches: int = 2) -> dict[str, float]:
     from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantWeightBiasInputOutputLayer)}
     sums = {n: [0.0, 0.0] for n in layers}
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def fn(_m, _i, out):
-            captured[name] = (out.value if hasattr(out, "value") else out).detach().float()
-        return fn
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
     model.eval()
-    try:
+    with OutputCapture(None, modules=layers.items(), detach=True) as cap:
         for xin in calib_inputs(ctx, n_batches):
             model(xin)
-            quant = dict(captured)
+            quant = dict(cap.outputs)
             with quantization_status_manager(model, disable_act_quant=True, disable_weight_quant=True,
                                              disable_bias_quant=True, is_training=False):
                 model(xin)
             for n in layers:
-                ref = captured[n]
+                ref = cap.outputs[n].float()
                 sums[n][0] += float(ref.pow(2).sum())
-                sums[n][1] += float((quant[n] - ref).pow(2).sum())
-    finally:
-        for h in handles:
-            h.remove()
+                sums[n][1] += float((quant[n].float() - ref).pow(2).sum())
     return {n: 10 * math.log10(s / max(e, 1e-20)) for n, (s, e) in sums.items()}
 
 

@@ -6,8 +6,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from compress.distill.objectives import LogitTerm
-from compress.distill.stage import kd_default
+from compress.distill.objectives import LogitTerm, kd_default
 from compress.train import TrainConfig
 
 # Bit widths are 2..8: weights are exported as int8 Q/DQ whatever their width (a b-bit
@@ -17,11 +16,14 @@ from compress.train import TrainConfig
 
 class MixedPrecisionConfig(BaseModel):
     """Per-layer weight bit widths chosen by measured sensitivity to meet a budget."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    low_bits: int = Field(4, ge=2, le=8, description="the bit width a layer may be lowered to (the high one is weight_bits)")
-    avg_bits: Optional[float] = Field(None, gt=0, le=8, description="budget: average weight bits, weighted by each layer's weight count")
-    weight_bytes: Optional[int] = Field(None, gt=0, description="budget: total packed weight bytes (sum of weights x bits / 8)")
+    low_bits: int = Field(4, ge=2, le=8)
+    """the bit width a layer may be lowered to (the high one is weight_bits)"""
+    avg_bits: Optional[float] = Field(None, gt=0, le=8)
+    """budget: average weight bits, weighted by each layer's weight count"""
+    weight_bytes: Optional[int] = Field(None, gt=0)
+    """budget: total packed weight bytes (sum of weights x bits / 8)"""
     batches: int = Field(2, ge=1, description="calibration batches each layer's sensitivity is measured on")
 
     @model_validator(mode="after")
@@ -33,24 +35,41 @@ class MixedPrecisionConfig(BaseModel):
 
 class QuantizeConfig(TrainConfig):
     """Quantization-aware distillation: brevitas PTQ calibration, then QAT epochs with KD."""
+    model_config = ConfigDict(use_attribute_docstrings=True)
     kind: Literal["quantize"] = "quantize"
-    weight_bits: int = Field(8, ge=2, le=8, description="weight bit width (per-channel, symmetric, narrow range): 8 = W8, 4 = W4")
-    act_bits: Literal[8, 16] = Field(8, description="8 = int8 activations (per tensor); 16 = activations stay float (weight-only, e.g. W4A16)")
-    activations: Literal["symmetric", "asymmetric", "signed"] = Field(
-        "symmetric", description="symmetric int8 (ReLU outputs uint8); asymmetric: each compute layer's input uint8 with a learned zero point (residual sums stay symmetric); signed: int8 everywhere, ReLU outputs too, for TensorRT (which takes no uint8; ORT CPU then cannot fuse Conv+ReLU into QLinearConv)")
-    first_layer_bits: Optional[int] = Field(None, ge=2, le=8, description="weight bits of the first compute layer (None = weight_bits)")
-    last_layer_bits: Optional[int] = Field(None, ge=2, le=8, description="weight bits of the last compute layer (None = weight_bits)")
-    layer_bits: dict[str, int] = Field(default_factory=dict, description="weight bits by qualified module name, e.g. {layers.0.conv1: 4}; wins over first/last")
-    mixed_precision: Optional[MixedPrecisionConfig] = Field(None, description="choose weight bits per layer by measured sensitivity under a budget")
+    weight_bits: int = Field(8, ge=2, le=8)
+    """weight bit width (per-channel, symmetric, narrow range): 8 = W8, 4 = W4"""
+    act_bits: Literal[8, 16] = Field(8)
+    """8 = int8 activations (per tensor); 16 = activations stay float (weight-only, e.g. W4A16)"""
+    activations: Literal["symmetric", "asymmetric", "signed"] = Field("symmetric")
+    """symmetric int8 (ReLU outputs uint8); asymmetric: each compute layer's input uint8 with a learned zero point
+    (residual sums stay symmetric); signed: int8 everywhere, ReLU outputs too, for TensorRT (which takes no uint8; ORT
+    CPU then cannot fuse Conv+ReLU into QLinearConv)"""
+    first_layer_bits: Optional[int] = Field(None, ge=2, le=8)
+    """weight bits of the first compute layer (None = weight_bits)"""
+    last_layer_bits: Optional[int] = Field(None, ge=2, le=8)
+    """weight bits of the last compute layer (None = weight_bits)"""
+    layer_bits: dict[str, int] = Field(default_factory=dict)
+    """weight bits by qualified module name, e.g. {layers.0.conv1: 4}; wins over first/last"""
+    mixed_precision: Optional[MixedPrecisionConfig] = Field(None)
+    """choose weight bits per layer by measured sensitivity under a budget"""
     calib_batches: int = Field(8, ge=1, description="batches of the calibration subset used for activation ranges")
-    equalize_iters: int = Field(0, ge=0, description="cross-layer weight equalization iterations before quantizing (data-free; 0 = off)")
-    act_equalization: float = Field(0.0, ge=0, le=1, description="activation equalization strength alpha on calibration data (SmoothQuant-style, brevitas graph mode; scales fold into the weights; 0 = off)")
-    bias_correction: bool = Field(False, description="after calibration, correct each layer's bias for the mean shift quantization causes (brevitas bias_correction_mode)")
+    equalize_iters: int = Field(0, ge=0)
+    """cross-layer weight equalization iterations before quantizing (data-free; 0 = off)"""
+    act_equalization: float = Field(0.0, ge=0, le=1)
+    """activation equalization strength alpha on calibration data (SmoothQuant-style, brevitas graph mode; scales fold
+    into the weights; 0 = off)"""
+    bias_correction: bool = Field(False)
+    """after calibration, correct each layer's bias for the mean shift quantization causes (brevitas
+    bias_correction_mode)"""
     epochs: float = Field(1, ge=0, description="QAT epochs with KD (0 = post-training quantization only)")
     lr: float = Field(2e-4, gt=0, description="QAT learning rate (small: the model is already trained)")
-    weight_decay: float = Field(0.0, ge=0, description="none by default: decay would pull weights off their quantization grid")
-    loss: list[LogitTerm] = Field(default_factory=kd_default, description="QAT objective: logit terms {kind, weight, ...} (cakld per BitDistiller)")
-    precision: Literal["auto", "bf16", "fp32"] = Field("fp32", description="fake-quant QAT runs in fp32 (bf16 would blur the int8 grid)")
+    weight_decay: float = Field(0.0, ge=0)
+    """none by default: decay would pull weights off their quantization grid"""
+    loss: list[LogitTerm] = Field(default_factory=kd_default)
+    """QAT objective: logit terms {kind, weight, ...} (cakld per BitDistiller)"""
+    precision: Literal["auto", "bf16", "fp32"] = Field("fp32")
+    """fake-quant QAT runs in fp32 (bf16 would blur the int8 grid)"""
     channels_last: bool = Field(False, description="NHWC while training")
 
     @model_validator(mode="after")
@@ -74,3 +93,10 @@ def settings(cfg: QuantizeConfig) -> dict:
             "activations": cfg.activations, "weight_scaling": "per_channel",
             "bias": "int32" if cfg.act_bits == 8 else "float", "merge_bn": True,
             "equalize_iters": cfg.equalize_iters}
+
+
+def format_name(qs: dict) -> str:
+    """W8A8, W4A8, W4A16 weight-only, W4/8A8 mixed."""
+    bits = sorted(set(qs["layer_bits"].values())) or [qs["weight_bits"]]
+    name = f"W{'/'.join(map(str, bits))}A{qs['act_bits']}"
+    return name + (" weight-only" if qs["act_bits"] == 16 else "") + (" mixed" if len(bits) > 1 else "")

@@ -5,12 +5,10 @@ Everything here is a function of the recorded settings alone, so `rebuild_quanti
 the same structure that training produced (weights then come from safetensors)."""
 from __future__ import annotations
 
-import difflib
-
 import torch
 from torch import nn
 
-from compress.errors import UserError
+from compress.names import unknown_name
 
 COMPUTE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -34,10 +32,8 @@ def check_layer_names(model: nn.Module, names, where: str) -> None:
     known = compute_layers(model)
     for n in names:
         if n not in known:
-            close = difflib.get_close_matches(n, known, n=3, cutoff=0.4)
-            hint = f"closest: {', '.join(close)}" if close else f"compute layers: {', '.join(known)}"
-            raise UserError(f"{where}: {n!r} is not a quantizable compute layer (Conv/Linear) "
-                            f"of the model; {hint}")
+            raise unknown_name(where, n, known, "no quantizable compute layer (Conv/Linear) named",
+                               fallback=f"compute layers: {', '.join(known)}")
 
 
 def resolve_bits(names: list[str], cfg) -> dict[str, int]:
@@ -67,8 +63,13 @@ def _weight_quant(bits: int):
 def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
     """Preprocessed float graph -> brevitas quant layers (structure only, no calibration)."""
     import brevitas.nn as qnn
-    from brevitas.graph.quantize import (COMPUTE_LAYER_MAP, QUANT_ACT_MAP, QUANT_IDENTITY_MAP,
-                                         layerwise_quantize, quantize)
+    from brevitas.graph.quantize import (
+        COMPUTE_LAYER_MAP,
+        QUANT_ACT_MAP,
+        QUANT_IDENTITY_MAP,
+        layerwise_quantize,
+        quantize,
+    )
     from brevitas.quant import Int32Bias
     from brevitas.quant.shifted_scaled_int import ShiftedUint8ActPerTensorFloat
 
@@ -103,7 +104,8 @@ def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
         from brevitas.quant import Int8ActPerTensorFloat
         act_map = {t: (cls, {**{k: v for k, v in kw.items() if k not in ("max_val", "min_val")},
                              "act_quant": Int8ActPerTensorFloat}) for t, (cls, kw) in QUANT_ACT_MAP.items()}
-        identity_map = {k: (cls, {**kw, "act_quant": Int8ActPerTensorFloat}) for k, (cls, kw) in QUANT_IDENTITY_MAP.items()}
+        identity_map = {k: (cls, {**kw, "act_quant": Int8ActPerTensorFloat})
+                        for k, (cls, kw) in QUANT_IDENTITY_MAP.items()}
     compute_map = dict(COMPUTE_LAYER_MAP)
     compute_map[nn.Conv2d] = (qnn.QuantConv2d, kwargs)
     compute_map[nn.Conv1d] = (qnn.QuantConv1d, kwargs)
@@ -154,7 +156,7 @@ def describe(model: nn.Module) -> dict:
             if isinstance(m, QuantWeightBiasInputOutputLayer)}
     acts = any(isinstance(m, ActQuantProxyFromInjector) and m.is_quant_enabled for m in model.modules())
     qs = {"weight_bits": max(bits.values(), default=8), "act_bits": 8 if acts else 16, "layer_bits": bits}
-    from compress.quantize.stage import format_name
+    from compress.quantize.config import format_name
     return {"format": format_name(qs), "weight_bits": bits, "act_bits": qs["act_bits"],
             "weight_only": not acts, "expected_kernels": "int8" if acts else "float",
             # b-bit weights are stored as int8 tensors clipped to the b-bit range: the file

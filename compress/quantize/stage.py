@@ -7,14 +7,23 @@ runtime does at deployment anyway.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 from torch import nn
 
 from compress.quantize.calibrate import equalize_activations, layer_sqnr, pass_calibration_data
-from compress.quantize.config import QuantizeConfig, settings
-from compress.quantize.graph import (check_layer_names, compute_layers, preprocess, quantize_graph,
-                                     resolve_bits, weight_counts)
+from compress.quantize.config import QuantizeConfig, format_name, settings
+from compress.quantize.graph import (
+    check_layer_names,
+    compute_layers,
+    preprocess,
+    quantize_graph,
+    resolve_bits,
+    weight_counts,
+)
+from compress.stage import RunContext, StageResult
+from compress.structure import QuantSettings
 from compress.train import accuracy, fit, predict
 
 
@@ -23,22 +32,8 @@ def check(model: nn.Module, cfg: QuantizeConfig, where: str) -> None:
     check_layer_names(model, list(cfg.layer_bits), f"{where}.layer_bits")
 
 
-def format_name(qs: dict) -> str:
-    """W8A8, W4A8, W4A16 weight-only, W4/8A8 mixed."""
-    bits = sorted(set(qs["layer_bits"].values())) or [qs["weight_bits"]]
-    name = f"W{'/'.join(map(str, bits))}A{qs['act_bits']}"
-    return name + (" weight-only" if qs["act_bits"] == 16 else "") + (" mixed" if len(bits) > 1 else "")
-
-
-def run(model: nn.Module, ctx, cfg: QuantizeConfig) -> nn.Module:
-    qs = settings(cfg)
-    names = compute_layers(model)
-    check(model, cfg, "quantize")
-    graph = preprocess(model, qs)
-    if cfg.act_equalization > 0:
-        regions = equalize_activations(graph, ctx, cfg.calib_batches, cfg.act_equalization)
-        ctx.metrics["act_equalization_regions"] = regions
-        ctx.log(f"  activation equalization (alpha {cfg.act_equalization}) on {regions} regions")
+def _bits(graph: nn.Module, names: list[str], qs: dict, ctx: RunContext, cfg: QuantizeConfig, metrics: dict):
+    """Each compute layer's weight bits: configured, or chosen by measured sensitivity."""
     bits = resolve_bits(names, cfg)
     weights = weight_counts(graph, names)
     if cfg.mixed_precision:
@@ -47,36 +42,67 @@ def run(model: nn.Module, ctx, cfg: QuantizeConfig) -> nn.Module:
         fixed |= {names[0]} if cfg.first_layer_bits is not None else set()
         fixed |= {names[-1]} if cfg.last_layer_bits is not None else set()
         bits, mp_metrics = mixed_precision(graph, qs, bits, fixed, weights, ctx, cfg)
-        ctx.metrics.update(mp_metrics)
+        metrics.update(mp_metrics)
         mp = mp_metrics["mixed_precision"]
         ctx.log(f"  mixed precision: {len(mp['lowered'])} layers to {cfg.mixed_precision.low_bits} bits, "
                 f"average {mp['avg_bits']:.2f} bits (target {mp['target_avg_bits']:.2f})")
-    qs["layer_bits"] = bits
-    ctx.metrics["weight_bits"] = bits
-    ctx.metrics["avg_weight_bits"] = sum(weights[n] * bits[n] for n in names) / max(1, sum(weights.values()))
-    ctx.metrics["format"] = format_name(qs)
+    metrics["weight_bits"] = bits
+    metrics["avg_weight_bits"] = sum(weights[n] * bits[n] for n in names) / max(1, sum(weights.values()))
+    return bits
+
+
+def _calibrate(graph: nn.Module, qs: dict, ctx: RunContext, cfg: QuantizeConfig, metrics: dict) -> nn.Module:
+    """Quantize the graph, calibrate its ranges (and biases), measure PTQ accuracy."""
     qmodel = quantize_graph(graph, qs)
     pass_calibration_data(qmodel, ctx, cfg.calib_batches, "calibrate")
     if cfg.bias_correction:
         pass_calibration_data(qmodel, ctx, cfg.calib_batches, "bias_correction")
     ptq_acc = accuracy(predict(qmodel, ctx.data.test, ctx.data), ctx.data.test.labels)
-    ctx.metrics["ptq_accuracy"] = ptq_acc
     synthetic = getattr(ctx.calib, "synthetic", False)
-    ctx.metrics["calibration"] = "synthetic" if synthetic else "real"
-    ctx.log(f"  {ctx.metrics['format']}: calibrated on {min(len(ctx.calib), cfg.calib_batches * ctx.batch_size)} "
+    metrics.update(ptq_accuracy=ptq_acc, calibration="synthetic" if synthetic else "real")
+    ctx.log(f"  {metrics['format']}: calibrated on {min(len(ctx.calib), cfg.calib_batches * ctx.batch_size)} "
             f"{'synthetic ' if synthetic else ''}images: PTQ accuracy {ptq_acc:.4f}")
-    if cfg.epochs > 0:
-        kwargs = ctx.fit_kwargs("qat")
-        data = ctx.data
-        if synthetic:
-            # data-free: distill on the synthesized images too, never the real training split
-            data = dataclasses.replace(ctx.data, train=ctx.calib)
-            kwargs["data_key"] = f"{ctx.data_key}-synthetic-{ctx.calib.key}"
-        ctx.history = fit(qmodel, data, cfg, **kwargs)
-    sqnr = layer_sqnr(qmodel, ctx)
-    worst = sorted(sqnr.items(), key=lambda kv: kv[1])[:3]
-    ctx.metrics["layer_sqnr_db"] = sqnr
-    ctx.metrics["worst_layers"] = [n for n, _ in worst]
-    ctx.log("  lowest per-layer SQNR: " + ", ".join(f"{n} {v:.1f} dB" for n, v in worst))
-    ctx.structure["quantize"] = qs
-    return qmodel.eval()
+    return qmodel
+
+
+def _qat(qmodel: nn.Module, ctx: RunContext, cfg: QuantizeConfig) -> list[dict]:
+    kwargs = ctx.fit_kwargs("qat")
+    data = ctx.data
+    if getattr(ctx.calib, "synthetic", False):
+        # data-free: distill on the synthesized images too, never the real training split
+        data = dataclasses.replace(ctx.data, train=ctx.calib)
+        kwargs["data_key"] = f"{ctx.data_key}-synthetic-{ctx.calib.key}"
+    return fit(qmodel, data, cfg, **kwargs)
+
+
+class QuantizeStage:
+    """brevitas fake-quant model from the float one, calibrated, then QAT with KD."""
+    config = QuantizeConfig
+    calibrates = True
+
+    def check(self, model: nn.Module, ctx: RunContext, cfg: QuantizeConfig) -> None:
+        check(model, cfg, ctx.where)
+
+    def run(self, model: nn.Module, ctx: RunContext, cfg: QuantizeConfig) -> StageResult:
+        qs = settings(cfg)
+        names = compute_layers(model)
+        check(model, cfg, "quantize")
+        # MACs are counted on the float model (the op counter does not see brevitas layers);
+        # preprocess merges BatchNorm into `model` in place, so keep it as it came
+        float_model = copy.deepcopy(model).eval()
+        metrics: dict = {}
+        graph = preprocess(model, qs)
+        if cfg.act_equalization > 0:
+            regions = metrics["act_equalization_regions"] = equalize_activations(
+                graph, ctx, cfg.calib_batches, cfg.act_equalization)
+            ctx.log(f"  activation equalization (alpha {cfg.act_equalization}) on {regions} regions")
+        qs["layer_bits"] = _bits(graph, names, qs, ctx, cfg, metrics)
+        metrics["format"] = format_name(qs)
+        qmodel = _calibrate(graph, qs, ctx, cfg, metrics)
+        history = _qat(qmodel, ctx, cfg) if cfg.epochs > 0 else []
+        sqnr = layer_sqnr(qmodel, ctx)
+        worst = sorted(sqnr.items(), key=lambda kv: kv[1])[:3]
+        metrics.update(layer_sqnr_db=sqnr, worst_layers=[n for n, _ in worst])
+        ctx.log("  lowest per-layer SQNR: " + ", ".join(f"{n} {v:.1f} dB" for n, v in worst))
+        structure = ctx.structure.model_copy(update={"quantize": QuantSettings(**qs)})
+        return StageResult(qmodel.eval(), structure, history, metrics, float_model=float_model)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from calib.datasets import (FASHION_MNIST_FILES, DataError, fashion_mnist, read_idx, synthetic)
+from calib.datasets import FASHION_MNIST_FILES, DataError, fashion_mnist, read_idx, synthetic
 from calib.sampling import stratified_indices
 
 

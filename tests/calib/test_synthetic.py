@@ -8,9 +8,9 @@ from torch import nn
 
 from calib.synthetic import SynthesisConfig, bn_distance, load_or_synthesize, synthesize
 from compress.errors import UserError
-from compress.quantize import QuantizeConfig, run
+from compress.quantize import QuantizeConfig
 from compress.train import accuracy, predict
-from tests.conftest import make_ctx
+from tests.conftest import make_ctx, run_stage
 
 CFG = SynthesisConfig(steps=40, lr=0.1, batch_size=64)
 
@@ -57,11 +57,13 @@ def test_quantize_calibrates_and_distills_on_synthetic_data(synth, trained_tiny,
     ctx.calib = split
     seen = []
     ctx.log = seen.append
-    q = run(copy.deepcopy(trained_tiny), ctx, QuantizeConfig(epochs=1, augment=False, calib_batches=2, cache="none"))
+    res = run_stage("quantize", copy.deepcopy(trained_tiny), ctx,
+                    QuantizeConfig(epochs=1, augment=False, calib_batches=2, cache="none"))
+    q = res.model
     acc_f = accuracy(predict(trained_tiny, tiny_data.test, tiny_data), tiny_data.test.labels)
-    assert ctx.metrics["calibration"] == "synthetic"
-    assert ctx.metrics["ptq_accuracy"] >= acc_f - 0.1
+    assert res.metrics["calibration"] == "synthetic"
+    assert res.metrics["ptq_accuracy"] >= acc_f - 0.1
     assert accuracy(predict(q, tiny_data.test, tiny_data), tiny_data.test.labels) >= acc_f - 0.1
     # one epoch of QAT over the 128 synthetic images at batch 64 is 2 steps, not the real
     # training split's 32: the real data was never used
-    assert [h["steps"] for h in ctx.history] == [2] and "synthetic images" in " ".join(seen)
+    assert [h["steps"] for h in res.history] == [2] and "synthetic images" in " ".join(seen)

@@ -6,7 +6,7 @@ import torch
 from compress.checkpoint import apply_shapes, load_into, read_state_dict, record_shapes, save_weights
 from compress.models import build_model, count_params
 from compress.prune import PruneConfig, check, prune_channels
-from tests.conftest import make_ctx
+from tests.conftest import make_ctx, run_stage
 
 X = torch.zeros(1, 1, 28, 28)
 
@@ -49,25 +49,25 @@ def test_unknown_ignored_name_suggests_closest(trained_tiny):
 
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "taylor", "hessian", "lamp", "random"])
 def test_every_criterion_removes_channels_with_kd_recovery(criterion, trained_tiny, tiny_data, tmp_path):
-    from compress.prune import run
     ctx = make_ctx(tiny_data, trained_tiny, tmp_path, calib=128)
     model = copy.deepcopy(trained_tiny)
     cfg = PruneConfig(ratio=0.5, round_to=4, importance=criterion, steps=2, epochs=0.5,
                       augment=False, importance_batches=1)
-    out = run(model, ctx, cfg)
+    res = run_stage("prune", model, ctx, cfg)
+    out = res.model
     assert count_params(out) < 0.7 * count_params(trained_tiny)
-    assert [h["prune_step"] for h in ctx.history] == [1, 2]
+    assert [h["prune_step"] for h in res.history] == [1, 2]
+    assert res.structure.shapes["stem.0"].attrs["out_channels"] == out.stem[0].out_channels == 4
     assert out.fc.out_features == 10 and torch.isfinite(out(torch.randn(2, 1, 28, 28))).all()
 
 
 def test_gradient_criteria_differ_from_magnitude(trained_tiny, tiny_data, tmp_path):
     """taylor scores by the objective's gradients: it must not just reproduce l2's choice."""
-    from compress.prune import run
     kept = {}
     for crit in ("l2", "taylor"):
         ctx = make_ctx(tiny_data, trained_tiny, tmp_path, calib=128)
-        m = run(copy.deepcopy(trained_tiny), ctx, PruneConfig(ratio=0.5, round_to=1, importance=crit,
-                                                             epochs=0, importance_batches=2))
+        m = run_stage("prune", copy.deepcopy(trained_tiny), ctx, PruneConfig(
+            ratio=0.5, round_to=1, importance=crit, epochs=0, importance_batches=2)).model
         kept[crit] = m.layers[1].conv1.weight.detach().clone()
     assert kept["l2"].shape == kept["taylor"].shape and not torch.equal(kept["l2"], kept["taylor"])
 

@@ -12,9 +12,9 @@ from torch import nn
 from compress.checkpoint import apply_shapes, load_into, read_state_dict, record_shapes, save_weights
 from compress.errors import UserError
 from compress.models import build_model, count_params
-from compress.prune import PruneConfig, check, prune_channels, run, sparse
+from compress.prune import PruneConfig, check, prune_channels, sparse
 from compress.prune.blocks import candidates
-from tests.conftest import make_ctx
+from tests.conftest import make_ctx, run_stage
 
 X = torch.zeros(1, 1, 28, 28)
 
@@ -70,11 +70,12 @@ def test_block_removal_picks_least_distorting_block_and_rebuilds(tiny_data, tmp_
     ctx = make_ctx(tiny_data, None, tmp_path, calib=64)
     # make layers.3 the obviously harmless one: its residual branch outputs zeros
     nn.init.zeros_(model.layers[3].bn2.weight)
-    out = run(model, ctx, PruneConfig(ratio=0, remove_blocks=1, epochs=0))
-    assert ctx.structure["removed_blocks"] == ["layers.3"]
+    res = run_stage("prune", model, ctx, PruneConfig(ratio=0, remove_blocks=1, epochs=0))
+    out = res.model
+    assert res.structure.removed_blocks == ["layers.3"] == res.metrics["removed_blocks"]
     assert isinstance(out.layers[3], nn.Identity)
-    assert ctx.metrics["block_distortion"]["layers.3"] < 1e-6 < ctx.metrics["block_distortion"]["layers.1"]
-    assert rebuilt_equal(out, "resnet_teacher", tmp_path, ctx.structure["removed_blocks"])
+    assert res.metrics["block_distortion"]["layers.3"] < 1e-6 < res.metrics["block_distortion"]["layers.1"]
+    assert rebuilt_equal(out, "resnet_teacher", tmp_path, res.structure.removed_blocks)
 
 
 def test_block_removal_asks_for_more_blocks_than_exist(trained_tiny):
@@ -92,8 +93,8 @@ def test_2of4_masks_survive_training_quantization_and_export(trained_tiny, tiny_
     from compress.export import export_model
     ctx = make_ctx(tiny_data, trained_tiny, tmp_path, calib=128)
     cfg = PruneConfig(ratio=0, semi_structured=["layers.*.conv2"], epochs=0.5, augment=False)
-    model = run(copy.deepcopy(trained_tiny), ctx, cfg)
-    names = list(ctx.structure["sparsity"])
+    res = run_stage("prune", copy.deepcopy(trained_tiny), ctx, cfg)
+    model, names = res.model, list(res.structure.sparsity)
     assert names == ["layers.0.conv2", "layers.1.conv2"]
     mods = dict(model.named_modules())
     # trained for half an epoch with masks re-applied: still exactly the pattern
@@ -101,7 +102,8 @@ def test_2of4_masks_survive_training_quantization_and_export(trained_tiny, tiny_
     assert not sparse.holds(model.layers[0].conv1.weight.detach())  # untouched layers stay dense
     # QAT (a later stage) keeps them too, through BN merging and fake quantization
     qcfg = quantize.QuantizeConfig(calib_batches=2, epochs=0.25, augment=False)
-    q = quantize.run(copy.deepcopy(model), ctx, qcfg)
+    ctx.structure = res.structure  # the next stage starts from this one's structure
+    q = run_stage("quantize", copy.deepcopy(model), ctx, qcfg).model
     manifest = export_model(q, tmp_path / "q", tiny_data, 17, False, "quantize", sparse_layers=names)
     assert manifest["sparsity"]["pattern"] == "2:4" and len(manifest["sparsity"]["exported_nodes_holding"]) >= 2
     # and the int8 graph still runs, agreeing with the fake-quant model
@@ -138,9 +140,10 @@ def test_block_removal_recovers_with_normalized_features_from_the_unpruned_model
     ctx = make_ctx(tiny_data, None, tmp_path, calib=64)  # no run teacher: the unpruned copy teaches
     cfg = PruneConfig(ratio=0, remove_blocks=1, epochs=0.25, augment=False, recovery_teacher="unpruned",
                       features=[FeatureTerm(student="layers", teacher="layers", kind="normalized")])
-    out = run(model, ctx, cfg)
-    assert ctx.structure["removed_blocks"] == ["layers.0"] and isinstance(out.layers[0], nn.Identity)
-    assert ctx.history[0]["feat0_normalized"] > 0  # the feature term trained, next to kl and ce
+    res = run_stage("prune", model, ctx, cfg)
+    out = res.model
+    assert res.structure.removed_blocks == ["layers.0"] and isinstance(out.layers[0], nn.Identity)
+    assert res.history[0]["feat0_normalized"] > 0  # the feature term trained, next to kl and ce
     assert not any(h for m in out.modules() for h in m._forward_hooks.values())  # hooks removed
 
 
@@ -149,20 +152,19 @@ def test_pruned_checkpoint_reloads_in_a_fresh_process(tiny_data, tmp_path):
     pickled: the structure is data, the module comes from the factory)."""
     import subprocess
     import sys
-    from compress.checkpoint import write_json
+
     from tests.conftest import ROOT
     torch.manual_seed(0)
     model = build_model("mobilenet_tiny", 10, 1)
-    ctx = make_ctx(tiny_data, None, tmp_path, calib=64)
-    model = run(model, ctx, PruneConfig(ratio=0.5, round_to=4, remove_blocks=1, epochs=0)).eval()
-    structure = {"model": "mobilenet_tiny", "num_classes": 10, "in_channels": 1, "input_shape": [1, 28, 28],
-                 "shapes": record_shapes(model), **ctx.structure}
-    write_json(tmp_path / "structure.json", structure)
+    ctx = make_ctx(tiny_data, None, tmp_path, calib=64, model="mobilenet_tiny")
+    res = run_stage("prune", model, ctx, PruneConfig(ratio=0.5, round_to=4, remove_blocks=1, epochs=0))
+    model = res.model.eval()
+    res.structure.write(tmp_path / "structure.json")
     save_weights(model, tmp_path / "model.safetensors")
     x = torch.randn(3, 1, 28, 28)
     torch.save(x, tmp_path / "x.pt")
-    code = ("import json, sys, torch; from compress.pipeline import rebuild; d = sys.argv[1];"
-            "m = rebuild(json.load(open(d + '/structure.json')), __import__('pathlib').Path(d + '/model.safetensors'));"
-            "torch.save(m(torch.load(d + '/x.pt', weights_only=True)).detach(), d + '/y.pt')")
+    code = ("import sys, torch; from pathlib import Path; from compress.structure import Structure, rebuild;"
+            "d = Path(sys.argv[1]); m = rebuild(Structure.read(d / 'structure.json'), d / 'model.safetensors');"
+            "torch.save(m(torch.load(d / 'x.pt', weights_only=True)).detach(), d / 'y.pt')")
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=ROOT)
-    assert structure["removed_blocks"] and torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), model(x))
+    assert res.structure.removed_blocks and torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), model(x))

@@ -5,28 +5,29 @@ import onnx
 import pytest
 import torch
 
-from tests.conftest import make_ctx
-from compress.checkpoint import apply_shapes, load_into, read_state_dict, record_shapes, save_weights
+from compress.checkpoint import load_into, read_state_dict, save_weights
 from compress.export import export_model
 from compress.models import build_model
-from compress.quantize import QuantizeConfig, rebuild_quantized, run
+from compress.quantize import QuantizeConfig, rebuild_quantized
 from compress.train import accuracy, predict
 from targets import base
+from tests.conftest import make_ctx, run_stage
 
 
 @pytest.fixture(scope="module")
 def quantized(trained_tiny, tiny_data, tmp_path_factory):
     ctx = make_ctx(tiny_data, trained_tiny, tmp_path_factory.mktemp("q"))
-    q = run(copy.deepcopy(trained_tiny), ctx, QuantizeConfig(epochs=0.5, augment=False))
-    return q, ctx
+    res = run_stage("quantize", copy.deepcopy(trained_tiny), ctx, QuantizeConfig(epochs=0.5, augment=False))
+    return res.model, res
 
 
 def test_quantized_model_keeps_accuracy(quantized, trained_tiny, tiny_data):
-    q, ctx = quantized
+    q, res = quantized
     acc_f = accuracy(predict(trained_tiny, tiny_data.test, tiny_data), tiny_data.test.labels)
     acc_q = accuracy(predict(q, tiny_data.test, tiny_data), tiny_data.test.labels)
-    assert acc_q >= acc_f - 0.05 and ctx.metrics["ptq_accuracy"] >= acc_f - 0.1
-    assert ctx.structure["quantize"]["weight_bits"] == 8
+    assert acc_q >= acc_f - 0.05 and res.metrics["ptq_accuracy"] >= acc_f - 0.1
+    assert res.structure.quantize.layer_bits == {n: 8 for n in res.metrics["layer_sqnr_db"]}
+    assert res.float_model is not None and len(res.history) == 1  # MACs come from the float model
 
 
 def test_qcdq_export_runs_int8_on_both_cpu_backends(quantized, tiny_data, tmp_path):
@@ -51,7 +52,7 @@ def test_qcdq_export_runs_int8_on_both_cpu_backends(quantized, tiny_data, tmp_pa
 def assert_rebuilds(q, structure, tmp_path, atol):
     """factory + recorded quantizer settings + safetensors reproduce the model's outputs"""
     save_weights(q, tmp_path / "q.safetensors")
-    rebuilt = rebuild_quantized(build_model("resnet_tiny", 10, 1), structure["quantize"], (1, 28, 28))
+    rebuilt = rebuild_quantized(build_model("resnet_tiny", 10, 1), structure.quantize.model_dump(), (1, 28, 28))
     load_into(rebuilt, read_state_dict(tmp_path / "q.safetensors"), "q")
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
@@ -59,21 +60,23 @@ def assert_rebuilds(q, structure, tmp_path, atol):
 
 
 def test_quantized_rebuilds_without_unpickling(quantized, tmp_path):
-    q, ctx = quantized
-    assert_rebuilds(q, ctx.structure, tmp_path, atol=1e-6)
+    q, res = quantized
+    assert_rebuilds(q, res.structure, tmp_path, atol=1e-6)
 
 
 def test_per_layer_sqnr_recorded_and_sane(quantized):
-    q, ctx = quantized
-    sqnr = ctx.metrics["layer_sqnr_db"]
-    assert len(sqnr) == 7 and set(ctx.metrics["worst_layers"]) <= set(sqnr)
+    q, res = quantized
+    sqnr = res.metrics["layer_sqnr_db"]
+    assert len(sqnr) == 7 and set(res.metrics["worst_layers"]) <= set(sqnr)
     # int8 per-channel weights and int8 activations: tens of dB, never negative
     assert all(5 < v < 80 for v in sqnr.values()), sqnr
 
 
 def test_bias_correction_and_equalization_run_and_rebuild(trained_tiny, tiny_data, tmp_path):
     ctx = make_ctx(tiny_data, trained_tiny, tmp_path)
-    q = run(copy.deepcopy(trained_tiny), ctx, QuantizeConfig(epochs=0, bias_correction=True, equalize_iters=2))
+    res = run_stage("quantize", copy.deepcopy(trained_tiny), ctx,
+                    QuantizeConfig(epochs=0, bias_correction=True, equalize_iters=2))
+    q = res.model
     acc_f = accuracy(predict(trained_tiny, tiny_data.test, tiny_data), tiny_data.test.labels)
     assert accuracy(predict(q, tiny_data.test, tiny_data), tiny_data.test.labels) >= acc_f - 0.05
-    assert_rebuilds(q, ctx.structure, tmp_path, atol=1e-5)
+    assert_rebuilds(q, res.structure, tmp_path, atol=1e-5)

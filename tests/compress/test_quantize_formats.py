@@ -13,18 +13,18 @@ from compress.checkpoint import load_into, read_state_dict, save_weights
 from compress.errors import UserError
 from compress.export import export_float, export_model
 from compress.models import build_model
-from compress.quantize import QuantizeConfig, check, rebuild_quantized, run
+from compress.quantize import QuantizeConfig, check, rebuild_quantized
 from compress.train import accuracy, predict
 from targets import base
-from tests.conftest import ROOT, make_ctx
+from tests.conftest import ROOT, make_ctx, run_stage
 
 LAYERS = 7  # compute layers of resnet_tiny: stem, 2 + 2 block convs, a 1x1 shortcut, fc
 
 
 def quantize(model, data, tmp_path, **kw):
     ctx = make_ctx(data, model, tmp_path)
-    q = run(copy.deepcopy(model), ctx, QuantizeConfig(epochs=0, augment=False, **kw))
-    return q, ctx
+    res = run_stage("quantize", copy.deepcopy(model), ctx, QuantizeConfig(epochs=0, augment=False, **kw))
+    return res.model, res
 
 
 def weight_ints(graph) -> list[np.ndarray]:
@@ -54,12 +54,12 @@ def test_format_exports_its_qdq_graph_and_runs_on_both_backends(fmt, trained_tin
     kw = {"w8a8_asymmetric": dict(activations="asymmetric"), "w4a8": dict(weight_bits=4),
           "w4a8_first_last_8": dict(weight_bits=4, first_layer_bits=8, last_layer_bits=8),
           "w4a16": dict(weight_bits=4, act_bits=16)}[fmt]
-    q, ctx = quantize(trained_tiny, tiny_data, tmp_path, **kw)
+    q, res = quantize(trained_tiny, tiny_data, tmp_path, **kw)
     acc_f = accuracy(predict(trained_tiny, tiny_data.test, tiny_data), tiny_data.test.labels)
     # 4-bit PTQ of an 8-16 channel network loses up to ~15 points (QAT recovers it); a broken
     # quantizer lands at chance (0.1), far below either bound
     tolerance = 0.05 if fmt == "w8a8_asymmetric" else 0.25
-    assert ctx.metrics["ptq_accuracy"] >= acc_f - tolerance, ctx.metrics["ptq_accuracy"]
+    assert res.metrics["ptq_accuracy"] >= acc_f - tolerance, res.metrics["ptq_accuracy"]
     manifest = export_model(q, tmp_path, tiny_data, 17, True, "quantize")
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
@@ -75,25 +75,25 @@ def test_format_exports_its_qdq_graph_and_runs_on_both_backends(fmt, trained_tin
         assert peaks[-1] <= 7  # int8 storage, 4-bit (narrow) range
     elif fmt == "w4a8_first_last_8":
         assert peaks[:-2] == [7] * (LAYERS - 2) and peaks[-2:] == [127, 127]
-        assert ctx.metrics["weight_bits"]["stem.0"] == 8 and ctx.metrics["weight_bits"]["fc"] == 8
+        assert res.metrics["weight_bits"]["stem.0"] == 8 and res.metrics["weight_bits"]["fc"] == 8
     ref = predict(q, tiny_data.test, tiny_data)
-    res = run_backends(tmp_path, tiny_data, ref)
+    rt = run_backends(tmp_path, tiny_data, ref)
     if fmt == "w4a16":
         assert "QuantizeLinear" not in ops and ops.count("DequantizeLinear") == LAYERS
         assert manifest["precision"] == "weight-only" and manifest["quant_format"]["expected_kernels"] == "float"
-        assert res["onnxruntime"][1]["int8_layers"] == 0  # honest: float kernels ran
+        assert rt["onnxruntime"][1]["int8_layers"] == 0  # honest: float kernels ran
     else:
         assert ops.count("QuantizeLinear") >= 5 and manifest["precision"] == "int8"
-        for backend, (_, ep) in res.items():
+        for backend, (_, ep) in rt.items():
             assert ep["int8_layers"] == ep["compute_layers"] == LAYERS, (backend, ep)
-    for backend, (agree, _) in res.items():
+    for backend, (agree, _) in rt.items():
         assert agree >= 0.98, (backend, agree)
-    assert_rebuilds(q, ctx.structure, tmp_path)
+    assert_rebuilds(q, res.structure, tmp_path)
 
 
 def assert_rebuilds(q, structure, tmp_path, spec="resnet_tiny"):
     save_weights(q, tmp_path / "q.safetensors")
-    rebuilt = rebuild_quantized(build_model(spec, 10, 1), structure["quantize"], (1, 28, 28))
+    rebuilt = rebuild_quantized(build_model(spec, 10, 1), structure.quantize.model_dump(), (1, 28, 28))
     load_into(rebuilt, read_state_dict(tmp_path / "q.safetensors"), "q")
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
@@ -102,12 +102,12 @@ def assert_rebuilds(q, structure, tmp_path, spec="resnet_tiny"):
 
 def test_activation_equalization_changes_weights_keeps_accuracy_and_rebuilds(trained_tiny, tiny_data, tmp_path):
     plain, _ = quantize(trained_tiny, tiny_data, tmp_path)
-    q, ctx = quantize(trained_tiny, tiny_data, tmp_path, act_equalization=0.5)
-    assert ctx.metrics["act_equalization_regions"] > 0
+    q, res = quantize(trained_tiny, tiny_data, tmp_path, act_equalization=0.5)
+    assert res.metrics["act_equalization_regions"] > 0
     assert not torch.equal(q.state_dict()["stem.0.weight"], plain.state_dict()["stem.0.weight"])
     acc_f = accuracy(predict(trained_tiny, tiny_data.test, tiny_data), tiny_data.test.labels)
-    assert ctx.metrics["ptq_accuracy"] >= acc_f - 0.05
-    assert_rebuilds(q, ctx.structure, tmp_path)
+    assert res.metrics["ptq_accuracy"] >= acc_f - 0.05
+    assert_rebuilds(q, res.structure, tmp_path)
 
 
 def test_executed_precision_gate_fails_a_float_only_run_and_passes_int8_and_weight_only(
@@ -135,11 +135,13 @@ def test_executed_precision_gate_fails_a_float_only_run_and_passes_int8_and_weig
     export_float(trained_tiny, fake / "model.onnx", tiny_data.input_shape, 17)
     row = deploy_one(pipe, "fake", fake, int8_manifest, tcfg, x, labels,
                      predict(trained_tiny, tiny_data.test, tiny_data))
-    assert row["status"] == "failed" and f"only 0 of {LAYERS} quantized compute layers ran an int8 kernel" in row["reason"]
+    assert row["status"] == "failed"
+    assert f"only 0 of {LAYERS} quantized compute layers ran an int8 kernel" in row["reason"]
 
 
 def test_unknown_layer_name_is_one_error_naming_the_closest(trained_tiny):
-    with pytest.raises(UserError, match=r"stages.2.layer_bits: 'layers.0.conv' is not .*closest: .*layers.0.conv1"):
+    msg = r"stages.2.layer_bits: no quantizable compute layer .* 'layers.0.conv' \(closest: .*layers.0.conv1"
+    with pytest.raises(UserError, match=msg):
         check(trained_tiny, QuantizeConfig(layer_bits={"layers.0.conv": 4}), "stages.2")
     check(trained_tiny, QuantizeConfig(layer_bits={"layers.0.conv1": 4}), "stages.2")  # a real name passes
 
@@ -150,7 +152,8 @@ def test_cli_rejects_a_bad_layer_name_before_any_work(tmp_path):
     from cli import app
     res = CliRunner().invoke(app, ["run", str(ROOT / "examples" / "tiny.yaml"), "--set", f"output.dir={tmp_path}",
                                    "--set", "stages.2.layer_bits={layers.0.conv: 4}"])
-    assert res.exit_code == 2 and "stages.2.layer_bits: 'layers.0.conv'" in res.output
+    assert res.exit_code == 2
+    assert "stages.2.layer_bits: no quantizable compute layer (Conv/Linear) named 'layers.0.conv'" in res.output
     assert "closest:" in res.output and "layers.0.conv1" in res.output
     assert not (tmp_path / "tiny" / "00-teacher").exists()
 
@@ -183,18 +186,19 @@ def test_zoo_models_quantize_export_and_agree_on_ort(spec, tiny_data, tmp_path):
     position-embedding add defeats graph mode: layerwise fallback) quantize, export as
     QCDQ, and run on ORT agreeing with the fake-quant model."""
     import onnxruntime as ort
-    from compress import quantize
+
     from compress.export import export_model
     from compress.models import build_model
     from compress.train import TrainConfig, fit
-    from tests.conftest import make_ctx
     torch.manual_seed(0)
     m = build_model(spec, 10, 1)
     fit(m, tiny_data, TrainConfig(epochs=1, lr=1e-2, optimizer="adamw", augment=False), batch_size=64,
         log=lambda s: None)
     ctx = make_ctx(tiny_data, m, tmp_path, calib=128)
-    q = quantize.run(m.eval(), ctx, quantize.QuantizeConfig(calib_batches=2, epochs=0))
-    assert_rebuilds(q, ctx.structure, tmp_path, spec)
+    ctx.structure = ctx.structure.model_copy(update={"model": spec})
+    res = run_stage("quantize", m.eval(), ctx, QuantizeConfig(calib_batches=2, epochs=0))
+    q = res.model
+    assert_rebuilds(q, res.structure, tmp_path, spec)
     manifest = export_model(q, tmp_path, tiny_data, 17, False, "quantize")
     assert manifest["precision"] == "int8" and len(manifest["quant_format"]["weight_bits"]) >= 10
     x = tiny_data.normalize(tiny_data.test.images[:128])

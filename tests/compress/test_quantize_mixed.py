@@ -7,9 +7,9 @@ import torch
 
 from compress.checkpoint import load_into, read_state_dict, save_weights
 from compress.models import build_model
-from compress.quantize import QuantizeConfig, rebuild_quantized, run
+from compress.quantize import QuantizeConfig, rebuild_quantized
 from compress.quantize.sensitivity import assign
-from tests.conftest import make_ctx
+from tests.conftest import make_ctx, run_stage
 
 MIXED = dict(epochs=0, augment=False, mixed_precision={"avg_bits": 6.0, "low_bits": 4, "batches": 1},
              calib_batches=2)
@@ -20,8 +20,8 @@ def mixed_twice(trained_tiny, tiny_data, tmp_path_factory):
     out = []
     for i in range(2):
         ctx = make_ctx(tiny_data, trained_tiny, tmp_path_factory.mktemp(f"mp{i}"))
-        q = run(copy.deepcopy(trained_tiny), ctx, QuantizeConfig(**MIXED))
-        out.append((q, ctx))
+        res = run_stage("quantize", copy.deepcopy(trained_tiny), ctx, QuantizeConfig(**MIXED))
+        out.append((res.model, res))
     return out
 
 
@@ -36,19 +36,19 @@ def test_sensitivity_table_is_deterministic_and_meets_the_budget(mixed_twice):
     mp = a.metrics["mixed_precision"]
     assert mp["met"] and mp["avg_bits"] <= 6.0 and a.metrics["avg_weight_bits"] == pytest.approx(mp["avg_bits"])
     assert {r["bits"] for r in table} == {4, 8} and a.metrics["format"] == "W4/8A8 mixed"
-    assert a.structure["quantize"]["layer_bits"] == a.metrics["weight_bits"]
+    assert a.structure.quantize.layer_bits == a.metrics["weight_bits"]
 
 
 def test_mixed_bit_model_rebuilds_with_identical_outputs(mixed_twice, tmp_path):
-    q, ctx = mixed_twice[0]
+    q, res = mixed_twice[0]
     save_weights(q, tmp_path / "q.safetensors")
-    rebuilt = rebuild_quantized(build_model("resnet_tiny", 10, 1), ctx.structure["quantize"], (1, 28, 28))
+    rebuilt = rebuild_quantized(build_model("resnet_tiny", 10, 1), res.structure.quantize.model_dump(), (1, 28, 28))
     load_into(rebuilt, read_state_dict(tmp_path / "q.safetensors"), "q")
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(q.eval()(x), rebuilt.eval()(x))
     bits = {n: int(m.weight_quant.bit_width()) for n, m in rebuilt.named_modules() if hasattr(m, "weight_quant")}
-    assert bits == ctx.metrics["weight_bits"]
+    assert bits == res.metrics["weight_bits"]
 
 
 def test_assign_lowers_cheapest_per_bit_saved_until_the_budget():

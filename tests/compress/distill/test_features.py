@@ -73,7 +73,8 @@ def test_hooks_are_removed_after_the_stage(tiny_data):
 
 def test_unmatched_shapes_fail_naming_both():
     student, teacher = models()
-    with pytest.raises(UserError, match=r"student layers.0 output \(8, 28, 28\) .*teacher layers.1 output \(32, 14, 14\)"):
+    msg = r"student layers.0 output \(8, 28, 28\) .*teacher layers.1 output \(32, 14, 14\)"
+    with pytest.raises(UserError, match=msg):
         FeatureDistiller([FeatureTerm(student="layers.0", teacher="layers.1")], student, teacher, X[:1])
 
 
@@ -87,7 +88,8 @@ stages:
   - kind: distill
     features: [{student: layers.1.conv, teacher: layers.1}]
 """)
-    with pytest.raises(ConfigError, match=r"stages.0.features.0.student: no module named 'layers.1.conv' \(closest: .*layers.1.conv1"):
+    msg = r"stages.0.features.0.student: no module named 'layers.1.conv' \(closest: .*layers.1.conv1"
+    with pytest.raises(ConfigError, match=msg):
         load_config(p)
 
 
