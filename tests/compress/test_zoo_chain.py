@@ -157,14 +157,19 @@ def test_rebuilt_stage_equals_the_in_run_model_and_its_onnx(spec, chains):
         rebuilt = logits(rebuild_stage(sdir), x)
         np.testing.assert_array_equal(rebuilt, logits(models[name], x))  # bit-exact rebuild
         onnx_path, inp = sdir / manifest["files"]["onnx"], manifest["input"]["name"]
-        # the file on ORT without graph fusion: float ops, and Q/DQ as float ops, compute
-        # what torch (brevitas' fake quantization) computes, to float rounding
-        np.testing.assert_allclose(ort_logits(onnx_path, inp, x, optimize=False), rebuilt, atol=1e-4, rtol=0)
-        # with fusion (int8 kernels) an activation rounding tie may land one step off:
-        # measured at most 0.0059 (vit_small), 0.0011 for the convnets; a wrong scale or
-        # layer is off by the logits' own size (~0.1-1 here)
-        fused = ort_logits(onnx_path, inp, x)
-        np.testing.assert_allclose(fused, rebuilt, atol=1e-4 if name == "prune" else 0.02, rtol=0)
+        unfused, fused = ort_logits(onnx_path, inp, x, optimize=False), ort_logits(onnx_path, inp, x)
+        if name == "prune":  # a float file: torch to float rounding, with or without fusion
+            np.testing.assert_allclose(unfused, rebuilt, atol=1e-4, rtol=0)
+            np.testing.assert_allclose(fused, rebuilt, atol=1e-4, rtol=0)
+        else:
+            # int8: Q/DQ as float ops (unfused) or int8 kernels (fused) compute brevitas'
+            # fake quantization except where an activation lands on a rounding tie, one
+            # quantization step off, and that step carried on: measured on 64 images at most
+            # 0.0066 on 4.7% of the logits (vit_small), 0.0011 on < 1% (convnets). A wrong
+            # scale or layer is off by the logits' own size (~0.1-1 here), on most of them.
+            for out in (unfused, fused):
+                off = np.abs(out - rebuilt)
+                assert off.max() < 0.02 and (off > 1e-4).mean() < 0.1, (off.max(), (off > 1e-4).mean())
         # and the report's ORT row measured that same file against that same model
         r = row(report, name, "onnxruntime")
         assert r["max_abs_diff"] == pytest.approx(float(np.abs(fused - rebuilt).max()), abs=1e-6)
