@@ -1,0 +1,129 @@
+"""`export.stages` (only the named stages are exported and deployed) and report.md: its
+Stages, Deployments and Compared-with-the-teacher tables show report.json's numbers."""
+import json
+import re
+
+import pytest
+import yaml
+
+from compress.config import load_config
+from compress.pipeline import Pipeline
+
+BACKENDS = ["onnxruntime", "openvino"]
+EXPORTS = ("model.onnx", "model.xml", "manifest.json")
+
+
+def config(out, export_stages):
+    return {"name": "rep", "seed": 0,
+            "data": {"dataset": "synthetic", "batch_size": 32, "eval_batch_size": 64, "calib_samples": 64,
+                     "synthetic": {"train_size": 256, "test_size": 64, "image_size": 16}},
+            "teacher": {"model": "resnet_tiny_teacher",
+                        "train": {"epochs": 1, "lr": 0.01, "optimizer": "adamw", "augment": False}},
+            "student": {"model": "resnet_tiny"},
+            "stages": [{"kind": "distill", "epochs": 0.5, "lr": 0.01, "augment": False},
+                       {"kind": "prune", "ratio": 0.5, "round_to": 4, "epochs": 0.25, "augment": False}],
+            "export": {"stages": export_stages},
+            "targets": [{"backend": b, "threads": 1} for b in BACKENDS],
+            "profile": {"warmup": 0, "max_warmup": 0, "runs": 100, "throughput_batch": 4, "throughput_runs": 2},
+            "output": {"dir": str(out)}}
+
+
+def run(out, export_stages):
+    logs = []
+    (out / "c.yaml").write_text(yaml.safe_dump(config(out, export_stages)))
+    returned = Pipeline(load_config(out / "c.yaml"), log=logs.append).run()
+    report = json.loads((out / "rep" / "report.json").read_text())  # what tools and CI read
+    assert report == json.loads(json.dumps(returned))
+    return report, (out / "rep" / "report.md").read_text(), logs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same run twice: teacher and prune exported; then distill alone (stages reused)."""
+    out = tmp_path_factory.mktemp("report")
+    first = run(out, ["teacher", "prune"])
+    not_exported = [f for f in EXPORTS if not (out / "rep" / "01-distill" / f).exists()]
+    second = run(out, ["distill"])
+    return out / "rep", (*first, not_exported), second
+
+
+def table(md: str, heading: str) -> list[list[str]]:
+    """The cells of the table under a '## heading' (header and separator rows left out)."""
+    section = md.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
+
+
+def num(cell: str) -> float:
+    return float(re.sub(r"[,×]", "", cell))
+
+
+def test_only_named_stages_are_exported_and_deployed(runs):
+    run_dir, (report, _, _, not_exported), _ = runs
+    assert [s["name"] for s in report["stages"]] == ["teacher", "distill", "prune"]  # all trained
+    assert not_exported == list(EXPORTS)  # distill: trained and saved, not exported
+    assert [(d["stage"], d["backend"]) for d in report["deployments"]] == [
+        (s, b) for s in ("teacher", "prune") for b in BACKENDS]
+    for sdir, exported in (("00-teacher", True), ("02-prune", True)):
+        assert all((run_dir / sdir / f).is_file() for f in EXPORTS) == exported, sdir
+
+
+def test_a_second_run_exports_another_stage_and_reuses_the_trained_ones(runs):
+    run_dir, _, (report, md, logs) = runs
+    assert all(f"[{s}] up to date, skipped" in logs for s in ("teacher", "distill", "prune"))
+    assert [(d["stage"], d["backend"]) for d in report["deployments"]] == [("distill", b) for b in BACKENDS]
+    assert all((run_dir / "01-distill" / f).is_file() for f in EXPORTS)
+    assert [r[0] for r in table(md, "Deployments")] == ["distill", "distill"]
+    assert "## Compared with the teacher" not in md  # no teacher row to compare with
+
+
+def test_stages_table_shows_report_json(runs):
+    _, (report, md, _, _), _ = runs
+    rows = table(md, "Stages (torch)")
+    assert [r[0] for r in rows] == [s["name"] for s in report["stages"]]
+    for cells, s in zip(rows, report["stages"]):
+        assert num(cells[1]) == pytest.approx(s["accuracy"], abs=5e-5)
+        assert (num(cells[2]), num(cells[3]), num(cells[4])) == (s["params"], s["macs"], s["size_bytes"])
+        assert num(cells[5]) == pytest.approx(s["seconds"], abs=0.5)
+    params = {s["name"]: s["params"] for s in report["stages"]}
+    assert params["prune"] < params["distill"] < params["teacher"]
+
+
+def test_deployments_table_shows_report_json(runs):
+    _, (report, md, _, _), _ = runs
+    rows = table(md, "Deployments (measured on the runtime)")
+    assert [(r[0], r[1]) for r in rows] == [(d["stage"], d["backend"]) for d in report["deployments"]]
+    for cells, d in zip(rows, report["deployments"]):
+        assert d["status"] == "ok", d["reason"]
+        assert cells[2:4] == [d["precision"], d["status"]]
+        assert num(cells[4]) == pytest.approx(d["accuracy"], abs=5e-5)
+        assert num(cells[5]) == pytest.approx(d["agreement"], abs=5e-5)
+        assert num(cells[6]) == pytest.approx(d["max_abs_diff"], rel=0.01, abs=1e-30)
+        lat = d["latency_ms"]
+        assert num(cells[7]) == pytest.approx(lat["p50"], abs=5e-4)
+        assert num(cells[8]) == pytest.approx(lat["p99"], abs=5e-4)
+        mean, ci = (float(v) for v in cells[9].split("±"))
+        assert mean == pytest.approx(lat["mean"], abs=5e-4) and ci == pytest.approx(lat["ci95"], abs=5e-4)
+        assert num(cells[10]) == pytest.approx(d["throughput"]["items_per_s"], abs=0.5)
+        assert num(cells[12]) == d["size_bytes"]
+        assert cells[13] == d["executed_precision"]["summary"]
+
+
+def test_compared_with_teacher_table_shows_report_json_and_its_ratios_are_right(runs):
+    _, (report, md, _, _), _ = runs
+    rows = table(md, "Compared with the teacher on the same backend")
+    by = {(d["stage"], d["backend"]): d for d in report["deployments"]}
+    assert [(r[0], r[1]) for r in rows] == [("prune", b) for b in BACKENDS]
+    for cells in rows:
+        d, t = by[(cells[0], cells[1])], by[("teacher", cells[1])]
+        v = d["vs_teacher"]
+        # the ratios are of the two rows' own numbers, same backend, same run
+        assert v["size_ratio"] == pytest.approx(t["size_bytes"] / d["size_bytes"])
+        assert v["latency_speedup"] == pytest.approx(t["latency_ms"]["p50"] / d["latency_ms"]["p50"])
+        thr = d["throughput"]["items_per_s"] / t["throughput"]["items_per_s"]
+        assert v["throughput_ratio"] == pytest.approx(thr)
+        assert v["accuracy_delta"] == pytest.approx(d["accuracy"] - t["accuracy"])
+        assert v["size_ratio"] > 1.5  # half the channels of a smaller net: a much smaller file
+        for cell, key in zip(cells[2:5], ("size_ratio", "latency_speedup", "throughput_ratio")):
+            assert num(cell) == pytest.approx(v[key], abs=0.05 + 1e-9)
+        assert num(cells[5]) == pytest.approx(v["accuracy_delta"], abs=5e-5)
