@@ -49,8 +49,8 @@ USER_MODULE = textwrap.dedent('''
 # -- the one place that touches internals being refactored (issue 10): adapt here ----------
 
 def rebuild_stage(sdir):
-    from compress.pipeline import rebuild
-    return rebuild(json.loads((sdir / "structure.json").read_text()), sdir / "model.safetensors")
+    from compress.structure import Structure, rebuild
+    return rebuild(Structure.read(sdir / "structure.json"), sdir / "model.safetensors")
 
 # ---------------------------------------------------------------------------------------
 

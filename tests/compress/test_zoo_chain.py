@@ -47,8 +47,8 @@ KNOWN_INT8 = {
 
 def rebuild_stage(sdir: Path) -> torch.nn.Module:
     """The model of a stage folder, from structure.json + model.safetensors only."""
-    from compress.pipeline import rebuild
-    return rebuild(json.loads((sdir / "structure.json").read_text()), sdir / "model.safetensors")
+    from compress.structure import Structure, rebuild
+    return rebuild(Structure.read(sdir / "structure.json"), sdir / "model.safetensors")
 
 
 def run_keeping_models(pipe: Pipeline) -> tuple[dict, dict]:
