@@ -63,17 +63,31 @@ def test_stages_shrink_and_keep_accuracy(tiny_run):
     assert s["distill"]["accuracy"] >= 0.9
     assert s["prune"]["params"] < s["distill"]["params"] and s["prune"]["macs"] < s["distill"]["macs"]
     assert s["quantize"]["accuracy"] >= 0.8
-    assert s["quantize"]["size_bytes"] < s["prune"]["size_bytes"] * 1.2
+    # the safetensors keep float fake-quant weights, so compare what ships: the weights in the
+    # ONNX files (the whole file is no measure here: on so small a model the QDQ nodes outweigh
+    # the weights). int8 weights + int32 biases + scales measured 0.36x the pruned float ones.
+    run_dir = tiny_run[0]
+    q, p = (weight_bytes(run_dir / d / "model.onnx") for d in ("03-quantize", "02-prune"))
+    assert q < 0.5 * p, (q, p)
+
+
+def weight_bytes(path) -> int:
+    import onnx
+    from onnx import numpy_helper
+    return sum(numpy_helper.to_array(i).nbytes for i in onnx.load(str(path)).graph.initializer)
 
 
 def test_int8_deployments_run_int8_kernels_and_agree(tiny_run):
     _, report, _, _ = tiny_run
     for d in report["deployments"]:
-        if d["stage"] == "quantize" and d["status"] == "ok":
+        if d["backend"] == "tensorrt" and d["status"] == "skipped":
+            continue  # no GPU on this machine; the skip reason is checked in test_report_contract
+        assert d["status"] == "ok", d  # a failed int8 row must not slip past the int8 checks
+        if d["stage"] == "quantize":
             ep = d["executed_precision"]
             assert ep["int8_layers"] == ep["compute_layers"] > 0, d["backend"]
             assert d["agreement"] >= 0.98, d["backend"]
-        elif d["status"] == "ok":
+        else:
             assert d["executed_precision"]["int8_layers"] == 0
             assert d["agreement"] == 1.0 and d["max_abs_diff"] < 1e-3
 
@@ -287,6 +301,19 @@ def test_parity_gate_fails_a_corrupted_export_and_passes_a_correct_one(tiny_run)
     onnx.save(m, str(bad_dir / "model.onnx"))
     bad = deploy_one(P, "distill", bad_dir, {**manifest, "files": {"onnx": "model.onnx"}}, tcfg, x, labels, ref)
     assert bad["status"] == "failed" and bad["reason"].startswith("parity: top-1 agreement")
+
+
+def test_parity_gate_default_fails_just_below_098():
+    """The configured default, through the gate itself: 0.979 fails, 0.98 passes."""
+    from compress.config import ParityConfig
+    from compress.deploy import parity_failures
+    from compress.plan import Parity
+
+    gate = Parity(**ParityConfig().model_dump())
+    row = {"accuracy": 0.9, "max_abs_diff": 0.0}
+    low = parity_failures({**row, "agreement": 0.979}, 0.9, gate)
+    assert len(low) == 1 and low[0].startswith("top-1 agreement"), low
+    assert parity_failures({**row, "agreement": 0.98}, 0.9, gate) == []
 
 
 def test_a_stage_kind_used_twice_keeps_both(tmp_path):

@@ -18,7 +18,9 @@ def test_pruning_removes_channels_and_model_still_works(trained_tiny, tiny_data)
     assert count_params(model) < 0.7 * before
     convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     assert convs["stem.0"].out_channels == 4 and all(m.out_channels % 4 == 0 for m in convs.values())
-    assert model.fc.out_features == 10  # ignored: the classifier keeps its classes
+    # ignored, and its inputs kept (keep_ignored_inputs): the classifier is untouched, weights
+    # included, and the conv feeding it still matches it
+    assert torch.equal(model.fc.weight, trained_tiny.fc.weight) and torch.equal(model.fc.bias, trained_tiny.fc.bias)
     assert model.fc.in_features == convs["layers.1.conv2"].out_channels
     out = model.eval()(tiny_data.normalize(tiny_data.test.images[:8]))
     assert out.shape == (8, 10) and torch.isfinite(out).all()
@@ -58,7 +60,9 @@ def test_every_criterion_removes_channels_with_kd_recovery(criterion, trained_ti
     assert count_params(out) < 0.7 * count_params(trained_tiny)
     assert [h["prune_step"] for h in res.history] == [1, 2]
     assert res.structure.shapes["stem.0"].attrs["out_channels"] == out.stem[0].out_channels == 4
-    assert out.fc.out_features == 10 and torch.isfinite(out(torch.randn(2, 1, 28, 28))).all()
+    assert out.fc.weight.shape == trained_tiny.fc.weight.shape == (10, out.layers[1].conv2.out_channels)
+    y = out(torch.randn(2, 1, 28, 28))
+    assert y.shape == (2, 10) and torch.isfinite(y).all()
 
 
 def test_gradient_criteria_differ_from_magnitude(trained_tiny, tiny_data, tmp_path):

@@ -175,7 +175,9 @@ def test_config_takes_the_new_keys_and_names_a_bad_calibration():
     tiny = ROOT / "examples" / "tiny.yaml"
     cfg = load_config(tiny, ["data.calibration=synthetic", "data.synthesis.steps=5",
                              "stages.2.activations=asymmetric", "stages.2.mixed_precision={avg_bits: 6}"])
+    # every value set differs from its default (real, 200 steps, symmetric, no mixed precision)
     assert cfg.data.calibration == "synthetic" and cfg.stages[2].mixed_precision.avg_bits == 6
+    assert cfg.data.synthesis.steps == 5 and cfg.stages[2].activations == "asymmetric"
     with pytest.raises(ConfigError, match=r"data.calibration: Input should be 'real' or 'synthetic'"):
         load_config(tiny, ["data.calibration=imagenet"])
 
