@@ -47,10 +47,11 @@ def export_stage(plan: DeploymentPlan, stage: StageArtifact) -> dict:
 
 
 def artifact_size(path: Path) -> int:
-    """The file and, for graph formats that keep weights beside it (IR .xml + .bin), those."""
+    """The file and, for formats that keep weights beside it (IR .xml + .bin), those. Our ONNX
+    exports are self-contained: a model.bin beside model.onnx is another backend's IR."""
     size = path.stat().st_size
     weights = path.with_suffix(".bin")
-    if path.suffix != ".bin" and weights.is_file():
+    if path.suffix not in (".onnx", ".bin") and weights.is_file():
         size += weights.stat().st_size
     return size
 

@@ -127,3 +127,14 @@ def test_compared_with_teacher_table_shows_report_json_and_its_ratios_are_right(
         for cell, key in zip(cells[2:5], ("size_ratio", "latency_speedup", "throughput_ratio")):
             assert num(cell) == pytest.approx(v[key], abs=0.05 + 1e-9)
         assert num(cells[5]) == pytest.approx(v["accuracy_delta"], abs=5e-5)
+
+
+def test_size_is_the_deployed_artifact_itself(runs):
+    """ONNX rows count the self-contained model.onnx alone (not OpenVINO's model.bin beside
+    it); IR rows count model.xml + model.bin."""
+    run_dir, (report, _, _, _), _ = runs
+    folders = {"teacher": "00-teacher", "prune": "02-prune"}
+    for d in report["deployments"]:
+        sdir = run_dir / folders[d["stage"]]
+        files = {"onnxruntime": ["model.onnx"], "openvino": ["model.xml", "model.bin"]}[d["backend"]]
+        assert d["size_bytes"] == sum((sdir / f).stat().st_size for f in files), d["backend"]
