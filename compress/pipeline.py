@@ -27,7 +27,7 @@ from compress.checkpoint import (apply_shapes, load_into, read_state_dict, recor
 from compress.config import RunConfig, config_hash
 from compress.errors import UserError
 from compress.models import build_model, count_params
-from compress.train import accuracy, fit, predict
+from compress.train import TrainEnv, accuracy, fit, predict
 
 STAGES: dict[str, Callable[[nn.Module, "RunContext", object], nn.Module]] = {
     "distill": distill.run,
@@ -58,17 +58,20 @@ class RunContext:
         """(model input, labels) of the first n batches of the calibration subset, in a fixed
         order: what every calibration-time measurement (quantizer ranges, importance scores,
         block distortion, sensitivity) runs on."""
-        from compress.train import batches
-        for _, (x, y, _) in zip(range(n), batches(self.calib, self.batch_size)):
+        from compress.loader import eval_loader
+        for _, (x, y, _) in zip(range(n), eval_loader(self.calib, self.batch_size)):
             yield self.data.normalize(x), y
 
-    def fit_kwargs(self, desc: str) -> dict:
-        """What every stage passes to the one training loop."""
-        return {"batch_size": self.batch_size, "teacher": self.teacher, "teacher_key": self.teacher_key,
-                "cache_dir": self.run_dir / "cache", "data_key": self.data_key, "seed": self.seed,
-                "device": self.device, "log": self.log, "desc": desc,
-                "eval_split": self.data.test if self.eval_each_epoch else None,
-                "sparsity": self.structure.get("sparsity")}
+    def train_env(self, desc: str, **changes) -> TrainEnv:
+        """What every stage passes to the one training loop; `changes` replace fields."""
+        from compress.prune.sparse import MaskKeeper
+        sparse = self.structure.get("sparsity")
+        env = dict(desc=desc, teacher=self.teacher, teacher_key=self.teacher_key, cache_dir=self.run_dir / "cache",
+                   data_key=self.data_key, seed=self.seed, device=self.device, log=self.log,
+                   eval_split=self.data.test if self.eval_each_epoch else None,
+                   # 2:4 layers keep their zeros through every later stage's training
+                   callbacks=[MaskKeeper(list(sparse))] if sparse else [])
+        return TrainEnv(self.batch_size, **{**env, **changes})
 
 
 def load_data(cfg: RunConfig) -> Dataset:
@@ -181,9 +184,9 @@ class Pipeline:
             ctx.metrics["checkpoint"] = tc.checkpoint
         else:
             self.log(f"[{name}] training {tc.model} for {tc.train.epochs} epochs")
-            ctx.history = fit(model, ctx.data, tc.train, batch_size=ctx.batch_size,
-                              seed=self.cfg.seed + i, device=self.device, log=self.log,
-                              desc=name, eval_split=ctx.data.test)
+            env = TrainEnv(ctx.batch_size, desc=name, seed=self.cfg.seed + i, device=self.device, log=self.log,
+                           eval_split=ctx.data.test)
+            ctx.history = fit(model, ctx.data, tc.train, env)
         model.cpu().eval()
         metrics = self._save_stage(sdir, name, model, model, structure, h,
                                    time.time() - t0, ctx, tc)

@@ -22,5 +22,5 @@ class DistillConfig(TrainConfig):
 
 
 def run(model: nn.Module, ctx, cfg: DistillConfig) -> nn.Module:
-    ctx.history = fit(model, ctx.data, cfg, **ctx.fit_kwargs("distill"))
+    ctx.history = fit(model, ctx.data, cfg, ctx.train_env("distill"))
     return model

@@ -59,10 +59,8 @@ def run(model: nn.Module, ctx, cfg: PruneConfig) -> nn.Module:
             ctx.metrics["sparsity"] = ctx.structure["sparsity"]
             ctx.log(f"  2:4 sparsity on {len(sparse_names)} layers")
         if per_step > 0:
-            kw = {**ctx.fit_kwargs("prune"), "teacher": teacher}
-            if key:
-                kw["teacher_key"] = key
-            rows = fit(model, ctx.data, cfg.model_copy(update={"epochs": per_step}), **kw)
+            env = ctx.train_env("prune", teacher=teacher, teacher_key=key or ctx.teacher_key)
+            rows = fit(model, ctx.data, cfg.model_copy(update={"epochs": per_step}), env)
             history += [{**r, "prune_step": step + 1} for r in rows]
     after = count_params(model)
     ctx.log(f"  pruned {before:,} -> {after:,} params (ratio {ratio:g}, round_to {cfg.round_to})")

@@ -66,13 +66,13 @@ def run(model: nn.Module, ctx, cfg: QuantizeConfig) -> nn.Module:
     ctx.log(f"  {ctx.metrics['format']}: calibrated on {min(len(ctx.calib), cfg.calib_batches * ctx.batch_size)} "
             f"{'synthetic ' if synthetic else ''}images: PTQ accuracy {ptq_acc:.4f}")
     if cfg.epochs > 0:
-        kwargs = ctx.fit_kwargs("qat")
+        env = ctx.train_env("qat")
         data = ctx.data
         if synthetic:
             # data-free: distill on the synthesized images too, never the real training split
             data = dataclasses.replace(ctx.data, train=ctx.calib)
-            kwargs["data_key"] = f"{ctx.data_key}-synthetic-{ctx.calib.key}"
-        ctx.history = fit(qmodel, data, cfg, **kwargs)
+            env.data_key = f"{ctx.data_key}-synthetic-{ctx.calib.key}"
+        ctx.history = fit(qmodel, data, cfg, env)
     sqnr = layer_sqnr(qmodel, ctx)
     worst = sorted(sqnr.items(), key=lambda kv: kv[1])[:3]
     ctx.metrics["layer_sqnr_db"] = sqnr

@@ -1,7 +1,8 @@
 """A frozen copy of compress/train.py's `fit` as it was before the DataLoader/callback
-rewrite (issue 10, commit 2a7d85a), verbatim except for the imports: the reference the new
-loop must reproduce bit for bit (tests/compress/test_train_equivalence.py). Do not edit;
-if the loop's numbers are meant to change, delete this file and the equivalence test."""
+rewrite (issue 10, commit 2a7d85a): verbatim except for the imports, plus that commit's
+compress.prune.sparse.MaskKeeper at the end. It is the reference the new loop must reproduce
+bit for bit (tests/compress/test_train_equivalence.py). Do not edit it; if the loop's numbers
+are meant to change, delete this file and the equivalence test."""
 # ruff: noqa
 from __future__ import annotations
 
@@ -134,7 +135,6 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, batch_size: int,
         features = FeatureDistiller(cfg.features, model, root, example).to(device)
     objective = Objective(cfg.loss, features)
     if sparsity:  # 2:4 layers keep their zeros through every later stage's training
-        from compress.prune.sparse import MaskKeeper
         keep, user_step = MaskKeeper(model, list(sparsity)), after_step
         after_step = (lambda m: (keep(m), user_step(m))) if user_step else keep
     params = [p for p in model.parameters() if p.requires_grad]
@@ -216,3 +216,25 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, batch_size: int,
             live_teacher.to(memory_format=torch.contiguous_format)
     log(f"  {desc}: {step} steps in {time.time() - t0:.0f}s")
     return history
+
+
+class MaskKeeper:
+    """Fixed masks (the current zeros of each sparse layer), re-applied after every
+    optimizer step. Looked up by qualified name, which brevitas' graph quantization keeps."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise UserError(f"structure: sparse layers {missing} are not in the model")
+        self.masks = {n: (modules[n].weight != 0) for n in names}
+        self.modules = {n: modules[n] for n in names}
+
+    def __call__(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            for n, m in self.modules.items():
+                mask = self.masks[n]
+                if mask.device != m.weight.device or mask.dtype != m.weight.dtype:
+                    # once, after fit moves the model: not a conversion every step
+                    mask = self.masks[n] = mask.to(m.weight.device, m.weight.dtype)
+                m.weight.mul_(mask)

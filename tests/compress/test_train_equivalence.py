@@ -2,10 +2,10 @@
 (tests/compress/legacy_fit.py, a frozen copy of commit 2a7d85a) bit for bit: same shuffling,
 augmentation draws, lr schedule, objective, teacher outputs and mask keeping.
 
-GOLDEN holds the per-epoch losses recorded from the OLD loop (compress/train.py at 2a7d85a,
-before any change to it) on this project's CPU in fp32: it pins the frozen copy itself to what
-main computed. The tolerance allows another CPU's fp32 kernels (accuracies are left out: one
-flipped prediction moves them by 1/64)."""
+GOLDEN holds the per-epoch losses recorded from the OLD code (a checkout of 2a7d85a, not the
+copy) on this project's CPU in fp32: it pins the frozen copy itself to what main computed.
+The tolerance allows another CPU's fp32 kernels (accuracies are left out: one flipped
+prediction moves them by 1/64)."""
 from __future__ import annotations
 
 import pytest
@@ -17,11 +17,7 @@ from compress.distill.features import FeatureTerm
 from compress.distill.objectives import CE, KL, ReverseKL
 from compress.models import build_model
 from compress.prune import sparse
-from compress.train import TrainConfig, fit
-try:
-    from compress.train import TrainEnv
-except ImportError:
-    TrainEnv = None
+from compress.train import TrainConfig, TrainEnv, fit
 from tests.compress import legacy_fit
 
 BATCH, SEED = 32, 3  # 256 examples: 8 steps per epoch; epochs=2.5 ends inside epoch 3
@@ -45,16 +41,19 @@ SCENARIOS = {  # name: (config, teacher: None | "one" | "two", 2:4 masks)
     "masks_2of4": (_cfg(), None, True),
 }
 
-GOLDEN = {  # per-epoch mean loss of the OLD loop (2a7d85a, before the rewrite), fp32
-    'ce_sgd_warmup': [2.295299351, 2.126831084, 2.060268879],
-    'augment': [2.294877231, 2.203278244, 2.196246922],
-    'kd_live': [0.2492834684, 0.2284149025, 0.2281717993],
-    'cache_full': [0.2490637191, 0.2283778358, 0.2281151079],
-    'cache_topk_ensemble': [8.614660859, 8.112236619, 8.003603935],
-    'cache_sampled': [9.22650075, 9.188010812, 9.168470144],
-    'ensemble_live': [0.2460183725, 0.2279034276, 0.2277517393],
-    'features': [0.4977316633, 0.3288592435, 0.3145340979],
-    'masks_2of4': [2.33975333, 2.272809386, 2.286629677],
+# Per-epoch mean loss of the OLD loop: `git archive 2a7d85a` (main before the rewrite) run
+# with one thread as under tests/conftest.py, fp32. Two threads instead of one move them by
+# 5e-5 (reduction order); a changed shuffle, schedule or objective moves them by far more.
+GOLDEN = {
+    'ce_sgd_warmup': [2.295305848, 2.126941085, 2.060367972],
+    'augment': [2.294781029, 2.203294754, 2.196330845],
+    'kd_live': [0.2492834665, 0.228416672, 0.228174828],
+    'cache_full': [0.24906349, 0.2283778116, 0.2281144783],
+    'cache_topk_ensemble': [8.614667177, 8.112254977, 8.003626108],
+    'cache_sampled': [9.226499796, 9.187988043, 9.168442726],
+    'ensemble_live': [0.2460184824, 0.2279026862, 0.2277508341],
+    'features': [0.4977316596, 0.3288588822, 0.3145341277],
+    'masks_2of4': [2.339750886, 2.272814959, 2.286634743],
 }
 
 
@@ -84,7 +83,9 @@ def train(name: str, impl: str, tmp_path):
               log=lambda s: None, eval_split=data.test, sparsity=sparsity, desc=name)
     if impl == "old":
         hist = legacy_fit.fit(student, data, cfg, **kw)
-    else:
+    else:  # 2:4 masks are a callback now, which RunContext.train_env adds
+        kw.pop("sparsity")
+        kw["callbacks"] = [sparse.MaskKeeper(list(sparsity))] if sparsity else []
         hist = fit(student, data, cfg, TrainEnv(**kw))
     return hist, {k: v.clone() for k, v in student.state_dict().items()}
 
@@ -98,7 +99,7 @@ def test_new_loop_reproduces_the_old_one(name, tmp_path):
         [{k: v for k, v in r.items() if k not in drop} for r in old_hist]
     assert all(torch.equal(old_w[k], new_w[k]) for k in old_w)
     if name in GOLDEN:
-        assert [r["loss"] for r in new_hist] == pytest.approx(GOLDEN[name], rel=1e-5)
+        assert [r["loss"] for r in new_hist] == pytest.approx(GOLDEN[name], rel=5e-4)
     if SCENARIOS[name][2]:  # the 2:4 zeros stay zero through training
         _, student, _, _ = _setup(name)
         modules = dict(student.named_modules())
