@@ -7,10 +7,12 @@ The old loop is compress/train.py as it was at --old-ref, read from git into a t
 module; both run in this process, interleaved (old, new, then new, old, ...) so that load
 from other processes on the machine falls on both alike. Each run trains a fresh student
 for --steps steps (a fraction of an epoch) and ends with the per-epoch evaluation. Prints
-per-round seconds and the median ratio new/old, for the whole fit and for the training
-steps alone (the history row's seconds), and whether both gave the same losses.
+per-round seconds and the median ratio new/old, for the whole fit (wall and CPU seconds) and
+for the training steps alone (the history row's seconds), and whether both gave the same
+losses. On a shared machine use --threads 1: the CPU seconds of one thread barely move with
+other processes' load, where oversubscribed OpenMP threads make wall times swing 2x.
 
-    python benchmarks/train_loop.py --rounds 7 --steps 150
+    python benchmarks/train_loop.py --rounds 9 --steps 60 --threads 1
 """
 from __future__ import annotations
 
@@ -55,16 +57,17 @@ def demo_distill(epochs: float) -> TrainConfig:
                        loss=[ReverseKL(**kd), CE(weight=0.1)])
 
 
-def one_run(impl: str, old, data, cfg: TrainConfig, env: dict) -> tuple[float, float, list]:
-    """(fit seconds, training-step seconds, per-epoch losses) of one fresh student."""
+def one_run(impl: str, old, data, cfg: TrainConfig, env: dict) -> tuple[float, float, float, list]:
+    """(fit seconds, its CPU seconds, training-step seconds, per-epoch losses) of one fresh student."""
     torch.manual_seed(0)
     student = build_model("resnet8", 10, 1)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if impl == "old":
         hist = old.fit(student, data, cfg, **env)
     else:
         hist = fit(student, data, cfg, TrainEnv(**env))
-    return time.perf_counter() - t0, sum(h["seconds"] for h in hist), [h["loss"] for h in hist]
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return wall, cpu, sum(h["seconds"] for h in hist), [h["loss"] for h in hist]
 
 
 def main():
@@ -93,22 +96,30 @@ def main():
     build_or_load("full", cfg.cache_k, cfg.kd_temperature(), teacher, "bench-teacher", "fmnist", data, work, 0,
                   torch.device("cpu"), print)
     print(f"teacher-output cache ready in {time.perf_counter() - t0:.0f}s", flush=True)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps of batch {BATCH} per run")
+    return 0 if interleaved(args.rounds, old, data, cfg, env) else 1
+
+
+def interleaved(rounds: int, old, data, cfg: TrainConfig, env: dict) -> bool:
+    """Prints each round and the medians; True when both loops gave the same losses."""
     one_run("new", old, data, cfg, env)  # warm-up (allocator, oneDNN primitive caches)
     one_run("old", old, data, cfg, env)
-    fit_ratios, step_ratios, same = [], [], True
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps of batch {BATCH} per run")
-    for r in range(args.rounds):
+    ratios, same = {"fit": [], "fit cpu": [], "steps": []}, True
+    for r in range(rounds):
         order = ("old", "new") if r % 2 == 0 else ("new", "old")
         res = {impl: one_run(impl, old, data, cfg, env) for impl in order}
-        (fo, so, lo), (fn, sn, ln) = res["old"], res["new"]
+        *o, lo = res["old"]
+        *n, ln = res["new"]
         same &= lo == ln
-        fit_ratios.append(fn / fo)
-        step_ratios.append(sn / so)
-        print(f"round {r + 1} ({order[0]} first): fit old {fo:.2f}s new {fn:.2f}s ({fn / fo:.3f}); "
-              f"steps old {so:.2f}s new {sn:.2f}s ({sn / so:.3f})", flush=True)
-    print(f"median new/old over {args.rounds} rounds: fit {statistics.median(fit_ratios):.3f}, "
-          f"training steps {statistics.median(step_ratios):.3f}; same losses: {same}")
-    return 0 if same else 1
+        line = []
+        for (name, acc), a, b in zip(ratios.items(), o, n):
+            acc.append(b / a)
+            line.append(f"{name} old {a:.2f}s new {b:.2f}s ({b / a:.3f})")
+        print(f"round {r + 1} ({order[0]} first): " + "; ".join(line), flush=True)
+    # with one thread, CPU seconds are the least disturbed by other processes on the machine
+    medians = ", ".join(f"{name} {statistics.median(v):.3f}" for name, v in ratios.items())
+    print(f"median new/old over {rounds} rounds: {medians}; same losses: {same}")
+    return same
 
 
 if __name__ == "__main__":
