@@ -26,7 +26,7 @@ from compress.distill.ensemble import Ensemble
 from compress.distill.features import FeatureTerm
 from compress.distill.objectives import CAKLD, CE, DIST, DKD, JS, KL, TAID, MSELogits, ReverseKL
 from compress.models import build_model
-from compress.train import TrainConfig, accuracy, fit, predict
+from compress.train import TrainConfig, TrainEnv, accuracy, fit, predict
 
 ROOT = Path(__file__).resolve().parents[1]
 KD = dict(weight=0.9, temperature=4.0)
@@ -86,7 +86,7 @@ def main():
                 second = build_model("resnet8_wide", 10, 1)
                 torch.manual_seed(100)
                 fit(second, data, TrainConfig(epochs=args.second_teacher_epochs, optimizer="sgd", lr=0.1,
-                                              warmup_epochs=0.5), batch_size=128, seed=100, log=lambda s: None)
+                                              warmup_epochs=0.5), TrainEnv(128, seed=100, log=lambda s: None))
                 second.eval()
                 acc2 = accuracy(predict(second, data.test, data), data.test.labels)
                 print(f"second teacher resnet8_wide ({args.second_teacher_epochs:g} epochs): {acc2:.4f}", flush=True)
@@ -97,9 +97,9 @@ def main():
         for seed in args.seeds:
             torch.manual_seed(seed)
             student = build_model("resnet8", 10, 1)
-            hist = fit(student, data, cfg, batch_size=128, teacher=t, seed=seed, log=lambda s: None,
-                       teacher_key="bench-ensemble" if t is ensemble else "bench-teacher",
-                       cache_dir=work, data_key="fmnist")
+            hist = fit(student, data, cfg, TrainEnv(128, teacher=t, seed=seed, log=lambda s: None,
+                                                    teacher_key="bench-ensemble" if t is ensemble else "bench-teacher",
+                                                    cache_dir=work, data_key="fmnist"))
             accs.append(accuracy(predict(student, data.test, data), data.test.labels))
             secs.append(statistics.mean(h["seconds"] for h in hist))
         spread = (max(accs) - min(accs)) if len(accs) > 1 else 0.0
@@ -113,8 +113,9 @@ def main():
     timing = {}
     for cache in ("full", "none"):
         cfg = TrainConfig(**{**base, "epochs": 1, "cache": cache, "loss": [KL(**KD), CE(weight=0.1)]})
-        hist = fit(build_model("resnet8", 10, 1), data, cfg, batch_size=128, teacher=teacher, seed=0,
-                   log=lambda s: None, teacher_key="bench-teacher", cache_dir=work, data_key="fmnist")
+        hist = fit(build_model("resnet8", 10, 1), data, cfg, TrainEnv(128, teacher=teacher, seed=0, log=lambda s: None,
+                                                                      teacher_key="bench-teacher", cache_dir=work,
+                                                                      data_key="fmnist"))
         timing[cache] = hist[0]["seconds"]
     print()
     print(f"ResNet-8 student (78k params), teacher resnet_teacher ({t_acc:.4f}), "

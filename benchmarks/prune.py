@@ -118,7 +118,7 @@ def main():
     torch.manual_seed(0)
     student = build_model(args.student, 10, 1)
     fit(student, data, TrainConfig(epochs=args.student_epochs, loss=KD, lr=0.1, warmup_epochs=0.5,
-                                   augment=False, cache="full"), **ctx.fit_kwargs("student"))
+                                   augment=False, cache="full"), ctx.train_env("student"))
     student.eval()
 
     def acc(m):

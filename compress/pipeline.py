@@ -29,7 +29,7 @@ from compress.measure import LatencyService, model_stats
 from compress.models import build_model
 from compress.stage import RunContext, StageResult
 from compress.structure import Structure, StructureError, rebuild
-from compress.train import accuracy, fit, predict
+from compress.train import TrainEnv, accuracy, fit, predict
 
 __all__ = ["Pipeline", "RunContext", "StageResult", "load_data", "rebuild", "model_stats"]
 
@@ -138,9 +138,9 @@ class Pipeline:
             extra["checkpoint"] = tc.checkpoint
         else:
             self.log(f"[{name}] training {tc.model} for {tc.train.epochs} epochs")
-            history = fit(model, ctx.data, tc.train, batch_size=ctx.batch_size,
-                          seed=self.cfg.seed + i, device=self.device, log=self.log,
-                          desc=name, eval_split=ctx.data.test)
+            env = TrainEnv(ctx.batch_size, desc=name, seed=self.cfg.seed + i, device=self.device, log=self.log,
+                           eval_split=ctx.data.test)
+            history = fit(model, ctx.data, tc.train, env)
         res = StageResult(model.cpu().eval(), structure, history, extra)
         return res.model, self._save(sdir, name, res, h, t0, ctx, tc), h, name, sdir, structure
 

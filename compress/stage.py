@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol
 
 import torch
 from pydantic import BaseModel
@@ -14,6 +14,9 @@ from torch import nn
 
 from calib.datasets import Dataset, Split
 from compress.structure import Structure
+
+if TYPE_CHECKING:
+    from compress.train import TrainEnv
 
 
 @dataclass
@@ -59,17 +62,21 @@ class RunContext:
         """(model input, labels) of the first n batches of the calibration subset, in a fixed
         order: what every calibration-time measurement (quantizer ranges, importance scores,
         block distortion, sensitivity) runs on."""
-        from compress.train import batches
-        for _, (x, y, _) in zip(range(n), batches(self.calib, self.batch_size)):
+        from compress.loader import eval_loader
+        for _, (x, y, _) in zip(range(n), eval_loader(self.calib, self.batch_size)):
             yield self.data.normalize(x), y
 
-    def fit_kwargs(self, desc: str) -> dict:
-        """What every stage passes to the one training loop."""
-        return {"batch_size": self.batch_size, "teacher": self.teacher, "teacher_key": self.teacher_key,
-                "cache_dir": self.run_dir / "cache", "data_key": self.data_key, "seed": self.seed,
-                "device": self.device, "log": self.log, "desc": desc,
-                "eval_split": self.data.test if self.eval_each_epoch else None,
-                "sparsity": self.structure.sparsity or None}
+    def train_env(self, desc: str, **changes) -> "TrainEnv":
+        """What every stage passes to the one training loop; `changes` replace fields."""
+        from compress.prune.sparse import MaskKeeper
+        from compress.train import TrainEnv
+        sparse = self.structure.sparsity
+        env = dict(desc=desc, teacher=self.teacher, teacher_key=self.teacher_key, cache_dir=self.run_dir / "cache",
+                   data_key=self.data_key, seed=self.seed, device=self.device, log=self.log,
+                   eval_split=self.data.test if self.eval_each_epoch else None,
+                   # 2:4 layers keep their zeros through every later stage's training
+                   callbacks=[MaskKeeper(list(sparse))] if sparse else [])
+        return TrainEnv(self.batch_size, **{**env, **changes})
 
 
 class Stage(Protocol):

@@ -1,14 +1,21 @@
 """The one training loop. Teacher training, distillation, pruning recovery and
-quantization-aware distillation all call `fit` with their own `TrainConfig`; what differs
-is the objective: weighted logit terms (compress.distill.objectives) plus optional feature
-terms (compress.distill.features), with teacher outputs live or from the cache.
+quantization-aware distillation all call `fit` with their own `TrainConfig` and a `TrainEnv`
+(what the run provides: device, seed, teacher, cache, logging; RunContext.train_env builds
+it); what differs is the objective: weighted logit terms (compress.distill.objectives) plus
+optional feature terms (compress.distill.features), with teacher outputs live or cached.
+
+The loop is a DataLoader (compress.loader; the sampler is swappable) feeding `TrainStep`;
+everything that is not training is a callback (compress.callbacks).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Optional
+from typing import Callable, Iterable, Literal, Optional
 
 import numpy as np
 import torch
@@ -17,14 +24,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from calib.datasets import Dataset, Split
-from compress.distill.features import FeatureDistiller, FeatureTerm
-from compress.distill.objectives import CE, KL, NEEDS_TEACHER, LogitTerm, Objective
+from compress.callbacks import EpochLog, Evaluate, History, LoopState, ProgressBar, SamplerEpoch, StepResult, notify
+from compress.distill.features import FeatureTerm
+from compress.distill.objectives import CE, NEEDS_TEACHER, LogitTerm, Objective
+from compress.distill.teacher import TeacherSource, feature_distiller, teacher_source
 from compress.errors import UserError
+from compress.loader import SamplerFactory, SeededPermutation, eval_loader, train_loader
 
 
 class TrainConfig(BaseModel):
     """Fields shared by every stage that trains; stage configs extend it."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     epochs: float = Field(1, ge=0, description="passes over the training split (fractions allowed, e.g. 0.5)")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd (momentum, nesterov)")
@@ -32,11 +42,15 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(5e-4, ge=0, description="decoupled (adamw) or L2 (sgd) weight decay")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up before the cosine decay")
-    loss: list[LogitTerm] = Field(default_factory=lambda: [CE()], description="logit terms, each {kind, weight, ...}: ce, kl, reverse_kl, js, mse_logits, cakld, taid, dist, dkd")
-    features: list[FeatureTerm] = Field(default_factory=list, description="feature terms {student, teacher, kind: hint|attention|normalized, weight} by module name")
-    cache: Literal["none", "full", "topk", "sampled"] = Field("none", description="teacher-output cache: none | full (fp16 logits) | topk | sampled (k classes, unbiased weights)")
+    loss: list[LogitTerm] = Field(default_factory=lambda: [CE()])
+    """logit terms, each {kind, weight, ...}: ce, kl, reverse_kl, js, mse_logits, cakld, taid, dist, dkd"""
+    features: list[FeatureTerm] = Field(default_factory=list)
+    """feature terms {student, teacher, kind: hint|attention|normalized, weight} by module name"""
+    cache: Literal["none", "full", "topk", "sampled"] = "none"
+    """teacher-output cache: none | full (fp16 logits) | topk | sampled (k classes, unbiased weights)"""
     cache_k: int = Field(8, ge=1, description="classes kept per example by the topk / sampled caches")
-    ensemble: Literal["probs", "logits"] = Field("probs", description="how several teachers combine: average softmax probabilities (MEAL V2) or logits")
+    ensemble: Literal["probs", "logits"] = "probs"
+    """how several teachers combine: average softmax probabilities (MEAL V2) or logits"""
     augment: bool = Field(True, description="random 2-px shift crops + horizontal flips")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="autocast dtype; auto = bf16 where the CPU/GPU has native bf16")
@@ -91,20 +105,32 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Te
     return out
 
 
-def batches(split: Split, batch_size: int, g: Optional[torch.Generator] = None
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(uint8 images, labels, example indices); shuffled when a generator is given,
-    drop_last only when shuffling."""
-    n = len(split)
-    if g is None:
-        for i in range(0, n, batch_size):
-            idx = torch.arange(i, min(n, i + batch_size))
-            yield split.images[i:i + batch_size], split.labels[i:i + batch_size], idx
-        return
-    order = torch.randperm(n, generator=g)
-    for i in range(0, n - batch_size + 1, batch_size):
-        idx = order[i:i + batch_size]
-        yield split.images[idx], split.labels[idx], idx
+@dataclass
+class TrainEnv:
+    """What the run gives a stage's training, besides the model, the data and the TrainConfig."""
+    batch_size: int
+    desc: str = "train"
+    """names the run in the progress bar and the log lines"""
+    teacher: Optional[nn.Module] = None
+    """the teacher (or an Ensemble of teachers) the objective's teacher terms distill from"""
+    teacher_key: str = "teacher"
+    """identity hash of the teacher(s): part of the teacher-output cache's file name"""
+    cache_dir: Optional[Path] = None
+    """where the teacher-output cache lives (the run's cache/); the working directory if None"""
+    data_key: str = "data"
+    """identity of the training data: part of the cache's file name"""
+    seed: int = 0
+    """seeds torch (feature adapters' init) and the generator of shuffling and augmentation"""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    log: Callable[[str], None] = print
+    eval_split: Optional[Split] = None
+    """evaluated after every epoch (val_accuracy in the history rows) when given"""
+    sampler: SamplerFactory = SeededPermutation
+    """(number of training examples, the seeded generator) -> the Sampler of an epoch's order;
+    torch's DistributedSampler fits here (its set_epoch is called at each epoch)"""
+    callbacks: list = field(default_factory=list)
+    """the run's callbacks (e.g. compress.prune.sparse.MaskKeeper): after the history row is
+    made, before the progress bar, evaluation and log line"""
 
 
 @torch.no_grad()
@@ -112,8 +138,7 @@ def predict(model: nn.Module, split: Split, data: Dataset, batch_size: int = 512
             device: torch.device = torch.device("cpu")) -> np.ndarray:
     """fp32 logits of a torch model on a split (the reference every backend is held to)."""
     model.eval()
-    outs = [model(data.normalize(x).to(device)).float().cpu()
-            for x, _, _ in batches(split, batch_size)]
+    outs = [model(data.normalize(x).to(device)).float().cpu() for x, _, _ in eval_loader(split, batch_size)]
     return torch.cat(outs).numpy()
 
 
@@ -121,145 +146,109 @@ def accuracy(logits: np.ndarray, labels: torch.Tensor | np.ndarray) -> float:
     return float((logits.argmax(1) == np.asarray(labels)).mean())
 
 
-def _progress():
-    """A rich progress bar on a terminal; silent otherwise (CI logs get one line per epoch)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    console = Console(stderr=True)
-    return Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                    console=console, transient=True, disable=not console.is_terminal)
-
-
-def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up to `peak`, then cosine decay to 0 at `total` steps."""
     if step < warmup:
         return peak * (step + 1) / warmup
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def teacher_forward(teacher: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    from compress.distill.ensemble import Ensemble
-    if isinstance(teacher, Ensemble):
-        return teacher(x, cfg.ensemble, cfg.kd_temperature())
-    return teacher(x)
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
 
 
-def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, batch_size: int,
-        teacher: Optional[nn.Module] = None, teacher_key: str = "teacher",
-        cache_dir: Optional[Path] = None, data_key: str = "data", seed: int = 0,
-        device: torch.device = torch.device("cpu"), log: Callable[[str], None] = print,
-        desc: str = "train", after_step: Optional[Callable[[nn.Module], None]] = None,
-        eval_split: Optional[Split] = None, sparsity: Optional[dict] = None) -> list[dict]:
+@dataclass
+class TrainStep:
+    """One optimizer step on one batch: forward under autocast, the teacher's outputs (live
+    or cached), the objective, backward, the optimizer step at the scheduled lr."""
+    model: nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    teacher: Optional[TeacherSource]
+    normalize: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+    fmt: torch.memory_format
+    amp: Optional[torch.dtype]
+    lr: Callable[[int], float]
+    total: int
+
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], step: int) -> StepResult:
+        xb, yb, idx = batch
+        x = self.normalize(xb).to(self.device).contiguous(memory_format=self.fmt)
+        y = yb.to(self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr(step)
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            out = self.model(x)
+            t_out = None if self.teacher is None else self.teacher(x, idx)
+            loss, parts = self.objective(out.float(), t_out, y, step / self.total)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return StepResult(loss.detach(), parts, out.detach(), y)
+
+
+def run_loop(state: LoopState, loader: Iterable, step: Callable[..., StepResult], callbacks: list) -> None:
+    """Epochs over `loader` until `state.total` optimizer steps; the rest is callbacks."""
+    try:
+        notify(callbacks, "on_train_start", state)
+        while state.step < state.total:
+            state.model.train()
+            notify(callbacks, "on_epoch_start", state)
+            for batch in itertools.islice(loader, state.total - state.step):
+                state.result = step(batch, state.step)
+                state.step += 1
+                notify(callbacks, "on_step_end", state)
+            notify(callbacks, "on_epoch_end", state)
+            state.epoch += 1
+    finally:
+        notify(callbacks, "on_train_end", state)
+
+
+def _reporting(data: Dataset, env: TrainEnv, history: History) -> list:
+    """Progress bar, per-epoch evaluation, the epoch log line: after the run's callbacks, so
+    they report the model as those left it (2:4 masks applied)."""
+    out: list = [ProgressBar(env.desc, history)]
+    if env.eval_split is not None:
+        split = env.eval_split
+        out.append(Evaluate(lambda m: accuracy(predict(m, split, data, device=env.device), split.labels)))
+    return out + [EpochLog(env.desc, history, env.log)]
+
+
+def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, env: TrainEnv) -> list[dict]:
     """Train `model` in place; returns one row per epoch (each loss term, train/val accuracy)."""
-    if cfg.needs_teacher and teacher is None:
-        raise UserError(f"{desc}: the loss uses a teacher ({[t.kind for t in cfg.loss]}, "
+    if cfg.needs_teacher and env.teacher is None:
+        raise UserError(f"{env.desc}: the loss uses a teacher ({[t.kind for t in cfg.loss]}, "
                         f"{len(cfg.features)} feature terms) but none is available")
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    steps_per_epoch = len(data.train) // batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{desc}: batch_size={batch_size} exceeds the {len(data.train)} "
-                        f"training examples")
-    total = max(1, round(cfg.epochs * steps_per_epoch))
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    cache = None
-    if cfg.needs_teacher and cfg.cache != "none":
-        from compress.distill.cache import build_or_load
-        from compress.distill.ensemble import Ensemble
-        key = teacher_key
-        if isinstance(teacher, Ensemble):  # the combined output depends on mode and T
-            key = f"{teacher_key}-{cfg.ensemble}-T{cfg.kd_temperature():g}"
-        teacher.to(device).eval()
-        cache = build_or_load(cfg.cache, cfg.cache_k, cfg.kd_temperature(),
-                              lambda x: teacher_forward(teacher, x, cfg), key, data_key, data,
-                              cache_dir or Path("."), seed, device, log)
-    features = None
-    if cfg.features:
-        from compress.distill.ensemble import Ensemble
-        root = teacher.members[0] if isinstance(teacher, Ensemble) else teacher
-        example = data.normalize(data.train.images[:2]).to(device)
-        features = FeatureDistiller(cfg.features, model, root, example).to(device)
-    objective = Objective(cfg.loss, features)
-    if sparsity:  # 2:4 layers keep their zeros through every later stage's training
-        from compress.prune.sparse import MaskKeeper
-        keep, user_step = MaskKeeper(model, list(sparsity)), after_step
-        after_step = (lambda m: (keep(m), user_step(m))) if user_step else keep
+    torch.manual_seed(env.seed)
+    g = torch.Generator().manual_seed(env.seed)  # shuffling, then each batch's augmentation
+    sampler = env.sampler(len(data.train), g)
+    loader = train_loader(data.train, env.batch_size, sampler, partial(augment_batch, g=g) if cfg.augment else None)
+    if len(loader) == 0:
+        raise UserError(f"{env.desc}: batch_size={env.batch_size} exceeds the {len(data.train)} training examples")
+    total = max(1, round(cfg.epochs * len(loader)))
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    teacher = teacher_source(cfg, env, data, fmt)
+    features = feature_distiller(cfg, model, env.teacher, data, env.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if features is not None:  # adapters train with the student, and are dropped after
         params += list(features.adapters.parameters())
-    if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay, nesterov=True)
-    amp = autocast_dtype(cfg, device)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=fmt)
-    live_teacher = teacher if (cfg.needs_teacher and cache is None) else None
-    if live_teacher is not None:
-        live_teacher.to(device=device, memory_format=fmt).eval()
-    history: list[dict] = []
-    step, epoch = 0, 0
-    t0 = time.time()
-    n_epochs = math.ceil(total / steps_per_epoch)
+    step = TrainStep(model, Objective(cfg.loss, features), make_optimizer(params, cfg), teacher, data.normalize,
+                     env.device, fmt, autocast_dtype(cfg, env.device),
+                     partial(lr_at, total=total, warmup=round(cfg.warmup_epochs * len(loader)), peak=cfg.lr), total)
+    history = History()
+    # history first: it records each step as computed, and starts the epoch's row
+    callbacks = [history, *env.callbacks, teacher, *([SamplerEpoch(sampler)] if hasattr(sampler, "set_epoch") else []),
+                 *_reporting(data, env, history)]
+    state, t0 = LoopState(model, total, len(loader)), time.time()
+    model.to(device=env.device, memory_format=fmt)
     try:
-        with _progress() as bar:
-            task = bar.add_task(desc, total=total, info="")
-            while step < total:
-                model.train()
-                sums: dict[str, float] = {"loss": 0.0}
-                correct = seen = n = 0
-                te = time.time()
-                for xb, yb, idx in batches(data.train, batch_size, g):
-                    if step >= total:
-                        break
-                    if cfg.augment:
-                        xb = augment_batch(xb, g)
-                    x = data.normalize(xb).to(device).contiguous(memory_format=fmt)
-                    y = yb.to(device)
-                    for group in opt.param_groups:
-                        group["lr"] = _lr_at(step, total, warmup, cfg.lr)
-                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                        out = model(x)
-                        t_out = None
-                        if cache is not None:
-                            t_out = cache.lookup(idx)
-                        elif live_teacher is not None:
-                            with torch.no_grad():
-                                t_out = teacher_forward(live_teacher, x, cfg).float()
-                        loss, parts = objective(out.float(), t_out, y, step / total)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    if after_step is not None:
-                        after_step(model)
-                    step += 1
-                    n += 1
-                    sums["loss"] += float(loss.detach())
-                    for k, v in parts.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
-                    correct += int((out.argmax(1) == y).sum())
-                    seen += len(y)
-                    bar.update(task, advance=1, info=f"epoch {epoch + 1}/{n_epochs} loss "
-                               f"{sums['loss'] / n:.4f} acc {correct / seen:.4f}")
-                row = {"epoch": epoch + 1, "steps": n, **{k: v / max(1, n) for k, v in sums.items()},
-                       "train_accuracy": correct / max(1, seen), "seconds": time.time() - te}
-                if eval_split is not None:
-                    row["val_accuracy"] = accuracy(predict(model, eval_split, data, device=device),
-                                                   eval_split.labels)
-                terms = ", ".join(f"{k} {v / max(1, n):.4f}" for k, v in sums.items() if k != "loss")
-                # rich redirects stdout while the bar is live, so plain logging stays readable
-                log(f"  {desc} epoch {row['epoch']}: loss {row['loss']:.4f} ({terms}) "
-                    f"train acc {row['train_accuracy']:.4f}"
-                    + (f" val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else "")
-                    + f" [{row['seconds']:.0f}s]")
-                history.append(row)
-                epoch += 1
+        run_loop(state, loader, step, callbacks)
     finally:
         if features is not None:
             features.close()  # hooks must not outlive the stage (they would leak into export)
         model.to(memory_format=torch.contiguous_format)
-        if live_teacher is not None:
-            live_teacher.to(memory_format=torch.contiguous_format)
-    log(f"  {desc}: {step} steps in {time.time() - t0:.0f}s")
-    return history
+    env.log(f"  {env.desc}: {state.step} steps in {time.time() - t0:.0f}s")
+    return history.rows

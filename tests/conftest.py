@@ -21,11 +21,10 @@ def tiny_data():
 def trained_tiny(tiny_data):
     """resnet_tiny trained to high accuracy on the synthetic set (a few seconds)."""
     from compress.models import build_model
-    from compress.train import TrainConfig, fit
+    from compress.train import TrainConfig, TrainEnv, fit
     torch.manual_seed(0)  # the same fixture model whatever test runs first
     model = build_model("resnet_tiny", 10, 1)
-    fit(model, tiny_data, TrainConfig(epochs=4, lr=1e-2, augment=False), batch_size=64,
-        log=lambda s: None)
+    fit(model, tiny_data, TrainConfig(epochs=4, lr=1e-2, augment=False), TrainEnv(64, log=lambda s: None))
     return model.eval()
 
 

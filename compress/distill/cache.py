@@ -31,6 +31,9 @@ class SparseTarget:
 
 
 class TeacherCache:
+    """Teacher outputs by example index; a teacher source for the training step
+    (compress.distill.teacher), called as `cache(x, idx)` in place of the teacher's forward."""
+
     def __init__(self, kind: str, tensors: dict[str, torch.Tensor]):
         self.kind, self.t = kind, tensors
 
@@ -38,6 +41,9 @@ class TeacherCache:
         if self.kind == "full":
             return self.t["logits"][idx].float()
         return SparseTarget(self.t["index"][idx].long(), self.t["prob"][idx].float())
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor):
+        return self.lookup(idx)
 
 
 @torch.no_grad()

@@ -28,5 +28,5 @@ class DistillStage:
         """Feature-term names are checked when the config is validated."""
 
     def run(self, model: nn.Module, ctx: RunContext, cfg: DistillConfig) -> StageResult:
-        history = fit(model, ctx.data, cfg, **ctx.fit_kwargs("distill"))
+        history = fit(model, ctx.data, cfg, ctx.train_env("distill"))
         return StageResult(model, ctx.structure, history)

@@ -75,25 +75,31 @@ def holds(w: np.ndarray | torch.Tensor) -> bool:
 
 
 class MaskKeeper:
-    """Fixed masks (the current zeros of each sparse layer), re-applied after every
-    optimizer step. Looked up by qualified name, which brevitas' graph quantization keeps."""
+    """A training-loop callback: the current zeros of each sparse layer, taken when training
+    starts (on the device the loop placed the model on), re-applied after every optimizer
+    step. Layers are looked up by qualified name, which brevitas' graph quantization keeps."""
 
-    def __init__(self, model: nn.Module, names: list[str]):
-        modules = dict(model.named_modules())
-        missing = [n for n in names if n not in modules]
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.masks: dict[str, torch.Tensor] = {}
+        self.modules: dict[str, nn.Module] = {}
+
+    def on_train_start(self, state) -> None:
+        modules = dict(state.model.named_modules())
+        missing = [n for n in self.names if n not in modules]
         if missing:
             raise UserError(f"structure: sparse layers {missing} are not in the model")
-        self.masks = {n: (modules[n].weight != 0) for n in names}
-        self.modules = {n: modules[n] for n in names}
+        self.modules = {n: modules[n] for n in self.names}
+        # in the weight's dtype: a multiply, not a conversion, at every step
+        self.masks = {n: (m.weight != 0).to(m.weight.dtype) for n, m in self.modules.items()}
 
-    def __call__(self, model: nn.Module) -> None:
-        with torch.no_grad():
-            for n, m in self.modules.items():
-                mask = self.masks[n]
-                if mask.device != m.weight.device or mask.dtype != m.weight.dtype:
-                    # once, after fit moves the model: not a conversion every step
-                    mask = self.masks[n] = mask.to(m.weight.device, m.weight.dtype)
-                m.weight.mul_(mask)
+    @torch.no_grad()
+    def on_step_end(self, state) -> None:
+        for n, m in self.modules.items():
+            m.weight.mul_(self.masks[n])
+
+
+PASS_THROUGH = ("DequantizeLinear", "Clip", "Identity")  # ops between a weight initializer and its Conv/Gemm
 
 
 def onnx_weights(path) -> list[tuple[str, np.ndarray]]:
@@ -109,7 +115,7 @@ def onnx_weights(path) -> list[tuple[str, np.ndarray]]:
         if n.op_type not in ("Conv", "Gemm") or len(n.input) < 2:
             continue
         src = n.input[1]
-        while src not in inits and src in producer and producer[src].op_type in ("DequantizeLinear", "Clip", "Identity"):
+        while src not in inits and src in producer and producer[src].op_type in PASS_THROUGH:
             src = producer[src].input[0]
         if src in inits:
             w = inits[src]

@@ -88,16 +88,14 @@ class PruneStage:
                 ctx.log(f"  prune step {step + 1}/{cfg.steps} ({cfg.importance}): {count_params(model):,} params")
             if step == cfg.steps - 1 and sparse_names:
                 # after the last width change: channel pruning would cut through 2:4 groups;
-                # the recovery below keeps the masks (fit_kwargs reads ctx.structure.sparsity)
+                # the recovery below keeps the masks (train_env reads ctx.structure.sparsity)
                 sparse.apply(model, sparse_names)
                 pattern = {n: sparse.PATTERN for n in sparse_names}
                 ctx = dataclasses.replace(ctx, structure=ctx.structure.model_copy(update={"sparsity": pattern}))
                 metrics["sparsity"] = pattern
                 ctx.log(f"  2:4 sparsity on {len(sparse_names)} layers")
             if per_step > 0:
-                kw = {**ctx.fit_kwargs("prune"), "teacher": teacher}
-                if key:
-                    kw["teacher_key"] = key
-                rows = fit(model, ctx.data, cfg.model_copy(update={"epochs": per_step}), **kw)
+                env = ctx.train_env("prune", teacher=teacher, teacher_key=key or ctx.teacher_key)
+                rows = fit(model, ctx.data, cfg.model_copy(update={"epochs": per_step}), env)
                 history += [{**r, "prune_step": step + 1} for r in rows]
         return history, ctx.structure

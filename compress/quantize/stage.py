@@ -66,13 +66,13 @@ def _calibrate(graph: nn.Module, qs: dict, ctx: RunContext, cfg: QuantizeConfig,
 
 
 def _qat(qmodel: nn.Module, ctx: RunContext, cfg: QuantizeConfig) -> list[dict]:
-    kwargs = ctx.fit_kwargs("qat")
+    env = ctx.train_env("qat")
     data = ctx.data
     if getattr(ctx.calib, "synthetic", False):
         # data-free: distill on the synthesized images too, never the real training split
         data = dataclasses.replace(ctx.data, train=ctx.calib)
-        kwargs["data_key"] = f"{ctx.data_key}-synthetic-{ctx.calib.key}"
-    return fit(qmodel, data, cfg, **kwargs)
+        env.data_key = f"{ctx.data_key}-synthetic-{ctx.calib.key}"
+    return fit(qmodel, data, cfg, env)
 
 
 class QuantizeStage:

@@ -191,11 +191,11 @@ def test_zoo_models_quantize_export_and_agree_on_ort(spec, tiny_data, tmp_path):
 
     from compress.export import export_model
     from compress.models import build_model
-    from compress.train import TrainConfig, fit
+    from compress.train import TrainConfig, TrainEnv, fit
     torch.manual_seed(0)
     m = build_model(spec, 10, 1)
-    fit(m, tiny_data, TrainConfig(epochs=1, lr=1e-2, optimizer="adamw", augment=False), batch_size=64,
-        log=lambda s: None)
+    fit(m, tiny_data, TrainConfig(epochs=1, lr=1e-2, optimizer="adamw", augment=False),
+        TrainEnv(64, log=lambda s: None))
     ctx = make_ctx(tiny_data, m, tmp_path, calib=128)
     ctx.structure = ctx.structure.model_copy(update={"model": spec})
     res = run_stage("quantize", m.eval(), ctx, QuantizeConfig(calib_batches=2, epochs=0))

@@ -1,11 +1,10 @@
-import pytest
 import torch
 
 from compress.distill.cache import build_or_load
 from compress.distill.ensemble import Ensemble
 from compress.distill.objectives import KL, Objective
 from compress.models import build_model
-from compress.train import TrainConfig, fit, predict
+from compress.train import TrainConfig, TrainEnv, fit, predict
 
 
 def teacher(seed):
@@ -64,10 +63,10 @@ def test_training_from_cache_skips_the_teacher(tiny_data, tmp_path):
     t.register_forward_hook(lambda *a: calls.append(1))
     cfg = TrainConfig(epochs=2, augment=False, loss=[KL()], cache="full")
     s = build_model("resnet_tiny", 10, 1)
-    fit(s, tiny_data, cfg, batch_size=64, teacher=t, cache_dir=tmp_path, log=lambda m: None)
+    fit(s, tiny_data, cfg, TrainEnv(64, teacher=t, cache_dir=tmp_path, log=lambda m: None))
     n_cache = len(calls)
     assert n_cache == len(range(0, len(tiny_data.train), 512))  # one pass to build the cache
-    fit(s, tiny_data, cfg, batch_size=64, teacher=t, cache_dir=tmp_path, log=lambda m: None)
+    fit(s, tiny_data, cfg, TrainEnv(64, teacher=t, cache_dir=tmp_path, log=lambda m: None))
     assert len(calls) == n_cache  # the re-run reads the cache
 
 

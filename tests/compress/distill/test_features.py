@@ -6,7 +6,7 @@ from compress.distill.features import FeatureDistiller, FeatureTerm, attention_m
 from compress.distill.objectives import KL
 from compress.errors import UserError
 from compress.models import build_model
-from compress.train import TrainConfig, fit
+from compress.train import TrainConfig, TrainEnv, fit
 
 X = torch.randn(4, 1, 28, 28)
 
@@ -65,7 +65,7 @@ def test_hooks_are_removed_after_the_stage(tiny_data):
     student, teacher = models()
     cfg = TrainConfig(epochs=0.1, augment=False, loss=[KL()],
                       features=[FeatureTerm(student="layers.1", teacher="layers.1")])
-    fit(student, tiny_data, cfg, batch_size=64, teacher=teacher, log=lambda s: None)
+    fit(student, tiny_data, cfg, TrainEnv(64, teacher=teacher, log=lambda s: None))
     for m in list(student.modules()) + list(teacher.modules()):
         assert not m._forward_hooks
     assert not any("adapter" in k for k in student.state_dict())
