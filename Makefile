@@ -1,12 +1,12 @@
 # make demo — set up, then run the Fashion-MNIST demo (compress run examples/fashion_mnist.yaml)
-# make test — set up, then the test suite (what .ci/run calls)
+# make test — set up, then ruff and the test suite (what .ci/run calls)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST ?= /usr/share/datasets/fashion-mnist
 FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
-.PHONY: setup demo test fashion-mnist clean
+.PHONY: setup demo test lint fashion-mnist clean
 
 setup: $(VENV)/.installed
 	@$(MAKE) -s fashion-mnist || true
@@ -32,7 +32,11 @@ demo: setup
 	$(VENV)/bin/compress run examples/fashion_mnist.yaml --set data.root=$(FMNIST)
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf runs .pytest_cache

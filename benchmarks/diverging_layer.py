@@ -38,11 +38,11 @@ def main() -> None:
             f = r["first_diverging"] or {}
             print(f"{stage} @ {backend}: scaled {node}; first diverging: {f.get('module')} ({f.get('node')}) "
                   f"rel err {f.get('rel_error', float('nan')):.3g}; per layer: "
-                  + ", ".join(f"{l['rel_error']:.2g}" for l in r["layers"]))
+                  + ", ".join(f"{layer['rel_error']:.2g}" for layer in r["layers"]))
         for backend, runtime in (("onnxruntime", d / "model.onnx"), ("openvino", d / "model.xml")):
             good = diverging_layers(model, d / "model.onnx", runtime, backend, x, a.tolerance)
             print(f"{stage} intact @ {backend}: first diverging {good['first_diverging']}, "
-                  f"max rel err {max(l['rel_error'] for l in good['layers']):.2g}")
+                  f"max rel err {max(layer['rel_error'] for layer in good['layers']):.2g}")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ def round_to_check(work: Path) -> list[str]:
                     import openvino as ov
                     ov.save_model(ov.convert_model(str(path)), str(d / f"{kind}.xml"), compress_to_fp16=False)
                     path = d / f"{kind}.xml"
-                r = targets.get(backend).compile(path, CompileOptions(threads=1, precision="int8" if kind == "q" else "fp32", work_dir=d))
+                opts = CompileOptions(threads=1, precision="int8" if kind == "q" else "fp32", work_dir=d)
+                r = targets.get(backend).compile(path, opts)
                 with LatencySession(backend, 1, x, x.shape[1:], 17) as s:
                     ms[kind, backend] = s.paired_p50(r, r, 200)[0]
         lines.append(f"| {c} | {ms['f', 'onnxruntime']:.4f} | {ms['f', 'openvino']:.4f} | "
@@ -130,7 +131,8 @@ def main():
     rows = []
     for ratio in ([] if args.only_budget else args.ratios):
         for method, cfg in (
-                ("one-shot + finetune (CE)", PruneConfig(ratio=ratio, steps=1, epochs=args.epochs, loss=[CE()], **RECOVERY)),
+                ("one-shot + finetune (CE)",
+                 PruneConfig(ratio=ratio, steps=1, epochs=args.epochs, loss=[CE()], **RECOVERY)),
                 ("3 steps + KD recovery", PruneConfig(ratio=ratio, steps=3, epochs=args.epochs, loss=KD, **RECOVERY))):
             m = PruneStage().run(copy.deepcopy(student), ctx, cfg).model.eval()
             st = model_stats(m, m, data.input_shape)

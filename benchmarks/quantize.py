@@ -195,7 +195,8 @@ def main():
         to_openvino(pdir / "ort_static.onnx", pdir / "ort_static.xml")
         results.append({"row": "peer: ORT quantize_static (QDQ, per-channel, U8S8)", "torch": None,
                         "seconds": time.time() - t0, "note": "agreement vs the float student",
-                        **measure(pdir / "ort_static.onnx", pdir / "ort_static.xml", x, labels, f_ref, pdir, args.runs)})
+                        **measure(pdir / "ort_static.onnx", pdir / "ort_static.xml", x, labels, f_ref, pdir,
+                                  args.runs)})
         log(f"ort static: {results[-1]}")
         try:
             t0 = time.time()

@@ -53,7 +53,8 @@ class CAKLD(_Term):
     teacher's mean confidence in the true label, so a confident teacher is followed mode-seeking."""
     kind: Literal["cakld"] = "cakld"
     temperature: float = Field(1.0, gt=0, description="softmax temperature T")
-    confidence: Optional[float] = Field(None, ge=0, le=1, description="fixed gamma; default: the teacher's mean true-label probability in each batch")
+    confidence: Optional[float] = Field(
+        None, ge=0, le=1, description="fixed gamma; default: the teacher's mean true-label probability in each batch")
 
 
 class TAID(_Term):
