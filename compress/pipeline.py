@@ -172,6 +172,10 @@ class Pipeline:
 
     def _student(self, ctx: RunContext) -> tuple[nn.Module, str]:
         sc = self.cfg.student
+        # seeded here: a teacher trained in this run consumes the global RNG and one reused
+        # from disk does not, so a rerun stage would otherwise start from other weights than
+        # the run whose later stages are kept
+        torch.manual_seed(self.cfg.seed)
         model = build_model(sc.model, ctx.structure.num_classes, ctx.structure.in_channels)
         if sc.checkpoint:
             load_into(model, read_state_dict(self.cfg.resolve_path(sc.checkpoint)),

@@ -71,7 +71,7 @@ def test_validate_names_a_bad_key_in_one_line_without_traceback(tmp_path):
      "data.dataset='no_such_pkg:data': cannot import module"),
     (["run", "{tiny}", "--set", "output.dir={tmp}", "--set", "teacher.train=null",
       "--set", "teacher.checkpoint={tmp}/none.safetensors"], "none.safetensors"),
-    (["profile", "{tmp}/broken.yaml"], "broken.yaml: expected an .onnx file or an OpenVINO .xml IR"),
+    (["profile", "{tmp}/broken.yaml"], "broken.yaml: onnxruntime compiles .onnx files, not .yaml"),
 ], ids=["missing-file", "bad-yaml", "set-syntax", "set-index", "model-import", "dataset-import",
         "checkpoint-missing", "profile-not-onnx"])
 def test_user_mistakes_exit_2_with_the_reason_and_no_traceback(args, message, tmp_path):

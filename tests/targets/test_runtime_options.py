@@ -11,17 +11,18 @@ from tests.targets.test_backends import tiny_onnx
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("opts")
     tiny_onnx(d / "m.onnx", np.random.default_rng(0))
-    from compress.export import to_openvino
-    to_openvino(d / "m.onnx", d / "m.xml")
+    from targets.openvino import to_ir
+    to_ir(d / "m.onnx", d / "m.xml")
     return d
 
 
 @pytest.mark.parametrize("level, inter", [("basic", 2), ("disable", 1), ("all", 1)])
 def test_onnxruntime_session_holds_the_options(files, level, inter):
     import onnxruntime as ort
+    target = base.get("onnxruntime")
     opts = base.CompileOptions(threads=1, work_dir=files,
-                               options={"graph_optimization": level, "inter_op_threads": inter})
-    runner = base.get("onnxruntime").compile(files / "m.onnx", opts)
+                               options=target.Options(graph_optimization=level, inter_op_threads=inter))
+    runner = target.compile(files / "m.onnx", opts)
     so = runner.session.get_session_options()
     want = {"basic": "ORT_ENABLE_BASIC", "disable": "ORT_DISABLE_ALL", "all": "ORT_ENABLE_ALL"}[level]
     assert so.graph_optimization_level == getattr(ort.GraphOptimizationLevel, want)
@@ -36,8 +37,9 @@ def test_onnxruntime_session_holds_the_options(files, level, inter):
 
 @pytest.mark.parametrize("hint", ["LATENCY", "THROUGHPUT"])
 def test_openvino_compiled_model_holds_the_options(files, hint):
-    opts = base.CompileOptions(threads=1, work_dir=files, options={"performance_hint": hint})
-    runner = base.get("openvino").compile(files / "m.xml", opts)
+    target = base.get("openvino")
+    opts = base.CompileOptions(threads=1, work_dir=files, options=target.Options(performance_hint=hint))
+    runner = target.compile(files / "m.xml", opts)
     prop = runner.compiled.get_property
     assert str(prop("PERFORMANCE_HINT")) == hint
     assert int(prop("INFERENCE_NUM_THREADS")) == 1
