@@ -127,11 +127,15 @@ def build_all(cfg: "RunConfig", data, errors: list[str]) -> list[Built]:
                           f"{role}.model={c.model}: cannot build it ({type(e).__name__}: {e})")
             continue
         if c.checkpoint:
-            try:
-                load_into(b.model, read_state_dict(cfg.resolve_path(c.checkpoint)),
-                          f"{role}.checkpoint={c.checkpoint}")
+            try:  # read_state_dict names the file; load_into names the field and what does not fit
+                state = read_state_dict(cfg.resolve_path(c.checkpoint))
             except UserError as e:
-                errors.append(str(e) if str(e).startswith(role) else f"{role}.checkpoint: {e}")
+                errors.append(f"{role}.checkpoint: {e}")
+                continue
+            try:
+                load_into(b.model, state, f"{role}.checkpoint={c.checkpoint}")
+            except UserError as e:
+                errors.append(str(e))
                 continue
         line = _dry_forward(b, x, data.num_classes)
         b.ok = line is None

@@ -172,3 +172,11 @@ def test_preflight_of_the_demo_is_fast():
     preflight(cfg)
     # ~0.2 s warm on 2 shared CPU cores: two ResNets built, a checkpoint loaded, batch 2 through each
     assert time.perf_counter() - t0 < 3
+
+
+def test_a_checkpoint_of_another_model_is_named_with_what_does_not_fit(tmp_path):
+    torch.save(build_model("resnet_tiny_teacher", 10, 1).state_dict(), tmp_path / "other.pt")
+    cfg = config(tmp_path, student={"model": "resnet_tiny", "checkpoint": str(tmp_path / "other.pt")})
+    (line,) = failure(cfg)
+    assert line.startswith(f"student.checkpoint={tmp_path / 'other.pt'}: does not fit the model: shape mismatch: "
+                           f"stem.0.weight: checkpoint (16, 1, 3, 3) vs model (8, 1, 3, 3)")
