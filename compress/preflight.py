@@ -57,8 +57,13 @@ def data_info(cfg: "RunConfig"):
     if d.dataset == "synthetic":
         s = d.synthetic
         return DataInfo("synthetic", s.num_classes, (s.channels, s.image_size, s.image_size))
-    from compress.pipeline import load_data
-    return load_data(cfg)
+    # the factory call of compress.pipeline.load_data, without its subsets (shapes suffice);
+    # not imported from there: the pipeline imports this module
+    from calib.datasets import Dataset, resolve_factory
+    data = resolve_factory(d.dataset, "data.dataset")()
+    if not isinstance(data, Dataset):
+        raise UserError(f"data.dataset={d.dataset!r} returned {type(data).__name__}, expected calib.datasets.Dataset")
+    return data
 
 
 def stage_names(cfg: "RunConfig") -> list[str]:

@@ -35,6 +35,11 @@ def vit_patch7(num_classes: int = 10, in_channels: int = 1):
     return ViT(num_classes, in_channels, dim=32, depth=2, heads=4, patch=7)  # 16 tokens, vit_tiny has 49
 
 
+def rgb_data():
+    from calib.datasets import synthetic
+    return synthetic(num_classes=5, train_size=16, test_size=16, image_size=16, channels=3)
+
+
 def config(tmp_path, **over):
     """A tiny synthetic run (nothing to load), with top-level sections replaced."""
     raw = {"name": "pf", "data": {"dataset": "synthetic", "synthetic": {"train_size": 64, "test_size": 32}},
@@ -180,3 +185,13 @@ def test_a_checkpoint_of_another_model_is_named_with_what_does_not_fit(tmp_path)
     (line,) = failure(cfg)
     assert line.startswith(f"student.checkpoint={tmp_path / 'other.pt'}: does not fit the model: shape mismatch: "
                            f"stem.0.weight: checkpoint (16, 1, 3, 3) vs model (8, 1, 3, 3)")
+
+
+def test_a_factory_dataset_is_loaded_for_its_classes_and_shape(tmp_path):
+    cfg = config(tmp_path, data={"dataset": f"{HERE}:rgb_data"}, student={"model": f"{HERE}:seven_classes"})
+    assert failure(cfg) == [f"student.model={HERE}:seven_classes: logits of shape (2, 7) for a batch of 2, "
+                            f"expected (2, 5) (the data has 5 classes)"]
+    # 3 channels: the factory that always builds an RGB stem fits this data
+    cfg = config(tmp_path, data={"dataset": f"{HERE}:rgb_data"}, teacher={"model": f"{HERE}:rgb_only",
+                                                                         "train": {"epochs": 1}})
+    assert preflight(cfg) < 10
