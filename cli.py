@@ -31,14 +31,24 @@ def _user_errors():
 def validate(config: Path = typer.Argument(..., help="run config YAML"),
              set_: Optional[List[str]] = SetOpt,
              explain: bool = typer.Option(False, "--explain", help="print every field with its description")):
-    """Check a config; print the resolved config (or every error, with its key path)."""
+    """Check a config and everything run checks before training (models built, one batch through
+    them, module names, feature pairs); print the resolved config, or every error with its key path."""
     cfg = _load(config, set_)
     if explain:
         from compress.explain import explain_config
         typer.echo(explain_config(cfg))
         return
     import yaml
+
+    from compress.preflight import preflight
+    lines = []
+    try:  # the checks `run` makes before training: validate passes only what run accepts
+        preflight(cfg, log=lines.append)
+    except _user_errors() as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    typer.echo("".join(f"# {line}\n" for line in lines), nl=False)  # a YAML comment: the output stays loadable
 
 
 @app.command()

@@ -257,22 +257,11 @@ class RunConfig(Strict):
         return self.teacher
 
     @model_validator(mode="after")
-    def _feature_names(self):
-        """Feature terms name modules: check them against the models now, not mid-run."""
-        from compress.distill.features import check_names
-        from compress.models import build_model
+    def _teachers_given(self):
+        # module names (features, pruning, bits) are checked by compress/preflight.py against
+        # the models built for the data's real classes and channels, not here
         if not self.teachers:
             raise ValueError("teacher: the list is empty")
-        built = {}
-        for i, s in enumerate(self.stages):
-            # a prune stage may distill from the unpruned student itself (CoFi)
-            own = getattr(s, "recovery_teacher", "configured") == "unpruned"
-            t_spec = self.student.model if own else self.teachers[0].model
-            for j, f in enumerate(getattr(s, "features", [])):  # a stage kind may train nothing
-                for role, spec in (("student", self.student.model), ("teacher", t_spec)):
-                    if spec not in built:
-                        built[spec] = build_model(spec, 10, self.data.synthetic.channels)
-                    check_names(built[spec], [getattr(f, role)], f"stages.{i}.features.{j}.{role}")
         return self
 
     def resolve_path(self, p: str) -> Path:

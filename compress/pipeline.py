@@ -53,15 +53,11 @@ def load_data(cfg: RunConfig) -> Dataset:
 
 
 def preflight(cfg: RunConfig, ctx: RunContext) -> None:
-    """Checks that would otherwise fail mid-run: each checkpoint must load (weights_only)
-    into the model its section names; each stage checks its config against the student."""
-    for role, c in [("teacher", t) for t in cfg.teachers] + [("student", cfg.student)]:
-        if c.checkpoint:
-            load_into(build_model(c.model, ctx.structure.num_classes, ctx.structure.in_channels),
-                      read_state_dict(cfg.resolve_path(c.checkpoint)), f"{role}.checkpoint={c.checkpoint}")
-    student = build_model(cfg.student.model, ctx.structure.num_classes, ctx.structure.in_channels)
-    for i, scfg in enumerate(cfg.stages):
-        stages.get(scfg.kind).check(student, dataclasses.replace(ctx, where=f"stages.{i}"), scfg)
+    """Everything that can fail before training (compress/preflight.py), on the run's data:
+    the same checks `compress validate` runs. Checkpoints load (weights_only) into the
+    models their sections name; each stage checks its config against the student."""
+    from compress.preflight import preflight as check_all
+    check_all(cfg, ctx=ctx, log=ctx.log)
 
 
 def file_digest(path: Path) -> str:

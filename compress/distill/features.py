@@ -31,44 +31,78 @@ def check_names(model: nn.Module, names: list[str], where: str) -> None:
 
 
 def attention_map(f: torch.Tensor) -> torch.Tensor:
-    """Zagoruyko & Komodakis 2017: channel-pooled squared activations, L2-normalized."""
-    return F.normalize(f.pow(2).mean(1).flatten(1), dim=1)
+    """Zagoruyko & Komodakis 2017: channel-pooled squared activations, L2-normalized. A
+    [B, C, H, W] map pools over C (dim 1); a [B, N, C] token map pools over C too (the last
+    dim), so the map is one value per token, as it is one value per pixel for convs."""
+    pooled = f.pow(2).mean(-1 if f.dim() == 3 else 1)
+    return F.normalize(pooled.flatten(1), dim=1)
 
 
-def _adapter(cs: int, ct: int, ndim: int) -> nn.Module:
-    return nn.Conv2d(cs, ct, 1, bias=False) if ndim == 4 else nn.Linear(cs, ct, bias=False)
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape[1:])
+
+
+def pair_adapter(where: str, term: FeatureTerm, s: torch.Tensor, t: torch.Tensor) -> nn.Module | None:
+    """The adapter mapping the student feature to the teacher's width (None for attention),
+    or one UserError naming both sides. What must agree depends on the layout:
+    [B, C, H, W] conv maps: H, W (a 1x1 conv over C); [B, N, C] tokens: N (a Linear over C,
+    never over N); [B, C] vectors: nothing (a Linear over C)."""
+    def fail(why: str) -> UserError:
+        return UserError(f"{where}: student {term.student} output {_shape(s)} cannot be matched to "
+                         f"teacher {term.teacher} output {_shape(t)}: {why}")
+    for role, name, out in (("student", term.student, s), ("teacher", term.teacher, t)):
+        if out is None:
+            raise UserError(f"{where}.{role}: module {name!r} did not run in the forward pass")
+        if not isinstance(out, torch.Tensor):
+            raise UserError(f"{where}.{role}: module {name!r} returns {type(out).__name__}, not a tensor; "
+                            f"name a module that outputs one tensor")
+    if s.dim() != t.dim() or s.dim() not in (2, 3, 4):
+        raise fail("ranks differ or are not 2 ([B, C]), 3 ([B, N, C] tokens) or 4 ([B, C, H, W]); "
+                   "pick layers of the same kind")
+    if s.dim() == 4 and s.shape[2:] != t.shape[2:]:
+        raise fail("spatial sizes (H, W) must agree; pick layers at the same resolution")
+    if s.dim() == 3 and s.shape[1] != t.shape[1]:
+        raise fail(f"token counts differ ({s.shape[1]} vs {t.shape[1]}: another patch size, image "
+                   f"size or class token); pick layers with the same number of tokens")
+    if term.kind == "attention":
+        if s.dim() == 2:
+            raise fail("attention transfer needs a spatial or token map, not a [B, C] vector; "
+                       "use kind hint or normalized")
+        return None
+    cs, ct = s.shape[1 if s.dim() == 4 else -1], t.shape[1 if t.dim() == 4 else -1]
+    return nn.Conv2d(cs, ct, 1, bias=False) if s.dim() == 4 else nn.Linear(cs, ct, bias=False)
 
 
 class FeatureDistiller(nn.Module):
     """Owns the hooks and adapters of one training run; call close() to remove the hooks."""
 
     def __init__(self, terms: list[FeatureTerm], student: nn.Module, teacher: nn.Module,
-                 example: torch.Tensor):
+                 example: torch.Tensor, where: str = "features"):
         super().__init__()
         self.terms = terms
         pairs = []
         for i, t in enumerate(terms):
-            pairs.append((f"s{i}", resolve(student, [t.student], f"features.{i}.student")[0]))
-            pairs.append((f"t{i}", resolve(teacher, [t.teacher], f"features.{i}.teacher")[0]))
+            pairs.append((f"s{i}", resolve(student, [t.student], f"{where}.{i}.student")[0]))
+            pairs.append((f"t{i}", resolve(teacher, [t.teacher], f"{where}.{i}.teacher")[0]))
         # one capture for both models: the student's outputs keep their graph (the loss
         # backpropagates through them); the teacher's are detached when read
         self.capture = OutputCapture(None, modules=pairs)
         self.captured = self.capture.outputs
-        was_training = student.training
-        with torch.no_grad():
-            student.eval()(example)
-            teacher.eval()(example)
-        student.train(was_training)
         self.adapters = nn.ModuleDict()
-        for i, t in enumerate(terms):
-            s, tt = self.captured[f"s{i}"], self.captured[f"t{i}"]
-            if s.dim() != tt.dim() or s.shape[2:] != tt.shape[2:]:
-                raise UserError(
-                    f"features.{i}: student {t.student} output {tuple(s.shape[1:])} cannot be "
-                    f"matched to teacher {t.teacher} output {tuple(tt.shape[1:])}: spatial "
-                    f"sizes (and rank) must agree; pick layers at the same resolution")
-            if t.kind != "attention":
-                self.adapters[str(i)] = _adapter(s.shape[1], tt.shape[1], s.dim())
+        was_training = student.training
+        try:
+            with torch.no_grad():
+                student.eval()(example)
+                teacher.eval()(example)
+            for i, t in enumerate(terms):
+                adapter = pair_adapter(f"{where}.{i}", t, self.captured.get(f"s{i}"), self.captured.get(f"t{i}"))
+                if adapter is not None:
+                    self.adapters[str(i)] = adapter
+        except Exception:
+            self.capture.close()  # a failed check leaves no hooks behind on the caller's models
+            raise
+        finally:
+            student.train(was_training)
         self.captured.clear()
 
     def losses(self) -> dict[str, torch.Tensor]:

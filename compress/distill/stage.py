@@ -25,7 +25,8 @@ class DistillStage:
     calibrates = False
 
     def check(self, model: nn.Module, ctx: RunContext, cfg: DistillConfig) -> None:
-        """Feature-term names are checked when the config is validated."""
+        """Nothing of its own: feature pairs (names, shapes, adapters) are checked for every stage
+        that has them by compress/preflight.py, against the teacher and student it builds."""
 
     def run(self, model: nn.Module, ctx: RunContext, cfg: DistillConfig) -> StageResult:
         history = fit(model, ctx.data, cfg, ctx.train_env("distill"))

@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from compress.config import ConfigError, load_config
+from compress.config import load_config
 from compress.distill.features import FeatureDistiller, FeatureTerm, attention_map
 from compress.distill.objectives import KL
 from compress.errors import UserError
 from compress.models import build_model
+from compress.preflight import preflight
 from compress.train import TrainConfig, TrainEnv, fit
 
 X = torch.randn(4, 1, 28, 28)
@@ -78,10 +79,11 @@ def test_unmatched_shapes_fail_naming_both():
         FeatureDistiller([FeatureTerm(student="layers.0", teacher="layers.1")], student, teacher, X[:1])
 
 
-def test_bad_module_name_fails_config_validation(tmp_path):
+def test_bad_module_name_fails_preflight(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("""
 name: t
+data: {dataset: synthetic}
 teacher: {model: resnet_tiny_teacher, train: {epochs: 1}}
 student: {model: resnet_tiny}
 stages:
@@ -89,8 +91,8 @@ stages:
     features: [{student: layers.1.conv, teacher: layers.1}]
 """)
     msg = r"stages.0.features.0.student: no module named 'layers.1.conv' \(closest: .*layers.1.conv1"
-    with pytest.raises(ConfigError, match=msg):
-        load_config(p)
+    with pytest.raises(UserError, match=msg):  # checked against the models built for the real data
+        preflight(load_config(p))
 
 
 def test_cache_with_augmentation_is_rejected_with_reason():
@@ -98,3 +100,36 @@ def test_cache_with_augmentation_is_rejected_with_reason():
         TrainConfig(loss=[KL()], cache="full", augment=True)
     with pytest.raises(ValueError, match="need full logits"):
         TrainConfig(loss=[KL(), {"kind": "dkd"}], cache="topk", augment=False)
+
+
+def test_token_features_get_a_linear_over_channels_never_over_tokens():
+    torch.manual_seed(0)
+    student, teacher = build_model("vit_tiny", 10, 1), build_model("vit_small", 10, 1)  # width 32 -> 64
+    fd = FeatureDistiller([FeatureTerm(student="blocks.1", teacher="blocks.3", kind="hint"),
+                           FeatureTerm(student="blocks.0", teacher="blocks.0", kind="attention")],
+                          student, teacher, X[:2])
+    a = fd.adapters["0"]
+    assert isinstance(a, torch.nn.Linear) and a.weight.shape == (64, 32)  # over C; N = 49 tokens stay
+    assert "1" not in fd.adapters
+    with torch.no_grad():
+        s_feat, t_feat = {}, {}
+        student.blocks[0].register_forward_hook(lambda m, i, o: s_feat.setdefault("x", o))
+        teacher.blocks[0].register_forward_hook(lambda m, i, o: t_feat.setdefault("x", o))
+        student(X)
+        teacher(X)
+        losses = fd.losses()
+        # attention over tokens: Q = mean over C of f^2, one value per token, L2-normalized
+        qs, qt = s_feat["x"].pow(2).mean(2), t_feat["x"].pow(2).mean(2)
+        assert qs.shape == (4, 49)
+        want = ((qs / qs.norm(dim=1, keepdim=True) - qt / qt.norm(dim=1, keepdim=True)) ** 2).sum(1).mean()
+        assert float(losses["feat1_attention"]) == pytest.approx(float(want), rel=1e-4)
+        assert float(losses["feat0_hint"]) > 0
+    fd.close()
+
+
+def test_attention_on_vectors_is_rejected_naming_both():
+    student, teacher = models()
+    with pytest.raises(UserError, match=r"features.0: student fc output \(10,\) .*teacher fc output \(10,\): "
+                                        r"attention transfer needs a spatial or token map"):
+        FeatureDistiller([FeatureTerm(student="fc", teacher="fc", kind="attention")], student, teacher, X[:2])
+    assert not any(m._forward_hooks for m in list(student.modules()) + list(teacher.modules()))

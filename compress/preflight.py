@@ -1,0 +1,219 @@
+"""Preflight: everything that can fail before training, run by `compress validate` and by
+`compress run` before its first stage (one function, so validate passes only what run
+accepts). It builds every model for the data's real classes and input shape, loads the
+checkpoints (weights_only), runs one batch of 2 zero images through each model, checks the
+logits, resolves every module name the stages use (their `check`), and runs the feature
+pairs once through their adapters. Each problem is one line naming its field (and both
+sides of a mismatch); all lines are reported together.
+
+Cost: a few models built and one batch-2 forward each (well under a second for the demo);
+data is loaded only for a factory dataset (Fashion-MNIST and synthetic shapes are known).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+from torch import nn
+
+from compress.errors import UserError
+
+if TYPE_CHECKING:
+    from compress.config import RunConfig
+    from compress.stage import RunContext
+
+BATCH = 2  # the smallest batch that still exercises BatchNorm's batch statistics paths
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What preflight needs to know about the data: no images."""
+    name: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+
+@dataclass
+class Built:
+    """One configured model, as preflight built it."""
+    role: str  # the config path of its section: teacher, teacher.1, student
+    spec: str
+    model: Optional[nn.Module] = None
+    ok: bool = False  # built, its checkpoint loaded, and its dry forward gave the right logits
+
+
+def data_info(cfg: "RunConfig"):
+    """The data's classes and input shape: read from the config for fashion_mnist (after
+    checking its files are there) and synthetic; a factory dataset is loaded (not trained on)."""
+    d = cfg.data
+    if d.dataset == "fashion_mnist":
+        from calib.datasets import check_fashion_mnist_root
+        check_fashion_mnist_root(cfg.resolve_path(d.root))
+        return DataInfo("fashion_mnist", 10, (1, 28, 28))
+    if d.dataset == "synthetic":
+        s = d.synthetic
+        return DataInfo("synthetic", s.num_classes, (s.channels, s.image_size, s.image_size))
+    # the factory call of compress.pipeline.load_data, without its subsets (shapes suffice);
+    # not imported from there: the pipeline imports this module
+    from calib.datasets import Dataset, resolve_factory
+    data = resolve_factory(d.dataset, "data.dataset")()
+    if not isinstance(data, Dataset):
+        raise UserError(f"data.dataset={d.dataset!r} returned {type(data).__name__}, expected calib.datasets.Dataset")
+    return data
+
+
+def stage_names(cfg: "RunConfig") -> list[str]:
+    """The names a run gives its teachers and stages (as compress/pipeline.py does)."""
+    teachers = ["teacher" if i == 0 else f"teacher-{i + 1}" for i in range(len(cfg.teachers))]
+    kinds = [s.kind for s in cfg.stages]
+    return teachers + [k if kinds.count(k) == 1 else f"{k}-{i}" for i, k in enumerate(kinds, start=1)]
+
+
+def check_plan(cfg: "RunConfig") -> list[str]:
+    """Stage order and export names: config-only rules that run would reject later."""
+    errors, quantized = [], None
+    for i, s in enumerate(cfg.stages):
+        if quantized is not None and s.kind in ("prune", "quantize"):
+            what = "a second quantize stage" if s.kind == "quantize" else "prune"
+            errors.append(f"stages.{i}: {what} after the quantize stage stages.{quantized}: the model is "
+                          f"quantized from there on; prune before quantizing, and quantize once")
+        if s.kind == "quantize" and quantized is None:
+            quantized = i
+    names = stage_names(cfg)
+    unknown = [s for s in cfg.export.stages or [] if s not in names]
+    if unknown:
+        errors.append(f"export.stages: {unknown} are not stages of this run (its stages: {', '.join(names)})")
+    return errors
+
+
+def _first_conv(model: nn.Module) -> Optional[tuple[str, nn.Conv2d]]:
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _dry_forward(b: Built, x: torch.Tensor, num_classes: int) -> Optional[str]:
+    """None, or the one line saying why this model cannot take the data's batches."""
+    where = f"{b.role}.model={b.spec}"
+    try:
+        with torch.no_grad():
+            out = b.model.eval()(x)
+    except Exception as e:  # a user's model can raise anything: one line, not a traceback
+        first = _first_conv(b.model)
+        if first and first[1].in_channels != x.shape[1]:
+            return (f"{where}: its first conv {first[0]} takes {first[1].in_channels} input channels, "
+                    f"the data has {x.shape[1]} (the factory must build its stem from in_channels)")
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        return f"{where}: a batch of shape {tuple(x.shape)} fails in forward ({type(e).__name__}: {msg})"
+    if not isinstance(out, torch.Tensor):
+        return f"{where}: returns {type(out).__name__}, expected a logits tensor of shape {(BATCH, num_classes)}"
+    if tuple(out.shape) != (BATCH, num_classes):
+        return (f"{where}: logits of shape {tuple(out.shape)} for a batch of {BATCH}, expected "
+                f"{(BATCH, num_classes)} (the data has {num_classes} classes)")
+    return None
+
+
+def build_all(cfg: "RunConfig", data, errors: list[str]) -> list[Built]:
+    """Teachers then student: built, checkpoint loaded, one batch through each."""
+    from compress.checkpoint import load_into, read_state_dict
+    from compress.models import build_model
+    sections = [("teacher" if len(cfg.teachers) == 1 else f"teacher.{i}", t) for i, t in enumerate(cfg.teachers)]
+    x = torch.zeros(BATCH, *data.input_shape)
+    out = []
+    for role, c in sections + [("student", cfg.student)]:
+        b = Built(role, c.model)
+        out.append(b)
+        try:
+            b.model = build_model(c.model, data.num_classes, data.input_shape[0])
+        except Exception as e:  # e.g. a factory that takes other arguments: name the field
+            errors.append(str(e) if isinstance(e, UserError) else
+                          f"{role}.model={c.model}: cannot build it ({type(e).__name__}: {e})")
+            continue
+        if c.checkpoint:
+            try:  # read_state_dict names the file; load_into names the field and what does not fit
+                state = read_state_dict(cfg.resolve_path(c.checkpoint))
+            except UserError as e:
+                errors.append(f"{role}.checkpoint: {e}")
+                continue
+            try:
+                load_into(b.model, state, f"{role}.checkpoint={c.checkpoint}")
+            except UserError as e:
+                errors.append(str(e))
+                continue
+        line = _dry_forward(b, x, data.num_classes)
+        b.ok = line is None
+        if line:
+            errors.append(line)
+    return out
+
+
+def check_features(cfg: "RunConfig", teacher: nn.Module, student: nn.Module, x: torch.Tensor) -> list[str]:
+    """Every stage's feature pairs: names resolved, shapes matched, one batch through the
+    adapters and the loss (what the training loop does on its first step)."""
+    from compress.distill.features import FeatureDistiller
+    errors = []
+    for i, s in enumerate(cfg.stages):
+        terms = getattr(s, "features", [])  # a stage kind may train nothing
+        if not terms:
+            continue
+        # a prune stage may distill from the unpruned student itself (CoFi)
+        t = student if getattr(s, "recovery_teacher", "configured") == "unpruned" else teacher
+        try:
+            fd = FeatureDistiller(terms, student, t, x, where=f"stages.{i}.features")
+        except UserError as e:
+            errors.append(str(e))
+            continue
+        try:
+            with torch.no_grad():
+                t(x)
+                student(x)
+                fd.losses()
+        except Exception as e:
+            errors.append(f"stages.{i}.features: the adapters fail on one batch ({type(e).__name__}: {e})")
+        finally:
+            fd.close()
+    return errors
+
+
+def context(cfg: "RunConfig", data) -> "RunContext":
+    """The RunContext a stage's `check` sees at validate (no loaders, no teacher)."""
+    from compress.measure import LatencyService, model_stats
+    from compress.stage import RunContext
+    from compress.structure import Structure
+    structure = Structure(model=cfg.student.model, num_classes=data.num_classes,
+                          in_channels=data.input_shape[0], input_shape=list(data.input_shape))
+    return RunContext(data=data, calib=None, teacher=None, device=torch.device("cpu"),
+                      run_dir=Path(cfg.output.dir) / cfg.name, log=lambda s: None, seed=cfg.seed,
+                      batch_size=cfg.data.batch_size, structure=structure,
+                      latency=LatencyService(data.input_shape), model_stats=model_stats)
+
+
+def preflight(cfg: "RunConfig", data=None, ctx: Optional["RunContext"] = None,
+              log: Optional[Callable[[str], None]] = None) -> float:
+    """Raise one UserError listing every problem (one line each), or return the seconds it
+    took. data: a Dataset or DataInfo (default: data_info(cfg)); ctx: the run's context."""
+    from compress import stages
+    t0 = time.perf_counter()
+    data = data if data is not None else (ctx.data if ctx is not None else data_info(cfg))
+    ctx = ctx if ctx is not None else context(cfg, data)
+    errors = check_plan(cfg)
+    built = build_all(cfg, data, errors)
+    student, teacher = built[-1], built[0]
+    if student.ok:
+        for i, scfg in enumerate(cfg.stages):
+            try:
+                stages.get(scfg.kind).check(student.model, dataclasses.replace(ctx, where=f"stages.{i}"), scfg)
+            except UserError as e:
+                errors.append(str(e))
+        if teacher.ok:
+            errors += check_features(cfg, teacher.model, student.model, torch.zeros(BATCH, *data.input_shape))
+    if errors:
+        raise UserError("\n".join(errors))
+    seconds = time.perf_counter() - t0
+    if log:
+        log(f"preflight: {', '.join(f'{b.role} {b.spec}' for b in built)}: a batch of "
+            f"{(BATCH, *data.input_shape)} -> logits {(BATCH, data.num_classes)}; "
+            f"names and feature pairs checked ({seconds:.2f}s)")
+    return seconds
