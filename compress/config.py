@@ -99,11 +99,12 @@ class TeacherTrainConfig(TrainConfig):
 MODEL_HELP = "zoo name, 'torchvision:<name>', 'timm:<name>' (the vision extra) or 'pkg.module:factory'"
 
 
+KWARGS_HELP = ("keyword arguments of the factory (plain data); num_classes / in_channels come from the data and "
+               "are passed only where the factory's signature names them")
+
+
 class ModelSpec(Strict):
-    """What builds a model: its name and the factory's keyword arguments."""
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    """keyword arguments of the factory (plain data); num_classes / in_channels come from the data and are passed
-    only where the factory's signature names them"""
+    """What builds a model (teacher, student): a name, kwargs and a checkpoint (fields in each)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -116,7 +117,7 @@ class ModelSpec(Strict):
             del v["weights"]
         return v
 
-    @field_validator("kwargs")
+    @field_validator("kwargs", check_fields=False)
     @classmethod
     def _plain_kwargs(cls, v):
         from compress.model_spec import check_kwargs
@@ -138,6 +139,7 @@ class TeacherConfig(ModelSpec):
     checkpoint: Optional[str] = Field(None)
     """state_dict (.safetensors, or .pt read with weights_only=True; alias: weights); relative to the config file. A
     file for the model as its factory builds it (e.g. 3 channels) is loaded before the stem is adapted to the data"""
+    kwargs: dict[str, Any] = Field(default_factory=dict, description=KWARGS_HELP)
     train: Optional[TeacherTrainConfig] = Field(None)
     """train the teacher as the first stage when no checkpoint is given"""
     weight: float = Field(1.0, gt=0, description="weight of this teacher in an ensemble (teacher: [..])")
@@ -156,6 +158,7 @@ class StudentConfig(ModelSpec):
     """The smaller architecture the teacher is distilled into."""
     model: str = Field("resnet8", description=MODEL_HELP)
     checkpoint: Optional[str] = Field(None, description="optional initial weights for the student (alias: weights)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description=KWARGS_HELP)
 
     _check_model = field_validator("model")(lambda cls, v: check_model_spec(v))
 
