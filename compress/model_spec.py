@@ -60,11 +60,13 @@ def check_plain(value: Any, where: str) -> Any:
     return value
 
 
-def check_kwargs(kwargs: dict, where: str = "kwargs") -> dict:
-    check_plain(kwargs, where)
+def check_kwargs(kwargs: dict) -> dict:
+    """Keys are named alone: the config's error already says `student.kwargs`."""
+    for k, v in kwargs.items():
+        check_plain(v, str(k))
     bad = sorted(set(kwargs) & RESERVED)
     if bad:
-        raise UserError(f"{where}.{bad[0]}: not a model argument here: classes and channels come from the data, "
+        raise UserError(f"{bad[0]}: not a model argument here: classes and channels come from the data, "
                         f"weights only from the `checkpoint` file")
     return kwargs
 
