@@ -22,6 +22,7 @@ from pydantic import (
     ValidationError,
     WrapValidator,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -95,11 +96,50 @@ class TeacherTrainConfig(TrainConfig):
         return self
 
 
-class TeacherConfig(Strict):
+MODEL_HELP = "zoo name, 'torchvision:<name>', 'timm:<name>' (the vision extra) or 'pkg.module:factory'"
+
+
+KWARGS_HELP = ("keyword arguments of the factory (plain data); num_classes / in_channels come from the data and "
+               "are passed only where the factory's signature names them")
+
+
+class ModelSpec(Strict):
+    """What builds a model (teacher, student): a name, kwargs and a checkpoint (fields in each)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weights_alias(cls, v):
+        # `weights:` reads as the file's role to torchvision/timm users; one key holds it
+        if isinstance(v, dict) and "weights" in v:
+            if v.get("checkpoint") is not None:
+                raise ValueError("weights: an alias of checkpoint; give one of them")
+            v = {**v, "checkpoint": v["weights"]}
+            del v["weights"]
+        return v
+
+    @field_validator("kwargs", check_fields=False)
+    @classmethod
+    def _plain_kwargs(cls, v):
+        from compress.model_spec import check_kwargs
+        return check_kwargs(v)
+
+    @model_serializer(mode="wrap")
+    def _no_empty_kwargs(self, handler):
+        # empty kwargs are left out of the dump: it is hashed for resume, and runs finished
+        # before kwargs existed must stay finished
+        out = handler(self)
+        if isinstance(out, dict) and not out.get("kwargs"):
+            out.pop("kwargs", None)
+        return out
+
+
+class TeacherConfig(ModelSpec):
     """The trained model to compress: a checkpoint, or trained here first."""
-    model: str = Field("resnet_teacher", description="zoo name or 'pkg.module:factory'")
+    model: str = Field("resnet_teacher", description=MODEL_HELP)
     checkpoint: Optional[str] = Field(None)
-    """state_dict (.safetensors, or .pt read with weights_only=True); relative to the config file"""
+    """state_dict (.safetensors, or .pt read with weights_only=True; alias: weights); relative to the config file. A
+    file for the model as its factory builds it (e.g. 3 channels) is loaded before the stem is adapted to the data"""
+    kwargs: dict[str, Any] = Field(default_factory=dict, description=KWARGS_HELP)
     train: Optional[TeacherTrainConfig] = Field(None)
     """train the teacher as the first stage when no checkpoint is given"""
     weight: float = Field(1.0, gt=0, description="weight of this teacher in an ensemble (teacher: [..])")
@@ -114,10 +154,11 @@ class TeacherConfig(Strict):
         return self
 
 
-class StudentConfig(Strict):
+class StudentConfig(ModelSpec):
     """The smaller architecture the teacher is distilled into."""
-    model: str = Field("resnet8", description="zoo name or 'pkg.module:factory'")
-    checkpoint: Optional[str] = Field(None, description="optional initial weights for the student")
+    model: str = Field("resnet8", description=MODEL_HELP)
+    checkpoint: Optional[str] = Field(None, description="optional initial weights for the student (alias: weights)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description=KWARGS_HELP)
 
     _check_model = field_validator("model")(lambda cls, v: check_model_spec(v))
 

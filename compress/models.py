@@ -1,18 +1,16 @@
 """The model zoo and the one place a model name is turned into a module.
 
-A model spec is either a zoo name (``resnet8``) or ``pkg.module:factory``. Every factory
-takes ``(num_classes, in_channels)`` and returns a fresh float ``nn.Module``; weights are
-loaded separately (never by unpickling a module).
+A model spec is a zoo name (``resnet8``), ``torchvision:<name>``, ``timm:<name>`` or
+``pkg.module:factory``, with optional kwargs (compress/model_spec.py: the factory's signature
+decides which of num_classes / in_channels it gets; stem and head are adapted to the data).
+Weights are loaded separately (never by unpickling a module).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
-
-from calib.datasets import resolve_factory
-from compress.errors import UserError
 
 
 class BasicBlock(nn.Module):
@@ -102,22 +100,20 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
 
 def check_model_spec(spec: str) -> str:
     """Validate a model name without building it (used at config validation)."""
-    if spec in ZOO:
-        return spec
-    if ":" not in spec:
-        raise UserError(f"unknown model {spec!r}: expected one of {sorted(ZOO)} "
-                         f"or 'pkg.module:factory'")
-    resolve_factory(spec, "model")
-    return spec
+    from compress.model_spec import check_spec
+    return check_spec(spec, ZOO)
 
 
-def build_model(spec: str, num_classes: int, in_channels: int) -> nn.Module:
-    factory = ZOO.get(spec) or resolve_factory(check_model_spec(spec), "model")
-    model = factory(num_classes=num_classes, in_channels=in_channels)
-    if not isinstance(model, nn.Module):
-        raise UserError(f"model {spec!r}: factory returned {type(model).__name__}, "
-                         f"expected a torch.nn.Module")
-    return model
+def build(spec: str, num_classes: int, in_channels: int, kwargs: Optional[dict] = None, input_shape=None,
+          state: Optional[dict] = None, where: str = "checkpoint"):
+    """-> model_spec.Built(model, adapted): the model and what was changed to fit the data."""
+    from compress.model_spec import build as _build
+    return _build(spec, ZOO, num_classes, in_channels, kwargs, input_shape, state, where)
+
+
+def build_model(spec: str, num_classes: int, in_channels: int, kwargs: Optional[dict] = None,
+                input_shape=None) -> nn.Module:
+    return build(spec, num_classes, in_channels, kwargs, input_shape).model
 
 
 def count_params(model: nn.Module) -> int:

@@ -22,11 +22,11 @@ from torch import nn
 from calib.datasets import Dataset, fashion_mnist, resolve_factory, synthetic
 from calib.sampling import calibration_split, stratified_indices
 from compress import stages
-from compress.checkpoint import load_into, read_state_dict, save_weights, write_json
+from compress.checkpoint import read_state_dict, save_weights, write_json
 from compress.config import RunConfig, config_hash
 from compress.errors import UserError
 from compress.measure import LatencyService, model_stats
-from compress.models import build_model
+from compress.models import build
 from compress.stage import RunContext, StageResult
 from compress.structure import Structure, StructureError, rebuild
 from compress.train import TrainEnv, accuracy, fit, predict
@@ -58,6 +58,14 @@ def preflight(cfg: RunConfig, ctx: RunContext) -> None:
     models their sections name; each stage checks its config against the student."""
     from compress.preflight import preflight as check_all
     check_all(cfg, ctx=ctx, log=ctx.log)
+
+
+def build_spec(c, structure: Structure, cfg: Optional[RunConfig] = None, role: str = "student"):
+    """A teacher/student section's model fitted to the data (models.Built), with its checkpoint
+    loaded when `cfg` is given."""
+    state = read_state_dict(cfg.resolve_path(c.checkpoint)) if cfg is not None and c.checkpoint else None
+    return build(c.model, structure.num_classes, structure.in_channels, c.kwargs, structure.input_shape,
+                 state, f"{role}.checkpoint={c.checkpoint}")
 
 
 def file_digest(path: Path) -> str:
@@ -125,12 +133,12 @@ class Pipeline:
         if done:
             return done[0], done[2], h, name, sdir, done[1]
         t0 = time.time()
-        structure = ctx.structure.model_copy(update={"model": tc.model})
-        model = build_model(tc.model, structure.num_classes, structure.in_channels)
+        built = build_spec(tc, ctx.structure, self.cfg, "teacher")
+        structure = ctx.structure.model_copy(update={"model": tc.model, "kwargs": tc.kwargs,
+                                                     "adapted": built.adapted})
+        model = built.model
         history, extra = [], {}
         if tc.checkpoint:
-            load_into(model, read_state_dict(self.cfg.resolve_path(tc.checkpoint)),
-                      f"teacher.checkpoint={tc.checkpoint}")
             extra["checkpoint"] = tc.checkpoint
         else:
             self.log(f"[{name}] training {tc.model} for {tc.train.epochs} epochs")
@@ -142,8 +150,9 @@ class Pipeline:
 
     def _context(self, data: Dataset) -> RunContext:
         cfg = self.cfg
-        base = Structure(model=cfg.student.model, num_classes=data.num_classes,
+        base = Structure(model=cfg.student.model, kwargs=cfg.student.kwargs, num_classes=data.num_classes,
                          in_channels=data.input_shape[0], input_shape=list(data.input_shape))
+        base = base.model_copy(update={"adapted": build_spec(cfg.student, base).adapted})
         return RunContext(data=data, calib=calibration_split(data.train, cfg.data.calib_samples, cfg.seed),
                           teacher=None, device=self.device, run_dir=self.run_dir, log=self.log,
                           seed=cfg.seed, batch_size=cfg.data.batch_size, structure=base,
@@ -172,10 +181,7 @@ class Pipeline:
         # from disk does not, so a rerun stage would otherwise start from other weights than
         # the run whose later stages are kept
         torch.manual_seed(self.cfg.seed)
-        model = build_model(sc.model, ctx.structure.num_classes, ctx.structure.in_channels)
-        if sc.checkpoint:
-            load_into(model, read_state_dict(self.cfg.resolve_path(sc.checkpoint)),
-                      f"student.checkpoint={sc.checkpoint}")
+        model = build_spec(sc, ctx.structure, self.cfg).model
         digest = file_digest(self.cfg.resolve_path(sc.checkpoint)) if sc.checkpoint else None
         return model, config_hash(ctx.teacher_key, sc, digest)
 

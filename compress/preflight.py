@@ -117,31 +117,28 @@ def _dry_forward(b: Built, x: torch.Tensor, num_classes: int) -> Optional[str]:
 
 def build_all(cfg: "RunConfig", data, errors: list[str]) -> list[Built]:
     """Teachers then student: built, checkpoint loaded, one batch through each."""
-    from compress.checkpoint import load_into, read_state_dict
-    from compress.models import build_model
+    from compress.checkpoint import read_state_dict
+    from compress.models import build
     sections = [("teacher" if len(cfg.teachers) == 1 else f"teacher.{i}", t) for i, t in enumerate(cfg.teachers)]
     x = torch.zeros(BATCH, *data.input_shape)
     out = []
     for role, c in sections + [("student", cfg.student)]:
         b = Built(role, c.model)
         out.append(b)
-        try:
-            b.model = build_model(c.model, data.num_classes, data.input_shape[0])
-        except Exception as e:  # e.g. a factory that takes other arguments: name the field
-            errors.append(str(e) if isinstance(e, UserError) else
-                          f"{role}.model={c.model}: cannot build it ({type(e).__name__}: {e})")
-            continue
+        state = None
         if c.checkpoint:
-            try:  # read_state_dict names the file; load_into names the field and what does not fit
+            try:  # read_state_dict names the file
                 state = read_state_dict(cfg.resolve_path(c.checkpoint))
             except UserError as e:
                 errors.append(f"{role}.checkpoint: {e}")
                 continue
-            try:
-                load_into(b.model, state, f"{role}.checkpoint={c.checkpoint}")
-            except UserError as e:
-                errors.append(str(e))
-                continue
+        try:  # as the run builds it: kwargs, stem/head adapted to the data, checkpoint loaded
+            b.model = build(c.model, data.num_classes, data.input_shape[0], c.kwargs, list(data.input_shape),
+                            state, f"{role}.checkpoint={c.checkpoint}").model
+        except Exception as e:  # e.g. a factory that takes other arguments: name the field
+            errors.append(str(e) if isinstance(e, UserError) else
+                          f"{role}.model={c.model}: cannot build it ({type(e).__name__}: {e})")
+            continue
         line = _dry_forward(b, x, data.num_classes)
         b.ok = line is None
         if line:

@@ -56,7 +56,12 @@ class Structure(_Record):
     """How to rebuild a stage's model from its factory."""
     version: int = VERSION
     model: str
-    """zoo name or 'pkg.module:factory'"""
+    """zoo name, 'torchvision:<name>', 'timm:<name>' or 'pkg.module:factory'"""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """the factory's keyword arguments from the config (plain data)"""
+    adapted: dict[str, str] = Field(default_factory=dict)
+    """modules replaced to fit the data (stem channels, head width) by qualified name; rebuilding
+    repeats them and checks they are the same"""
     num_classes: int
     in_channels: int
     input_shape: list[int]
@@ -111,8 +116,13 @@ def migrate(raw: Any) -> Any:
 
 def rebuild(structure: Structure, weights: Path) -> nn.Module:
     """Factory + recorded shapes (+ quantizer settings) + tensors: no unpickling."""
-    from compress.models import build_model
-    model = build_model(structure.model, structure.num_classes, structure.in_channels)
+    from compress.models import build
+    built = build(structure.model, structure.num_classes, structure.in_channels, structure.kwargs,
+                  structure.input_shape)
+    if built.adapted != structure.adapted:
+        raise StructureError(f"{weights.parent / 'structure.json'}: model {structure.model!r} now adapts "
+                             f"{built.adapted or 'nothing'}, recorded {structure.adapted or 'nothing'}")
+    model = built.model
     if structure.shapes or structure.removed_blocks:
         apply_shapes(model, {n: s.model_dump() for n, s in structure.shapes.items()}, structure.removed_blocks)
     if structure.quantize is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.classifier import find_classifier
 from compress.distill.objectives import Objective
 from compress.errors import UserError
 from compress.names import resolve
@@ -21,7 +22,7 @@ def check(model: nn.Module, cfg: PruneConfig, where: str, input_shape=(1, 28, 28
     """Run at preflight, before any training: names must exist in the student. (The
     latency target's backend is checked by the stage, through ctx.latency.)"""
     from compress.prune import blocks, sparse
-    resolve(model, cfg.ignored, f"{where}.ignored")
+    resolve(model, ignored(model, cfg, input_shape)["names"], f"{where}.ignored")
     resolve(model, list(cfg.layer_ratios), f"{where}.layer_ratios")
     resolve(model, cfg.block_candidates, f"{where}.block_candidates")
     if cfg.semi_structured:
@@ -31,6 +32,15 @@ def check(model: nn.Module, cfg: PruneConfig, where: str, input_shape=(1, 28, 28
         if cfg.remove_blocks > len(found):
             raise UserError(f"{where}.remove_blocks={cfg.remove_blocks}, but the model has only "
                             f"{len(found)} removable blocks ({', '.join(found) or 'none'})")
+
+
+def ignored(model: nn.Module, cfg: PruneConfig, input_shape) -> dict:
+    """{names, source}: the user's list, or the module producing the logits (found, not
+    assumed: heads are called fc, classifier, head, ...); recorded in the stage's metrics."""
+    if cfg.ignored is not None:
+        return {"names": list(cfg.ignored), "source": "config"}
+    name, how = find_classifier(model, tuple(input_shape))
+    return {"names": [name] if name else [], "source": f"classifier ({how})" if name else "no classifier found"}
 
 
 def importance(name: str):
@@ -84,7 +94,7 @@ def protected_modules(model: nn.Module, cfg: PruneConfig, example: torch.Tensor)
     feed them (through residual adds too): torch-pruning's ignored_layers alone keeps only
     an ignored layer's outputs and still shrinks its inputs."""
     import torch_pruning as tp
-    mods = resolve(model, cfg.ignored, "prune.ignored")
+    mods = resolve(model, ignored(model, cfg, example.shape[1:])["names"], "prune.ignored")
     if not cfg.keep_ignored_inputs:
         return mods
     dg = tp.DependencyGraph().build_dependency(model, example)

@@ -52,8 +52,9 @@ class PruneConfig(TrainConfig):
     """per-layer ratio by qualified module name (overrides ratio)"""
     max_layer_ratio: float = Field(0.9, gt=0, le=1)
     """no layer loses more than this fraction, so none collapses under global ranking"""
-    ignored: list[str] = Field(default_factory=lambda: ["fc"])
-    """qualified module names never pruned (the classifier by default)"""
+    ignored: Optional[list[str]] = Field(None)
+    """qualified module names never pruned (default: the classifier, found by timm's get_classifier() or by tracing
+    the layer whose output is the logits; the stage's metrics name it under `ignored`)"""
     keep_ignored_inputs: bool = Field(True)
     """ignored layers keep their input channels too (Torch-Pruning #341: by default only outputs are kept); false lets
     e.g. the classifier's inputs shrink"""

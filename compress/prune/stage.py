@@ -55,7 +55,8 @@ class PruneStage:
             final = metrics["latency_search"]["final"] = budget.measure_final(unpruned, model, ctx, cfg)
             ctx.log(f"  achieved latency ratio {final['latency_ratio']:.2f}x of the unpruned model "
                     f"on {cfg.target.backend}")
-        metrics.update(params_before=before, importance=cfg.importance, steps=cfg.steps, ratio=ratio)
+        metrics.update(params_before=before, importance=cfg.importance, steps=cfg.steps, ratio=ratio,
+                       ignored=channels.ignored(model, cfg, ctx.data.input_shape))
         return StageResult(model, structure.with_shapes(model), history, metrics)
 
     @staticmethod
