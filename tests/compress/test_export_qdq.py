@@ -84,3 +84,39 @@ def test_signed_activations_keep_int8_and_stay_tensorrt_ready(tiny_data, tmp_pat
     assert activation_zero_points(tmp_path / "model.onnx") == {"int8"}
     verdict = base.get("tensorrt").check_offline(tmp_path / "model.onnx", base.CompileOptions(work_dir=tmp_path), x)
     assert verdict.startswith("TRT-ready ONNX (int8) passes onnx.checker and Q/DQ placement"), verdict
+
+
+def test_exports_of_an_older_format_are_made_again_and_the_log_says_why(trained_tiny, tiny_data, tmp_path,
+                                                                        monkeypatch):
+    """The export hash covers EXPORT_FORMAT: a run dir exported before the format changed (its
+    manifest has no export_format) is exported once more, then reused."""
+    import json
+
+    from compress import export
+    from compress.config import load_config
+    from compress.deploy import export_stage
+    from compress.plan import deployment_plan
+    from tests.conftest import ROOT, make_ctx
+    cfg = load_config(ROOT / "examples" / "tiny.yaml", [f"output.dir={tmp_path}"])
+    sdir, logs = tmp_path / "01-prune", []
+    models = {"prune": (trained_tiny, sdir, make_ctx(tiny_data, trained_tiny, tmp_path).structure)}
+
+    def export_once():
+        plan = deployment_plan(cfg, [{"name": "prune", "config_hash": "abc"}], models, tiny_data, tmp_path,
+                               logs.append)
+        export_stage(plan, plan.stages[0])
+        return plan.stages[0].export_hash
+
+    with monkeypatch.context() as m:
+        m.setattr(export, "EXPORT_FORMAT", 1)
+        old_hash = export_once()
+    manifest = json.loads((sdir / "manifest.json").read_text())
+    del manifest["export_format"]  # as every manifest before version 2
+    (sdir / "manifest.json").write_text(json.dumps(manifest))
+    logs.clear()
+    assert export_once() != old_hash
+    assert logs[0] == f"[prune] export format 1 -> {export.EXPORT_FORMAT}: exporting again", logs
+    assert json.loads((sdir / "manifest.json").read_text())["export_format"] == export.EXPORT_FORMAT == 2
+    logs.clear()
+    export_once()
+    assert logs == []  # reused
