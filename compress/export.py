@@ -294,7 +294,9 @@ def export_model(model: nn.Module, out_dir: Path, data, opset: int, backends: Un
                  stage: str, sparse_layers: list[str] = (), activations: str | None = None) -> dict:
     """Write model.onnx, the artifact each of `backends` compiles (see prepare_artifacts),
     and manifest.json; returns the manifest. sparse_layers: layers made 2:4 sparse, checked
-    in the exported weights and recorded so a backend can enable sparse kernels."""
+    in the exported weights and recorded so a backend can enable sparse kernels. activations:
+    the stage's quantize.activations; all but "signed" (TensorRT's all-int8 graph) export
+    uint8 activation Q/DQ, which ONNX Runtime on x86 needs for its int8 kernels."""
     quant = is_quantized(model)
     fmt = None
     if quant:
