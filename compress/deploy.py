@@ -14,9 +14,9 @@ import numpy as np
 
 from compress.checkpoint import write_json
 from compress.evaluate import compare, logits_of, preprocess
-from compress.export import export_model
+from compress.export import EXPORT_FORMAT, export_model
 from compress.parity import diverging_layers
-from compress.plan import DeploymentPlan, Parity, StageArtifact, TargetSpec, sparse_layers
+from compress.plan import DeploymentPlan, Parity, StageArtifact, TargetSpec, quant_activations, sparse_layers
 from compress.train import predict
 from targets import base
 from targets.profile import profile
@@ -37,9 +37,13 @@ def export_stage(plan: DeploymentPlan, stage: StageArtifact) -> dict:
                 (stage.dir / f).is_file() for f in files.values()) and all(
                 base.get(b).artifact in files for b in backends):
             return manifest
+        old = manifest.get("export_format", 1)  # manifests before EXPORT_FORMAT carry none
+        if old != EXPORT_FORMAT:
+            plan.log(f"[{stage.name}] export format {old} -> {EXPORT_FORMAT}: exporting again")
     t0 = time.time()
     manifest = export_model(stage.model, stage.dir, plan.data.dataset, plan.opset, backends, stage.name,
-                            sparse_layers=sparse_layers(stage.structure))
+                            sparse_layers=sparse_layers(stage.structure),
+                            activations=quant_activations(stage.structure))
     manifest["source_hash"] = stage.export_hash
     write_json(mpath, manifest)
     plan.log(f"[{stage.name}] exported {', '.join(manifest['files'].values())} ({time.time() - t0:.1f}s)")

@@ -23,6 +23,12 @@ def sparse_layers(structure) -> list[str]:
     return list(structure.sparsity)
 
 
+def quant_activations(structure) -> str | None:
+    """The stage's activation format (symmetric | asymmetric | signed), None for a float model:
+    the export keeps all-int8 activations only for signed (TensorRT)."""
+    return structure.quantize.activations if structure.quantize is not None else None
+
+
 @dataclass(frozen=True)
 class Parity:
     """The gate a deployment must pass, and the diagnosis run when it does not."""
@@ -60,7 +66,7 @@ class StageArtifact:
     name: str
     model: nn.Module
     dir: Path
-    structure: Any  # the stage's compress.structure.Structure; read only through sparse_layers()
+    structure: Any  # the stage's compress.structure.Structure; read only through sparse_layers(), quant_activations()
     export_hash: str  # marks the exports in `dir` as made from this model and these settings
 
 
@@ -102,14 +108,16 @@ def deployment_plan(cfg: "RunConfig", rows: list[dict], models: dict, data: "Dat
     """rows: the stage rows (metrics, each with its chained config_hash); models: stage name
     -> (model, stage dir, structure), in run order."""
     from compress.config import config_hash
+    from compress.export import EXPORT_FORMAT
     wanted = cfg.export.stages or list(models)
     unknown = [s for s in wanted if s not in models]
     if unknown:
         raise UserError(f"export.stages: {unknown} are not stages of this run ({list(models)})")
     stage_hash = {r["name"]: r["config_hash"] for r in rows}
-    # True: the IR flag these hashes held before each target prepared its own artifact;
-    # kept so the exports of finished runs stay valid
-    stages = [StageArtifact(name, *models[name], export_hash=config_hash(stage_hash[name], cfg.export.opset, True))
+    # True: the IR flag these hashes held before each target prepared its own artifact (kept
+    # so that only a change of EXPORT_FORMAT, not this refactor, makes runs export again)
+    stages = [StageArtifact(name, *models[name],
+                            export_hash=config_hash(stage_hash[name], cfg.export.opset, True, EXPORT_FORMAT))
               for name in wanted]
     return DeploymentPlan(
         run=RunIdentity(cfg.name, Path(run_dir), config_hash(cfg), cfg.seed), stages=stages,

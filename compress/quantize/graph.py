@@ -5,6 +5,8 @@ Everything here is a function of the recorded settings alone, so `rebuild_quanti
 the same structure that training produced (weights then come from safetensors)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -110,19 +112,29 @@ def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
     compute_map[nn.Conv2d] = (qnn.QuantConv2d, kwargs)
     compute_map[nn.Conv1d] = (qnn.QuantConv1d, kwargs)
     compute_map[nn.Linear] = (qnn.QuantLinear, kwargs)
+    # brevitas' graph passes edit the GraphModule in place: a failed attempt leaves its input,
+    # add-output and residual quantizers behind (measured on vit_tiny: 7 stray quantizers in
+    # the layerwise model), so the fallback starts again from an untouched copy
+    pristine = copy.deepcopy(graph)
     try:
         return quantize(graph, quant_identity_map=identity_map, compute_layer_map=compute_map,
                         quant_act_map=act_map)
     except RuntimeError as e:
         if "align scale factors" not in str(e):
             raise
+    graph = pristine
+    by_id.update({id(m): n for n, m in graph.named_modules()})
     # brevitas' graph mode needs one scale on every input of an add; a parameter added to
     # activations (a ViT's position embedding) or attention's matmuls defeat it. Then each
     # compute layer quantizes its own input instead (brevitas' layerwise mode, what it uses
     # for transformers): int8 Conv/Gemm inputs and weights, float everything in between.
     from brevitas.quant import Int8ActPerTensorFloat
     kwargs.update(input_quant=Int8ActPerTensorFloat, return_quant_tensor=False)
-    table = {nn.Conv2d: (qnn.QuantConv2d, kwargs), nn.Conv1d: (qnn.QuantConv1d, kwargs),
+    # a Conv needs a Q on its output too: ORT fuses DQ -> Conv -> Q into QLinearConv and has
+    # no float-output int8 conv, while DQ -> MatMul/Gemm without a Q still runs
+    # MatMulIntegerToFloat / QGemm
+    conv = {**kwargs, "output_quant": Int8ActPerTensorFloat}
+    table = {nn.Conv2d: (qnn.QuantConv2d, conv), nn.Conv1d: (qnn.QuantConv1d, conv),
              nn.Linear: (qnn.QuantLinear, kwargs)}
     return layerwise_quantize(graph, compute_layer_map=table)
 
