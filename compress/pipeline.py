@@ -86,6 +86,8 @@ def load_done(sdir: Path, h: str, name: str, log) -> Optional[tuple[nn.Module, S
         return None
     metrics = json.loads(m.read_text())
     if metrics.get("config_hash") != h:
+        log(f"[{name}] rerunning: its settings, or an earlier stage's, differ from the saved run "
+            f"(config hash {metrics.get('config_hash')} -> {h})")
         return None
     try:
         structure = Structure.read(sdir / "structure.json")

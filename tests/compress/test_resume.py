@@ -76,13 +76,13 @@ def test_unchanged_rerun_reuses_every_stage_and_reports_the_same_numbers(first, 
 @pytest.mark.parametrize("i, kind", list(enumerate(KINDS)))
 def test_a_changed_stage_reruns_with_those_after_it(i, kind, first, tmp_path):
     out = copy_of(first, tmp_path)
-    _, ran, _ = run(out, [f"stages.{i}.lr=0.003"])
+    _, ran, logs = run(out, [f"stages.{i}.lr=0.003"])
     assert ran == KINDS[i:]
+    # each rerun stage says why, in one line
+    assert [line.split("]")[0][1:] for line in logs if "rerunning: its settings" in line] == KINDS[i:]
     for s in ["teacher", *KINDS[:i]]:  # untouched on disk
         assert same_weights(weights(out / "res", s), first[2][s]), s
     assert not same_weights(weights(out / "res", kind), first[2][kind])
-
-
 
 
 @pytest.mark.parametrize("kind", ["distill", "prune", "quantize"])
