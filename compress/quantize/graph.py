@@ -5,6 +5,7 @@ Everything here is a function of the recorded settings alone, so `rebuild_quanti
 the same structure that training produced (weights then come from safetensors)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -62,6 +63,21 @@ def _weight_quant(bits: int):
     return Int8WeightPerChannelFloat if bits == 8 else Int8WeightPerChannelFloat.let(bit_width=bits)
 
 
+@contextlib.contextmanager
+def _residual_pass_limit(graph: nn.Module):
+    """brevitas' residual handler aligns one add/cat per pass and gives up after
+    MAX_RESIDUAL_ITERS (9999) passes, each linting the whole graph: on a ViT, whose position
+    embedding can never be aligned, that failure took 450 s (measured). A graph that converges
+    needs at most one pass per node, so that many (plus slack) is the limit here."""
+    from brevitas.graph import quantize_impl
+    old = quantize_impl.MAX_RESIDUAL_ITERS
+    quantize_impl.MAX_RESIDUAL_ITERS = len(graph.graph.nodes) + 10
+    try:
+        yield
+    finally:
+        quantize_impl.MAX_RESIDUAL_ITERS = old
+
+
 def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
     """Preprocessed float graph -> brevitas quant layers (structure only, no calibration)."""
     import brevitas.nn as qnn
@@ -117,8 +133,9 @@ def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
     # the layerwise model), so the fallback starts again from an untouched copy
     pristine = copy.deepcopy(graph)
     try:
-        return quantize(graph, quant_identity_map=identity_map, compute_layer_map=compute_map,
-                        quant_act_map=act_map)
+        with _residual_pass_limit(graph):
+            return quantize(graph, quant_identity_map=identity_map, compute_layer_map=compute_map,
+                            quant_act_map=act_map)
     except RuntimeError as e:
         if "align scale factors" not in str(e):
             raise
