@@ -80,14 +80,7 @@ def _residual_pass_limit(graph: nn.Module):
 
 def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
     """Preprocessed float graph -> brevitas quant layers (structure only, no calibration)."""
-    import brevitas.nn as qnn
-    from brevitas.graph.quantize import (
-        COMPUTE_LAYER_MAP,
-        QUANT_ACT_MAP,
-        QUANT_IDENTITY_MAP,
-        layerwise_quantize,
-        quantize,
-    )
+    from brevitas.graph.quantize import COMPUTE_LAYER_MAP, layerwise_quantize, quantize
     from brevitas.quant import Int32Bias
     from brevitas.quant.shifted_scaled_int import ShiftedUint8ActPerTensorFloat
 
@@ -102,9 +95,7 @@ def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
     if weight_only:
         # float activations and biases: only the compute layers change, nothing is inserted
         kwargs.update(input_quant=None, output_quant=None, bias_quant=None)
-        table = {nn.Conv2d: (qnn.QuantConv2d, kwargs), nn.Conv1d: (qnn.QuantConv1d, kwargs),
-                 nn.Linear: (qnn.QuantLinear, kwargs)}
-        return layerwise_quantize(graph, compute_layer_map=table)
+        return layerwise_quantize(graph, compute_layer_map=_layer_table(kwargs, kwargs))
     # Int32 bias: runtimes fuse Conv+bias into one integer kernel only with an int32 bias
     kwargs["bias_quant"] = Int32Bias
     if qsettings.get("activations", "symmetric") == "asymmetric":
@@ -115,19 +106,9 @@ def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
         # accuracy 1.00 -> 0.47..0.87). So the layer returns float and its inserted output
         # quantizer requantizes it.
         kwargs.update(input_quant=ShiftedUint8ActPerTensorFloat, return_quant_tensor=False)
-    act_map, identity_map = QUANT_ACT_MAP, QUANT_IDENTITY_MAP
-    if qsettings.get("activations") == "signed":
-        # TensorRT reads only signed int8 Q/DQ: ReLU outputs lose their unused sign bit
-        # (half the grid) instead of being uint8
-        from brevitas.quant import Int8ActPerTensorFloat
-        act_map = {t: (cls, {**{k: v for k, v in kw.items() if k not in ("max_val", "min_val")},
-                             "act_quant": Int8ActPerTensorFloat}) for t, (cls, kw) in QUANT_ACT_MAP.items()}
-        identity_map = {k: (cls, {**kw, "act_quant": Int8ActPerTensorFloat})
-                        for k, (cls, kw) in QUANT_IDENTITY_MAP.items()}
+    act_map, identity_map = _act_maps(qsettings)
     compute_map = dict(COMPUTE_LAYER_MAP)
-    compute_map[nn.Conv2d] = (qnn.QuantConv2d, kwargs)
-    compute_map[nn.Conv1d] = (qnn.QuantConv1d, kwargs)
-    compute_map[nn.Linear] = (qnn.QuantLinear, kwargs)
+    compute_map.update(_layer_table(kwargs, kwargs))
     # brevitas' graph passes edit the GraphModule in place: a failed attempt leaves its input,
     # add-output and residual quantizers behind (measured on vit_tiny: 7 stray quantizers in
     # the layerwise model), so the fallback starts again from an untouched copy
@@ -139,21 +120,44 @@ def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
     except RuntimeError as e:
         if "align scale factors" not in str(e):
             raise
-    graph = pristine
-    by_id.update({id(m): n for n, m in graph.named_modules()})
-    # brevitas' graph mode needs one scale on every input of an add; a parameter added to
-    # activations (a ViT's position embedding) or attention's matmuls defeat it. Then each
-    # compute layer quantizes its own input instead (brevitas' layerwise mode, what it uses
-    # for transformers): int8 Conv/Gemm inputs and weights, float everything in between.
+    by_id.update({id(m): n for n, m in pristine.named_modules()})  # the bits lambda reads it
+    return _layerwise(pristine, kwargs)
+
+
+def _act_maps(qsettings: dict) -> tuple[dict, dict]:
+    """brevitas' activation and identity quantizer tables, int8 throughout when signed."""
+    from brevitas.graph.quantize import QUANT_ACT_MAP, QUANT_IDENTITY_MAP
+    if qsettings.get("activations") != "signed":
+        return QUANT_ACT_MAP, QUANT_IDENTITY_MAP
+    # TensorRT reads only signed int8 Q/DQ: ReLU outputs lose their unused sign bit
+    # (half the grid) instead of being uint8
     from brevitas.quant import Int8ActPerTensorFloat
-    kwargs.update(input_quant=Int8ActPerTensorFloat, return_quant_tensor=False)
+    act_map = {t: (cls, {**{k: v for k, v in kw.items() if k not in ("max_val", "min_val")},
+                         "act_quant": Int8ActPerTensorFloat}) for t, (cls, kw) in QUANT_ACT_MAP.items()}
+    identity_map = {k: (cls, {**kw, "act_quant": Int8ActPerTensorFloat})
+                    for k, (cls, kw) in QUANT_IDENTITY_MAP.items()}
+    return act_map, identity_map
+
+
+def _layer_table(conv_kwargs: dict, linear_kwargs: dict) -> dict:
+    import brevitas.nn as qnn
+    return {nn.Conv2d: (qnn.QuantConv2d, conv_kwargs), nn.Conv1d: (qnn.QuantConv1d, conv_kwargs),
+            nn.Linear: (qnn.QuantLinear, linear_kwargs)}
+
+
+def _layerwise(graph: nn.Module, kwargs: dict) -> nn.Module:
+    """brevitas' graph mode needs one scale on every input of an add; a parameter added to
+    activations (a ViT's position embedding) or attention's matmuls defeat it. Then each
+    compute layer quantizes its own input instead (brevitas' layerwise mode, what it uses for
+    transformers): int8 Conv/Gemm inputs and weights, float everything in between."""
+    from brevitas.graph.quantize import layerwise_quantize
+    from brevitas.quant import Int8ActPerTensorFloat
+    kwargs = {**kwargs, "input_quant": Int8ActPerTensorFloat, "return_quant_tensor": False}
     # a Conv needs a Q on its output too: ORT fuses DQ -> Conv -> Q into QLinearConv and has
     # no float-output int8 conv, while DQ -> MatMul/Gemm without a Q still runs
     # MatMulIntegerToFloat / QGemm
     conv = {**kwargs, "output_quant": Int8ActPerTensorFloat}
-    table = {nn.Conv2d: (qnn.QuantConv2d, conv), nn.Conv1d: (qnn.QuantConv1d, conv),
-             nn.Linear: (qnn.QuantLinear, kwargs)}
-    return layerwise_quantize(graph, compute_layer_map=table)
+    return layerwise_quantize(graph, compute_layer_map=_layer_table(conv, kwargs))
 
 
 def prepare(model: nn.Module, qsettings: dict) -> nn.Module:
