@@ -110,7 +110,7 @@ _SHAPE_ATTRS = {
 }
 # integer attributes a module's forward reads to reshape (timm-style attention): pruning
 # heads changes them, so they are recorded with the shapes
-_FORWARD_ATTRS = ("num_heads", "head_dim")
+_FORWARD_ATTRS = ("num_heads", "head_dim", "attn_dim")  # attn_dim: timm >= 1.0 Attention
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

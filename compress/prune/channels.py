@@ -123,6 +123,8 @@ def sync_heads(model: nn.Module, pruner) -> None:
     for m in attention_modules(model):
         m.num_heads = pruner.num_heads.get(m.qkv, m.num_heads)
         m.head_dim = m.qkv.out_features // 3 // m.num_heads
+        if isinstance(getattr(m, "attn_dim", None), int):  # timm >= 1.0 reshapes by attn_dim
+            m.attn_dim = m.num_heads * m.head_dim
 
 
 def _pruner_class():

@@ -169,3 +169,25 @@ def test_pruned_checkpoint_reloads_in_a_fresh_process(tiny_data, tmp_path):
             "torch.save(m(torch.load(d / 'x.pt', weights_only=True)).detach(), d / 'y.pt')")
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=ROOT)
     assert res.structure.removed_blocks and torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), model(x))
+
+
+def test_timm_style_attn_dim_follows_pruned_heads():
+    """timm >= 1.0's Attention reshapes its output by `attn_dim` (measured: a pruned timm
+    vit_tiny failed with `shape '[64, 65, 192]' is invalid` until it followed the heads)."""
+    from compress.checkpoint import _FORWARD_ATTRS
+    from compress.nets.vit import Attention
+
+    def forward(self, x):  # timm's: the output width is attn_dim, not num_heads * head_dim
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = ((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5).softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.attn_dim))
+
+    model = build_model("vit_tiny", 10, 1).eval()
+    for b in model.blocks:
+        b.attn.attn_dim = b.attn.num_heads * b.attn.head_dim
+        b.attn.forward = forward.__get__(b.attn, Attention)
+    prune_channels(model, PruneConfig(ratio=0.5, round_to=1), X)
+    assert all(b.attn.attn_dim == 16 for b in model.blocks)  # 4 heads of 8 -> 2 heads of 8
+    assert torch.isfinite(model(torch.randn(2, 1, 28, 28))).all()
+    assert "attn_dim" in _FORWARD_ATTRS  # recorded in structure.json, so the rebuild follows too
