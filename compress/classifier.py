@@ -63,8 +63,3 @@ def _traced(model: nn.Module, input_shape) -> Optional[str]:
 def first_conv(model: nn.Module) -> Optional[tuple[str, nn.Conv2d]]:
     """The first Conv2d in definition order: the stem of torchvision/timm-style CNNs."""
     return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)

@@ -10,7 +10,6 @@ come only from the checkpoint file the user names.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -19,8 +18,10 @@ import torch
 from torch import nn
 
 from calib.datasets import resolve_factory
-from compress.classifier import find_classifier, first_conv, replace_module
+from compress.checkpoint import set_module
+from compress.classifier import find_classifier, first_conv
 from compress.errors import UserError
+from compress.names import unknown_name
 
 # the pair that imports on this project's x86_64 machines (PyPI's torchvision does not import
 # beside the CPU torch 2.13.0 build: "operator torchvision::nms does not exist")
@@ -87,9 +88,7 @@ def check_spec(spec: str, zoo: dict) -> str:
         raise UserError(f"unknown model {spec!r}: expected one of {sorted(zoo)}, 'torchvision:<name>', "
                         f"'timm:<name>' or 'pkg.module:factory'")
     if name not in known:
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        raise UserError(f"model {spec!r}: {lib} has no model {name!r}"
-                        + (f" (closest: {', '.join(close)})" if close else ""))
+        raise unknown_name(f"model {spec!r}", name, known, what=f"{lib} has no model")
     return spec
 
 
@@ -149,7 +148,7 @@ def _adapt_stem(model: nn.Module, spec: str, in_channels: int) -> dict[str, str]
         new.weight.copy_(w.expand(-1, in_channels, -1, -1))
         if conv.bias is not None:
             new.bias.copy_(conv.bias)
-    replace_module(model, name, new)
+    set_module(model, name, new)
     return {name: f"stem: in_channels {conv.in_channels} -> {in_channels}"}
 
 
@@ -168,9 +167,9 @@ def _adapt_head(model: nn.Module, spec: str, num_classes: int, input_shape) -> d
     if hasattr(model, "reset_classifier"):
         model.reset_classifier(num_classes)
     elif isinstance(head, nn.Linear):
-        replace_module(model, name, nn.Linear(head.in_features, num_classes, head.bias is not None))
+        set_module(model, name, nn.Linear(head.in_features, num_classes, head.bias is not None))
     else:
-        replace_module(model, name, nn.Conv2d(head.in_channels, num_classes, 1, bias=head.bias is not None))
+        set_module(model, name, nn.Conv2d(head.in_channels, num_classes, 1, bias=head.bias is not None))
     return {name: f"head ({how}): {width} -> {num_classes} outputs"}
 
 

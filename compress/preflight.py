@@ -90,10 +90,6 @@ def check_plan(cfg: "RunConfig") -> list[str]:
     return errors
 
 
-def _first_conv(model: nn.Module) -> Optional[tuple[str, nn.Conv2d]]:
-    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
-
-
 def _dry_forward(b: Built, x: torch.Tensor, num_classes: int) -> Optional[str]:
     """None, or the one line saying why this model cannot take the data's batches."""
     where = f"{b.role}.model={b.spec}"
@@ -101,7 +97,8 @@ def _dry_forward(b: Built, x: torch.Tensor, num_classes: int) -> Optional[str]:
         with torch.no_grad():
             out = b.model.eval()(x)
     except Exception as e:  # a user's model can raise anything: one line, not a traceback
-        first = _first_conv(b.model)
+        from compress.classifier import first_conv
+        first = first_conv(b.model)
         if first and first[1].in_channels != x.shape[1]:
             return (f"{where}: its first conv {first[0]} takes {first[1].in_channels} input channels, "
                     f"the data has {x.shape[1]} (the factory must build its stem from in_channels)")
