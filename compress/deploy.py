@@ -4,7 +4,6 @@ with torch, executed precision, latency and throughput. Nothing here knows about
 the run config or any backend by name: a target's behaviour is its own (targets/)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import traceback
@@ -78,7 +77,7 @@ def diagnose(plan: DeploymentPlan, model, onnx_path: Path, artifact: Path, spec:
     """Layer-by-layer comparison on one batch, run only for a deployment that failed parity."""
     try:
         return diverging_layers(model, onnx_path, artifact, spec.backend, x[:spec.parity.diagnose_batch],
-                                spec.parity.layer_tolerance, cfg=dataclasses.replace(cfg, threads=cfg.threads or 1))
+                                spec.parity.layer_tolerance, cfg=cfg)
     except Exception as e:  # the diagnosis must never hide the failure it explains
         plan.log(traceback.format_exc())
         return {"mapped": False, "reason": f"{type(e).__name__}: {e}", "layers": [], "first_diverging": None}

@@ -88,7 +88,6 @@ def fold_weight_clips(graph: onnx.GraphProto) -> int:
         keep.append(n)
     del graph.node[:]
     graph.node.extend(keep)
-    _drop_unused_initializers(graph)
     return folded
 
 

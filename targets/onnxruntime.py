@@ -95,14 +95,20 @@ class OrtRunner:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, self.dtype)})[0]
 
 
-def prefix_graph(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
-    """The part of the graph `tensor` depends on, with `tensor` as its only output.
+def prefix_extractor(model: onnx.ModelProto):
+    """tensor name -> the part of the graph it depends on, with it as the only output.
     onnx.utils.Extractor (what onnx.utils.extract_model runs) keeps ORT's int8 fusion of
     every earlier layer: measured on tests/compress/test_parity.py's QCDQ export, the
     prefix of each layer has as many QLinearConv as the full graph has before that layer
-    (0, 1, 2, 3), the same as the hand-written cut it replaced."""
-    inferred = onnx.shape_inference.infer_shapes(model)  # the Extractor needs each tensor's value_info
-    return onnx.utils.Extractor(inferred).extract_model([i.name for i in model.graph.input], [tensor])
+    (0, 1, 2, 3), the same as the hand-written cut it replaced. Shapes are inferred once
+    (the Extractor needs each tensor's value_info), not once per layer."""
+    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
+    inputs = [i.name for i in model.graph.input]
+    return lambda tensor: extractor.extract_model(inputs, [tensor])
+
+
+def prefix_graph(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    return prefix_extractor(model)(tensor)
 
 
 def read_tensors(path: Path, tensors: list[str], x: np.ndarray, cfg: CompileOptions) -> list:
@@ -121,7 +127,8 @@ def read_tensors(path: Path, tensors: list[str], x: np.ndarray, cfg: CompileOpti
         sess = ort.InferenceSession(m.SerializeToString(), so, providers=providers_for(cfg.device))
         return sess.run(names, {sess.get_inputs()[0].name: x})
     if any(n.op_type == "QuantizeLinear" for n in model.graph.node):
-        return [run(prefix_graph(model, t), [t])[0] for t in tensors]
+        prefix = prefix_extractor(model)
+        return [run(prefix(t), [t])[0] for t in tensors]
     have = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
                               for t in dict.fromkeys(tensors) if t not in have)

@@ -142,6 +142,9 @@ def read_tensors(ir_path: Path, tensors: list[str], x: np.ndarray, cfg: CompileO
     CPU plugin keeps its int8 kernels with these outputs (measured on the demo's int8 IR: 10 of
     10 compute layers still *_I8)."""
     import openvino as ov
+    opts = options_of(TARGET, cfg)
+    if opts.fp16_weights and ir_path.suffix == ".xml":  # the model that failed, as OvRunner compiled it
+        ir_path = fp16_ir(ir_path, cfg.work_dir or ir_path.parent)
     core = ov.Core()
     model = core.read_model(str(ir_path))
     for t in tensors:
@@ -149,7 +152,7 @@ def read_tensors(ir_path: Path, tensors: list[str], x: np.ndarray, cfg: CompileO
             model.add_outputs(t)
         except RuntimeError:
             pass
-    compiled = core.compile_model(model, "CPU", compile_properties(options_of(TARGET, cfg), cfg.threads or 1))
+    compiled = core.compile_model(model, "CPU", compile_properties(opts, cfg.threads or 1))
     res = compiled({0: x})
     by_name = {n: res[o] for o in compiled.outputs for n in o.get_names()}
     return [by_name.get(t) for t in tensors]
