@@ -202,8 +202,9 @@ class Pipeline:
                                   d.synthesis, self.cfg.seed, self.log)
 
     def _stage(self, i: int, scfg, model: nn.Module, structure: Structure, ctx: RunContext,
-               teacher0: nn.Module, prev_h: str):
-        """One configured stage, run or resumed -> (model, structure, metrics, sdir, hash)."""
+               teacher0: nn.Module, prev_h: str, float_model: nn.Module):
+        """One configured stage, run or resumed -> (model, structure, metrics, sdir, hash).
+        `float_model`: the last float model, whose MACs stand for a quantized one."""
         name = scfg.kind if [s.kind for s in self.cfg.stages].count(scfg.kind) == 1 else f"{scfg.kind}-{i}"
         sdir = self.run_dir / f"{i:02d}-{scfg.kind}"
         stage = stages.get(scfg.kind)
@@ -222,6 +223,8 @@ class Pipeline:
         # a copy: stages change modules in place, and every stage's model is kept for export
         res = stage.run(copy.deepcopy(model), sctx, scfg)
         res.model = res.model.cpu().eval()
+        if res.float_model is None and res.structure.quantize is not None:
+            res.float_model = float_model  # a stage after quantize: the op counter cannot see brevitas layers
         return res.model, res.structure, self._save(sdir, name, res, h, t0, sctx, scfg), name, sdir, h
 
     def run_stages(self) -> tuple[list[dict], dict[str, tuple[nn.Module, Path, Structure]], RunContext]:
@@ -236,10 +239,12 @@ class Pipeline:
         rows, models = [], {}
         members = self._teachers(ctx, rows, models)
         model, prev_h = self._student(ctx)
-        structure = ctx.structure
+        structure, float_model = ctx.structure, model
         for i, scfg in enumerate(self.cfg.stages, start=1):
             model, structure, metrics, name, sdir, prev_h = self._stage(
-                i, scfg, model, structure, ctx, members[0], prev_h)
+                i, scfg, model, structure, ctx, members[0], prev_h, float_model)
+            if structure.quantize is None:
+                float_model = model
             rows.append(metrics)
             models[name] = (model, sdir, structure)
         return rows, models, ctx

@@ -45,7 +45,6 @@ def search(model: nn.Module, reference: nn.Module, ctx, cfg) -> tuple[float, dic
     budget relative to `reference`, the model that entered the stage. Returns (chosen
     ratio, the search record)."""
     t = cfg.target
-    ctx.latency.check(t.backend, "prune.target.backend")
     # data-free criteria only: gradient ones need recovery-time data and a teacher per candidate
     crit = cfg.importance if cfg.importance not in GRADIENT_CRITERIA else "l2"
     with ctx.latency.session(t.backend, t.threads, _input(ctx, t.batch)) as s:

@@ -32,6 +32,8 @@ def compute_layers(model: nn.Module) -> list[str]:
 
 def check_layer_names(model: nn.Module, names, where: str) -> None:
     """A bad per-layer name is a user error that names it and the closest real names."""
+    if not names:
+        return  # nothing to check: no FX trace
     known = compute_layers(model)
     for n in names:
         if n not in known:

@@ -86,7 +86,7 @@ class QuantizeStage:
     def run(self, model: nn.Module, ctx: RunContext, cfg: QuantizeConfig) -> StageResult:
         qs = settings(cfg)
         names = compute_layers(model)
-        check(model, cfg, "quantize")
+        check(model, cfg, ctx.where)  # again: an earlier stage may have removed a named block
         # MACs are counted on the float model (the op counter does not see brevitas layers);
         # preprocess merges BatchNorm into `model` in place, so keep it as it came
         float_model = copy.deepcopy(model).eval()

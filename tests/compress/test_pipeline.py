@@ -331,3 +331,16 @@ def test_a_stage_kind_used_twice_keeps_both(tmp_path):
     assert params["prune-3"] < params["prune-2"] < params["distill"]
     assert [d["stage"] for d in report["deployments"]] == names
     assert all((tmp_path / "tiny" / d / "model.onnx").is_file() for d in ("02-prune", "03-prune"))
+
+
+def test_a_stage_after_quantize_counts_the_float_models_macs(tmp_path):
+    """The op counter cannot see brevitas layers: a distill stage after quantize reports the
+    MACs of the last float model, as the quantize stage does, not of its quant layers."""
+    res = run_cli("--set", f"output.dir={tmp_path}",
+                  "--set", "stages=[{kind: quantize, calib_batches: 2, epochs: 0, augment: false}, "
+                  "{kind: distill, epochs: 0.2, lr: 0.001, augment: false}]",
+                  "--set", "export.stages=[teacher]",
+                  "--set", "targets=[{backend: onnxruntime, threads: 1}]", "--set", "profile.throughput_runs=1")
+    assert res.exit_code == 0, res.output
+    macs = {s["name"]: s["macs"] for s in json.loads((tmp_path / "tiny" / "report.json").read_text())["stages"]}
+    assert macs["distill"] == macs["quantize"] > 0
