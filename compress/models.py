@@ -84,6 +84,7 @@ def resnet_tiny_teacher(num_classes: int = 10, in_channels: int = 1) -> nn.Modul
 
 from compress.nets.mobilenet import mobilenet_small, mobilenet_tiny  # noqa: E402
 from compress.nets.vit import vit_small, vit_tiny  # noqa: E402
+from compress.nets.vit_torch import vit_torch_tiny  # noqa: E402
 
 ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet_teacher": resnet_teacher,
@@ -95,6 +96,7 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_tiny": mobilenet_tiny,
     "vit_small": vit_small,
     "vit_tiny": vit_tiny,
+    "vit_torch_tiny": vit_torch_tiny,
 }
 
 

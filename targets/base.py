@@ -108,9 +108,11 @@ def options_of(target: Target, cfg: CompileOptions) -> BaseModel:
 
 
 def executed_precision(int8_layers: int, compute_layers: int, detail: dict,
-                       by_precision: Optional[dict] = None) -> dict:
+                       by_precision: Optional[dict] = None, matmuls: Optional[dict] = None) -> dict:
     """by_precision: compute layers per precision that ran ({"f32": 7} or {"i8": 6, "f32": 1});
-    without it, whatever is not int8 is reported as fp32."""
+    without it, whatever is not int8 is reported as fp32. matmuls: the matmuls of two
+    activations (attention's QK^T and AV) by node name -> "int8" or the float precision they
+    ran in; they are compute layers too."""
     if by_precision is None:
         by_precision = {k: v for k, v in (("int8", int8_layers),
                                           ("fp32", compute_layers - int8_layers)) if v}
@@ -119,5 +121,10 @@ def executed_precision(int8_layers: int, compute_layers: int, detail: dict,
     else:
         summary = ", ".join(f"{k} {v}/{compute_layers}" for k, v in
                             sorted(by_precision.items(), key=lambda kv: -kv[1]))
-    return {"summary": summary, "int8_layers": int8_layers, "compute_layers": compute_layers,
-            "by_precision": by_precision, "detail": detail}
+    if matmuls:
+        summary += f"; activation matmuls int8 {sum(v == 'int8' for v in matmuls.values())}/{len(matmuls)}"
+    out = {"summary": summary, "int8_layers": int8_layers, "compute_layers": compute_layers,
+           "by_precision": by_precision, "detail": detail}
+    if matmuls:
+        out["matmuls"] = matmuls
+    return out

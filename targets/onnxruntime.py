@@ -56,16 +56,31 @@ def session_options(opts: OrtOptions, threads: int):
     return so
 
 
+# matmul kernels -> the index of their second operand (a weight for a Linear, an activation
+# for attention's QK^T and AV)
+_MATMUL_B = {"MatMul": 1, "FusedMatMul": 1, "MatMulInteger": 1, "MatMulIntegerToFloat": 1, "QLinearMatMul": 3}
+
+
+def activation_matmuls(graph: onnx.GraphProto) -> dict[str, str]:
+    """The optimized graph's matmuls of two activations (attention), by node name -> "int8"
+    or "fp32": the per-op counts alone cannot say whether QK^T and AV ran integer kernels."""
+    consts = {i.name for i in graph.initializer}
+    consts |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return {n.name or n.output[0]: "int8" if n.op_type in INT8_ORT_OPS else "fp32" for n in graph.node
+            if n.op_type in _MATMUL_B and len(n.input) > _MATMUL_B[n.op_type]
+            and n.input[_MATMUL_B[n.op_type]] not in consts}
+
+
 def op_counts(path: Path, so, work: Path, providers: list[str]):
-    """A session on `path`, and the op types of the graph it optimized (written to `work`
-    only to be counted, never beside a user's file)."""
+    """A session on `path`, the op types of the graph it optimized (written to `work` only to
+    be counted, never beside a user's file) and its activation matmuls."""
     import onnxruntime as ort
     opt_path = work / f"{path.stem}.ort-optimized.onnx"
     so.optimized_model_filepath = str(opt_path)
     session = ort.InferenceSession(str(path), so, providers=providers)
-    ops = Counter(n.op_type for n in onnx.load(str(opt_path)).graph.node)
+    graph = onnx.load(str(opt_path)).graph
     opt_path.unlink(missing_ok=True)
-    return session, ops
+    return session, Counter(n.op_type for n in graph.node), activation_matmuls(graph)
 
 
 class OrtRunner:
@@ -74,7 +89,7 @@ class OrtRunner:
         work = cfg.work_dir or Path(tempfile.mkdtemp(prefix="compress-ort-"))
         work.mkdir(parents=True, exist_ok=True)
         so = session_options(options_of(TARGET, cfg), cfg.threads or os.cpu_count() or 1)
-        self.session, ops = op_counts(path, so, work, providers_for(cfg.device))
+        self.session, ops, matmuls = op_counts(path, so, work, providers_for(cfg.device))
         inp = self.session.get_inputs()[0]
         self.input_name, self.dtype = inp.name, INPUT_DTYPES.get(inp.type, np.float32)
         int8 = sum(v for k, v in ops.items() if k in INT8_ORT_OPS)
@@ -88,7 +103,7 @@ class OrtRunner:
             "pinning": "os default (no session.intra_op_thread_affinities)", "version": ort.__version__,
             "executed_precision": executed_precision(
                 int8, int8 + flt, {k: v for k, v in sorted(ops.items())
-                                   if k in INT8_ORT_OPS | FLOAT_ORT_COMPUTE}),
+                                   if k in INT8_ORT_OPS | FLOAT_ORT_COMPUTE}, matmuls=matmuls),
         }
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

@@ -46,8 +46,17 @@ def runtime_layers(compiled) -> list[dict]:
         get = lambda k: str(rt[k].astype(str)) if k in rt else ""  # noqa: E731
         out.append({"name": op.get_friendly_name(), "layerType": get("layerType"),
                     "primitiveType": get("primitiveType"),
-                    "runtimePrecision": get("runtimePrecision")})
+                    "runtimePrecision": get("runtimePrecision"), "fused": get("originalLayersNames")})
     return out
+
+
+def fused_matmuls(layers: list[dict], model) -> list[dict]:
+    """Attention's QK^T and AV: the CPU plugin fuses MatMul -> Softmax -> MatMul into one
+    Subgraph (its MHA tokenization), so no runtime layer is a MatMul. One row per original
+    MatMul of each such Subgraph, with the Subgraph's kernel and precision."""
+    matmul = {op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"}
+    return [{**lyr, "name": n, "layerType": "MatMul"} for lyr in layers if lyr["layerType"] == "Subgraph"
+            for n in lyr["fused"].split(",") if n in matmul]
 
 
 def is_int8_layer(layer: dict) -> bool:
@@ -97,8 +106,10 @@ class OvRunner:
         self.inner_ms: list[float] = []
         device = self.device
         layers = runtime_layers(self.compiled)
-        compute = [lyr for lyr in layers if lyr["layerType"] in COMPUTE_TYPES]
+        compute = [lyr for lyr in layers if lyr["layerType"] in COMPUTE_TYPES] + fused_matmuls(layers, self.model)
         int8 = [lyr for lyr in compute if is_int8_layer(lyr)]
+        matmuls = {lyr["name"]: "int8" if is_int8_layer(lyr) else kernel_precision(lyr)
+                   for lyr in compute if lyr["layerType"] == "MatMul"}
         kernels = Counter(f"{lyr['layerType']}:{lyr['primitiveType']}" for lyr in compute)
         by_prec = Counter("int8" if is_int8_layer(lyr) else kernel_precision(lyr) for lyr in compute)
         prop = self.compiled.get_property  # what the plugin compiled with, not what we asked
@@ -109,7 +120,8 @@ class OvRunner:
             "pinning": f"ENABLE_CPU_PINNING={self.compiled.get_property('ENABLE_CPU_PINNING')}"
             if device == "CPU" else None,
             "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
-            "executed_precision": executed_precision(len(int8), len(compute), dict(kernels), dict(by_prec)),
+            "executed_precision": executed_precision(len(int8), len(compute), dict(kernels), dict(by_prec),
+                                                     matmuls),
         }
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

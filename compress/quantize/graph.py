@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from compress.names import unknown_name
+from compress.quantize.attention import has_torch_attention, quantize_matmul_inputs, rewrite
 
 COMPUTE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -20,6 +21,9 @@ def compute_layers(model: nn.Module) -> list[str]:
     """Qualified names of the quantizable compute layers, in execution order (FX graph order),
     so "first" and "last" mean what the data flow says, not declaration order."""
     from torch.fx import GraphModule, symbolic_trace
+    if has_torch_attention(model):  # FX sees no Linear inside torch's transformer blocks
+        model = copy.deepcopy(model)
+        rewrite(model)
     gm = model if isinstance(model, GraphModule) else symbolic_trace(model.eval())
     mods = dict(gm.named_modules())
     out = []
@@ -54,8 +58,11 @@ def resolve_bits(names: list[str], cfg) -> dict[str, int]:
 
 
 def preprocess(model: nn.Module, qsettings: dict) -> nn.Module:
-    """Trace, merge BatchNorm into the convolutions, optional weight equalization: still float."""
+    """Trace, merge BatchNorm into the convolutions, optional weight equalization: still float.
+    torch's transformer blocks are first made explicit (in place, same numbers; see
+    compress/quantize/attention.py for why)."""
     from brevitas.graph.quantize import preprocess_for_quantize
+    rewrite(model)
     return preprocess_for_quantize(model.eval(), merge_bn=qsettings.get("merge_bn", True),
                                    equalize_iters=qsettings.get("equalize_iters", 0))
 
@@ -117,13 +124,24 @@ def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
     pristine = copy.deepcopy(graph)
     try:
         with _residual_pass_limit(graph):
-            return quantize(graph, quant_identity_map=identity_map, compute_layer_map=compute_map,
-                            quant_act_map=act_map)
+            qmodel = quantize(graph, quant_identity_map=identity_map, compute_layer_map=compute_map,
+                              quant_act_map=act_map)
     except RuntimeError as e:
         if "align scale factors" not in str(e):
             raise
-    by_id.update({id(m): n for n, m in pristine.named_modules()})  # the bits lambda reads it
-    return _layerwise(pristine, kwargs)
+        by_id.update({id(m): n for n, m in pristine.named_modules()})  # the bits lambda reads it
+        qmodel = _layerwise(pristine, kwargs)
+    _matmul_quantizers(qmodel, qsettings)
+    return qmodel
+
+
+def _matmul_quantizers(qmodel: nn.Module, qsettings: dict) -> None:
+    """int8 inputs to the attention matmuls (QK^T, AV) of explicit attention: ONNX Runtime
+    fuses DQ -> MatMul into an integer matmul, OpenVINO runs it in i8/u8. The softmax gets
+    an unsigned grid (its values are in [0, 1]) unless every activation must be signed."""
+    from brevitas.quant import Int8ActPerTensorFloat, Uint8ActPerTensorFloat
+    signed = qsettings.get("activations") == "signed"
+    quantize_matmul_inputs(qmodel, Int8ActPerTensorFloat, Int8ActPerTensorFloat if signed else Uint8ActPerTensorFloat)
 
 
 def _act_maps(qsettings: dict) -> tuple[dict, dict]:
