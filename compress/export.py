@@ -3,6 +3,7 @@ runtimes, each target's own artifact prepared from the ONNX, and the deployment 
 beside them."""
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.metadata as md
 import warnings
@@ -38,8 +39,20 @@ def is_quantized(model: nn.Module) -> bool:
     return any(type(m).__module__.startswith("brevitas") for m in model.modules())
 
 
+def _exportable(model: nn.Module) -> nn.Module:
+    """torch's transformer blocks as explicit attention (a copy, same numbers): their fast
+    path (aten::_transformer_encoder_layer_fwd) and SDPA have no ONNX export."""
+    from compress.quantize.attention import has_torch_attention, rewrite
+    if not has_torch_attention(model):
+        return model
+    model = copy.deepcopy(model)
+    rewrite(model)
+    return model
+
+
 def export_float(model: nn.Module, path: Path, input_shape, opset: int) -> None:
     x = torch.zeros(1, *input_shape)
+    model = _exportable(model)
 
     def write(tmp: Path):
         with warnings.catch_warnings():
@@ -50,17 +63,19 @@ def export_float(model: nn.Module, path: Path, input_shape, opset: int) -> None:
     atomic_write(path, write)
 
 
-def export_qcdq(model: nn.Module, path: Path, input_shape, uint8_activations: bool = False) -> None:
+def export_qcdq(model: nn.Module, path: Path, input_shape, uint8_activations: bool = False,
+                opset: int = 13) -> None:
     """uint8_activations: rewrite int8 activation Q/DQ pairs as uint8 (exact, see
     activations_to_uint8) so ONNX Runtime on x86 fuses every Conv/Gemm; False keeps the
-    all-int8 graph that TensorRT needs (quantize.activations: signed)."""
+    all-int8 graph that TensorRT needs (quantize.activations: signed). opset: export.opset
+    (13, brevitas' own default, when called directly)."""
     from brevitas.export import export_onnx_qcdq
     x = torch.zeros(1, *input_shape)
 
     def write(tmp: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            export_onnx_qcdq(model.eval(), args=x, export_path=str(tmp), dynamo=False,
+            export_onnx_qcdq(model.eval(), args=x, export_path=str(tmp), dynamo=False, opset_version=opset,
                              input_names=[INPUT], output_names=[OUTPUT], dynamic_axes=_DYNAMIC)
         clean_graph(tmp, fold_clips=True, qdq_for_ort=uint8_activations)
     atomic_write(path, write)
@@ -303,7 +318,7 @@ def export_model(model: nn.Module, out_dir: Path, data, opset: int, backends: Un
         fmt = describe(model)
     onnx_path = out_dir / "model.onnx"
     if quant:
-        export_qcdq(model, onnx_path, data.input_shape, uint8_activations=activations != "signed")
+        export_qcdq(model, onnx_path, data.input_shape, uint8_activations=activations != "signed", opset=opset)
     else:
         export_float(model, onnx_path, data.input_shape, opset)
     files = prepare_artifacts(onnx_path, out_dir, backends)

@@ -68,6 +68,10 @@ class Structure(_Record):
     """(C, H, W) of one example"""
     shapes: dict[str, ModuleShape] = Field(default_factory=dict)
     """changed module shapes by qualified name (empty: the factory's own shapes)"""
+    attention: list[str] = Field(default_factory=list)
+    """torch transformer blocks (nn.TransformerEncoder/-Layer, nn.MultiheadAttention) replaced
+    by compress' explicit attention (pruning removes heads only from those), by qualified
+    name; rebuilding repeats the rewrite before applying shapes"""
     removed_blocks: list[str] = Field(default_factory=list)
     """blocks replaced by an identity (block pruning), by qualified name"""
     quantize: Optional[QuantSettings] = None
@@ -81,8 +85,9 @@ class Structure(_Record):
 
     def with_shapes(self, model: nn.Module) -> "Structure":
         """This record with `model`'s current module shapes (after pruning changed them)."""
+        from compress.quantize.attention import rewritten
         shapes = {n: ModuleShape(**rec) for n, rec in record_shapes(model).items()}
-        return self.model_copy(update={"shapes": shapes})
+        return self.model_copy(update={"shapes": shapes, "attention": rewritten(model)})
 
     def write(self, path: Path) -> None:
         write_json(path, self.model_dump(mode="json", exclude_none=True))
@@ -123,6 +128,12 @@ def rebuild(structure: Structure, weights: Path) -> nn.Module:
         raise StructureError(f"{weights.parent / 'structure.json'}: model {structure.model!r} now adapts "
                              f"{built.adapted or 'nothing'}, recorded {structure.adapted or 'nothing'}")
     model = built.model
+    if structure.attention:
+        from compress.quantize.attention import rewrite
+        done = rewrite(model)
+        if done != structure.attention:
+            raise StructureError(f"{weights.parent / 'structure.json'}: model {structure.model!r} has torch "
+                                 f"attention at {done or 'no module'}, recorded {structure.attention}")
     if structure.shapes or structure.removed_blocks:
         apply_shapes(model, {n: s.model_dump() for n, s in structure.shapes.items()}, structure.removed_blocks)
     if structure.quantize is not None:

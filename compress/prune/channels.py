@@ -112,9 +112,17 @@ def protected_modules(model: nn.Module, cfg: PruneConfig, example: torch.Tensor)
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """timm-style attention: a fused qkv Linear and the head count the forward reads."""
+    """timm-style attention (and compress' explicit twin of nn.MultiheadAttention): a fused
+    qkv Linear and the head count the forward reads."""
     return [m for m in model.modules()
             if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)]
+
+
+def head_counts(model: nn.Module) -> dict[str, int]:
+    """Heads of every attention module by qualified name (nn.MultiheadAttention included):
+    the prune stage reports them before and after."""
+    return {n: m.num_heads for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention) or m in attention_modules(model)}
 
 
 def sync_heads(model: nn.Module, pruner) -> None:
@@ -142,7 +150,23 @@ def _pruner_class():
     return Pruner
 
 
+def heads_report(before: dict[str, int], model: nn.Module) -> dict:
+    """Heads before and after pruning, in total and by attention module (the prune stage's
+    metrics); {} for a model without attention."""
+    if not before:
+        return {}
+    after = head_counts(model)
+    return {"heads": {"before": sum(before.values()), "after": sum(after.values()),
+                      "by_module": {n: [h, after.get(n, 0)] for n, h in before.items()}}}
+
+
 def make_pruner(model: nn.Module, cfg: PruneConfig, example: torch.Tensor, imp=None):
+    """The pruner over `model`. torch's transformer blocks are first rewritten in place into
+    explicit attention (same numbers; recorded in structure.json by Structure.with_shapes):
+    nn.MultiheadAttention ties its heads to the residual width, so torch-pruning could only
+    narrow every head of it, never remove one."""
+    from compress.quantize.attention import rewrite
+    rewrite(model)
     modules = dict(model.named_modules())
     heads = {m.qkv: m.num_heads for m in attention_modules(model)}
     return _pruner_class()(

@@ -38,6 +38,7 @@ class PruneStage:
     def run(self, model: nn.Module, ctx: RunContext, cfg: PruneConfig) -> StageResult:
         before = count_params(model)
         metrics: dict = {}
+        heads = channels.head_counts(model)
         # a frozen copy only when something reads it: a teacher (CoFi) or the latency reference
         need_copy = cfg.recovery_teacher == "unpruned" or cfg.target is not None
         unpruned = copy.deepcopy(model).eval() if need_copy else None
@@ -56,7 +57,8 @@ class PruneStage:
             ctx.log(f"  achieved latency ratio {final['latency_ratio']:.2f}x of the unpruned model "
                     f"on {cfg.target.backend}")
         metrics.update(params_before=before, importance=cfg.importance, steps=cfg.steps, ratio=ratio,
-                       ignored=channels.ignored(model, cfg, ctx.data.input_shape))
+                       ignored=channels.ignored(model, cfg, ctx.data.input_shape),
+                       **channels.heads_report(heads, model))
         return StageResult(model, structure.with_shapes(model), history, metrics)
 
     @staticmethod
