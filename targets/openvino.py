@@ -3,6 +3,7 @@ precision, and read the precision each layer actually ran from the runtime model
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Literal, Optional
@@ -50,13 +51,22 @@ def runtime_layers(compiled) -> list[dict]:
     return out
 
 
-def fused_matmuls(layers: list[dict], model) -> list[dict]:
-    """Attention's QK^T and AV: the CPU plugin fuses MatMul -> Softmax -> MatMul into one
-    Subgraph (its MHA tokenization), so no runtime layer is a MatMul. One row per original
-    MatMul of each such Subgraph, with the Subgraph's kernel and precision."""
-    matmul = {op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"}
-    return [{**lyr, "name": n, "layerType": "MatMul"} for lyr in layers if lyr["layerType"] == "Subgraph"
-            for n in lyr["fused"].split(",") if n in matmul]
+def _op_kind(name: str) -> str:
+    """"Softmax" of "/attn/Softmax_1" or "Softmax_4126" (the plugin's own names)."""
+    return re.sub(r"_\d+$", "", name.rsplit("/", 1)[-1])
+
+
+def fused_matmuls(layers: list[dict]) -> list[dict]:
+    """Attention's QK^T and AV: the CPU plugin fuses MatMul -> (Multiply) -> Softmax -> MatMul
+    into one Subgraph (its MHA tokenization), so no runtime layer is a MatMul and the first
+    MatMul may even lose its name. Two rows per Subgraph that fused a Softmax and a MatMul,
+    named after it, with its kernel and precision."""
+    out = []
+    for lyr in layers:
+        kinds = {_op_kind(n) for n in lyr["fused"].split(",")}
+        if lyr["layerType"] == "Subgraph" and {"Softmax", "MatMul"} <= kinds:
+            out += [{**lyr, "name": f"{lyr['name']} ({part})", "layerType": "MatMul"} for part in ("QK^T", "AV")]
+    return out
 
 
 def is_int8_layer(layer: dict) -> bool:
@@ -106,7 +116,7 @@ class OvRunner:
         self.inner_ms: list[float] = []
         device = self.device
         layers = runtime_layers(self.compiled)
-        compute = [lyr for lyr in layers if lyr["layerType"] in COMPUTE_TYPES] + fused_matmuls(layers, self.model)
+        compute = [lyr for lyr in layers if lyr["layerType"] in COMPUTE_TYPES] + fused_matmuls(layers)
         int8 = [lyr for lyr in compute if is_int8_layer(lyr)]
         matmuls = {lyr["name"]: "int8" if is_int8_layer(lyr) else kernel_precision(lyr)
                    for lyr in compute if lyr["layerType"] == "MatMul"}
