@@ -95,10 +95,12 @@ def explain(diag: dict) -> str:
 
 
 def int8_failure(row: dict, manifest: dict) -> str:
-    """Every layer with quantized weights must run an int8 kernel; weightless matmuls
-    (attention's q·k, attn·v) stay float by design in layerwise-quantized models."""
+    """Every layer with quantized weights, and every attention matmul with quantized inputs
+    (compress/quantize/attention.py), must run an int8 kernel; other weightless matmuls stay
+    float by design in layerwise-quantized models."""
     ep = row["executed_precision"]
-    quantized = len((manifest.get("quant_format") or {}).get("weight_bits") or {}) or ep["compute_layers"]
+    fmt = manifest.get("quant_format") or {}
+    quantized = len(fmt.get("weight_bits") or {}) + fmt.get("int8_matmuls", 0) or ep["compute_layers"]
     expected = min(quantized, ep["compute_layers"])
     if manifest["precision"] != "int8" or ep["int8_layers"] >= expected:
         return ""

@@ -210,7 +210,11 @@ def describe(model: nn.Module) -> dict:
     acts = any(isinstance(m, ActQuantProxyFromInjector) and m.is_quant_enabled for m in model.modules())
     qs = {"weight_bits": max(bits.values(), default=8), "act_bits": 8 if acts else 16, "layer_bits": bits}
     from compress.quantize.config import format_name
-    return {"format": format_name(qs), "weight_bits": bits, "act_bits": qs["act_bits"],
+    # attention matmuls whose two inputs are quantized (QK^T: q_quant, k_quant; AV: attn_quant,
+    # v_quant): a runtime is expected to run them int8 too
+    matmuls = sum(n.rsplit(".", 1)[-1] in ("q_quant", "attn_quant") and type(m).__name__ == "QuantIdentity"
+                  for n, m in model.named_modules())
+    return {"format": format_name(qs), "weight_bits": bits, "act_bits": qs["act_bits"], "int8_matmuls": matmuls,
             "weight_only": not acts, "expected_kernels": "int8" if acts else "float",
             # b-bit weights are stored as int8 tensors clipped to the b-bit range: the file
             # is int8-sized; packed is what b-bit storage would take

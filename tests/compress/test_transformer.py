@@ -75,9 +75,11 @@ def quantized():
 
 def test_w8a8_quantizes_every_linear_and_the_attention_matmul_inputs(quantized):
     from compress.quantize.graph import describe
-    bits = describe(quantized)["weight_bits"]
+    fmt = describe(quantized)
+    bits = fmt["weight_bits"]
     # patch conv, 4 Linears per layer (qkv, out_proj, linear1, linear2) x 2, head: 10 of 10
     assert len(bits) == 10 and set(bits.values()) == {8}
+    assert fmt["int8_matmuls"] == 4  # QK^T and AV of 2 layers: the deploy gate expects them int8
     quants = {n.rsplit(".", 1)[-1] for n, m in quantized.named_modules() if type(m).__name__ == "QuantIdentity"}
     assert quants == {"q_quant", "k_quant", "v_quant", "attn_quant"}
 
