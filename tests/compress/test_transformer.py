@@ -187,3 +187,29 @@ def test_float_export_of_torch_blocks_matches_torch(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(runner(_x().numpy()), model(_x()).numpy(), atol=1e-5, rtol=0)
     assert list(runner.info["executed_precision"]["matmuls"].values()) == ["fp32"] * 4
+
+
+@pytest.mark.parametrize("activations, int8", [("asymmetric", 14), ("signed", 13)])
+def test_other_activation_modes_export_and_run_the_attention_matmuls_int8(activations, int8, tmp_path):
+    """The issue's crash happened with asymmetric and signed activations too. Signed (all-int8
+    Q/DQ for TensorRT) leaves one layer float on ONNX Runtime, which fuses uint8 on x86."""
+    from brevitas.graph.calibrate import calibration_mode
+
+    from compress.export import export_qcdq
+    from compress.quantize.config import QuantizeConfig, settings
+    from compress.quantize.graph import prepare
+    from targets import onnxruntime as ort_target
+    from targets.base import CompileOptions
+    torch.manual_seed(0)
+    q = prepare(vit_torch_tiny().eval(), settings(QuantizeConfig(activations=activations)))
+    with torch.no_grad(), calibration_mode(q):
+        q(_x())
+    q.eval()
+    export_qcdq(q, tmp_path / "m.onnx", SHAPE, uint8_activations=activations != "signed", opset=20)
+    runner = ort_target.OrtRunner(tmp_path / "m.onnx", CompileOptions(threads=1, work_dir=tmp_path))
+    ep = runner.info["executed_precision"]
+    assert (ep["int8_layers"], ep["compute_layers"]) == (int8, 14), ep
+    assert list(ep["matmuls"].values()) == ["int8"] * 4
+    x = _x(seed=1)
+    with torch.no_grad():
+        _parity(runner(x.numpy()), _out(q(x)).numpy())
