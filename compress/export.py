@@ -27,8 +27,9 @@ INPUT, OUTPUT = "input", "logits"
 _DYNAMIC = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}
 # Part of every stage's export hash (compress.plan): bumped when the same model and settings
 # export a different graph, so the exports of earlier runs are made again, not reused.
-# 1: unversioned; 2: uint8 activation Q/DQ for ORT, Q/DQ in front of Concat/MaxPool-fed layers
-EXPORT_FORMAT = 2
+# 1: unversioned; 2: uint8 activation Q/DQ for ORT, Q/DQ in front of Concat/MaxPool-fed layers;
+# 3: int8 exports at export.opset (were brevitas' 13), torch transformer blocks exported explicit
+EXPORT_FORMAT = 3
 
 
 class ExportError(UserError):

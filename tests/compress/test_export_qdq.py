@@ -116,7 +116,7 @@ def test_exports_of_an_older_format_are_made_again_and_the_log_says_why(trained_
     logs.clear()
     assert export_once() != old_hash
     assert logs[0] == f"[prune] export format 1 -> {export.EXPORT_FORMAT}: exporting again", logs
-    assert json.loads((sdir / "manifest.json").read_text())["export_format"] == export.EXPORT_FORMAT == 2
+    assert json.loads((sdir / "manifest.json").read_text())["export_format"] == export.EXPORT_FORMAT == 3
     logs.clear()
     export_once()
     assert logs == []  # reused

@@ -213,3 +213,18 @@ def test_other_activation_modes_export_and_run_the_attention_matmuls_int8(activa
     x = _x(seed=1)
     with torch.no_grad():
         _parity(runner(x.numpy()), _out(q(x)).numpy())
+
+
+def test_quantized_model_without_pruning_rebuilds_from_its_structure(quantized, tmp_path):
+    """No prune stage: nothing recorded in Structure.attention; the quantizer's own rewrite
+    (in prepare) rebuilds the same graph, and the weights load into it."""
+    from compress.checkpoint import save_weights
+    from compress.quantize.config import QuantizeConfig, settings
+    from compress.structure import QuantSettings, Structure, rebuild
+    structure = Structure(model="vit_torch_tiny", num_classes=10, in_channels=1, input_shape=list(SHAPE),
+                          quantize=QuantSettings(**settings(QuantizeConfig())))
+    structure.write(tmp_path / "structure.json")
+    save_weights(quantized, tmp_path / "model.safetensors")
+    rebuilt = rebuild(Structure.read(tmp_path / "structure.json"), tmp_path / "model.safetensors")
+    with torch.no_grad():
+        assert torch.equal(_out(rebuilt(_x())), _out(quantized(_x())))
