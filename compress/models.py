@@ -83,6 +83,7 @@ def resnet_tiny_teacher(num_classes: int = 10, in_channels: int = 1) -> nn.Modul
 
 
 from compress.nets.mobilenet import mobilenet_small, mobilenet_tiny  # noqa: E402
+from compress.nets.tasks import regressor_small, regressor_tiny, segnet_small, segnet_tiny  # noqa: E402
 from compress.nets.vit import vit_small, vit_tiny  # noqa: E402
 
 ZOO: dict[str, Callable[..., nn.Module]] = {
@@ -95,6 +96,11 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_tiny": mobilenet_tiny,
     "vit_small": vit_small,
     "vit_tiny": vit_tiny,
+    # task: segmentation ([B, C, H, W]) and regression ([B, K]); compress/tasks.py
+    "segnet_tiny": segnet_tiny,
+    "segnet_small": segnet_small,
+    "regressor_tiny": regressor_tiny,
+    "regressor_small": regressor_small,
 }
 
 
