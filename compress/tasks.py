@@ -313,6 +313,12 @@ def _rule_errors(task: Task, loc: tuple, section) -> list[tuple[tuple, str]]:
     out = [(loc + ("loss", j, "kind"), f"{t.kind} does not apply to task {task.name} "
             f"(its terms: {', '.join(sorted(task.terms))})")
            for j, t in enumerate(section.loss) if t.kind not in task.terms]
+    if task.name == "regression" and getattr(section, "ensemble", "logits") == "probs":
+        if "ensemble" not in section.model_fields_set:
+            section.ensemble = "logits"  # outputs are values, not class scores: average them
+        else:
+            out.append((loc + ("ensemble",), "probs averages class probabilities: not for task regression "
+                                             "(use logits: the teachers' outputs averaged)"))
     if task.name != "classification" and getattr(section, "augment", False):
         if "augment" not in section.model_fields_set:
             section.augment = False  # the default shifts and flips: the labels would not follow

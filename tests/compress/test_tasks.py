@@ -240,3 +240,31 @@ def test_regression_chain(tmp_path):
     md = (tmp_path / "runs" / "regression" / "report.md").read_text()
     assert "| RMSE | MAE | agreement | max abs diff | mean abs diff | max_error |" not in md
     assert "| RMSE | MAE | max_error | agreement | max abs diff | mean abs diff |" in md
+
+
+class Fixed(nn.Module):
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return self.value
+
+
+def test_ensemble_of_per_pixel_teachers():
+    from compress.distill.ensemble import Ensemble
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    out = Ensemble([Fixed(a), Fixed(b)], [1.0, 3.0])(None, "probs", 2.0)
+    want = 0.25 * torch.softmax(a / 2, 1) + 0.75 * torch.softmax(b / 2, 1)  # per pixel, over the classes
+    assert torch.allclose(torch.softmax(out / 2, 1), want, atol=1e-6)
+    assert torch.allclose(Ensemble([Fixed(a), Fixed(b)], [1.0, 3.0])(None, "logits"), 0.25 * a + 0.75 * b)
+
+
+def test_user_metric_named_when_missing(tmp_path):
+    from compress.preflight import preflight
+    with pytest.raises(ConfigError, match="metric: 'nocolon': expected 'pkg.module:fn'"):
+        load_config(write(tmp_path, base("regression", metric="nocolon")))
+    cfg = load_config(write(tmp_path, base("regression", metric="tests.compress.test_tasks:nope")))
+    with pytest.raises(UserError, match="metric='tests.compress.test_tasks:nope': module .* has no callable 'nope'"):
+        preflight(cfg)
