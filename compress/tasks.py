@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from compress.distill.objectives import MSE, MSELogits
+from compress.distill.objectives import MSE, MSELogits, l1, mse
 from compress.errors import UserError
 
 TASKS = ("classification", "regression", "segmentation")
@@ -163,8 +163,7 @@ class Regression(Task):
         return [MSELogits(weight=0.9), MSE(weight=0.1)] if with_teacher else [MSE()]
 
     def supervised(self, term, s, y):
-        y = y.to(s.dtype)
-        return F.mse_loss(s, y) if term.kind == "mse" else F.l1_loss(s, y)
+        return (mse if term.kind == "mse" else l1)(s, None, y, term, None)
 
     def train_stat(self, out, y):
         return float(((out.float() - y.float()) ** 2).sum()), y.numel()

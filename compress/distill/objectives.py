@@ -151,6 +151,14 @@ def l1_logits(s, t, y, c: L1Logits, state) -> torch.Tensor:
     return F.l1_loss(s, t)
 
 
+def mse(s, t, y, c: MSE, state) -> torch.Tensor:
+    return F.mse_loss(s, y.to(s.dtype))
+
+
+def l1(s, t, y, c: L1, state) -> torch.Tensor:
+    return F.l1_loss(s, y.to(s.dtype))
+
+
 def cakld(s, t, y, c: CAKLD, state) -> torch.Tensor:
     T = c.temperature
     log_p, log_q = F.log_softmax(t / T, 1), F.log_softmax(s / T, 1)
@@ -212,7 +220,7 @@ def dkd(s, t, y, c: DKD, state) -> torch.Tensor:
     return (c.alpha * tckd + c.beta * nckd) * T * T
 
 
-FUNCTIONS = {"ce": ce, "kl": kl, "reverse_kl": reverse_kl, "js": js, "mse_logits": mse_logits,
+FUNCTIONS = {"ce": ce, "mse": mse, "l1": l1, "kl": kl, "reverse_kl": reverse_kl, "js": js, "mse_logits": mse_logits,
              "l1_logits": l1_logits, "cakld": cakld, "taid": taid, "dist": dist, "dkd": dkd}
 
 
@@ -228,15 +236,19 @@ def sparse_kl(s: torch.Tensor, target, c) -> torch.Tensor:
 class Objective:
     """The weighted sum of the configured logit terms (and feature terms, when a
     FeatureDistiller is attached). Returns (total, parts) with one part per term.
-    task: the run's compress.tasks.Task (None: classification); it computes the terms
-    against the labels. The teacher terms work over dim 1 whatever follows it, so on
+    task: the run's compress.tasks.Task, which computes the terms against the labels (None:
+    the plain functions here: class-id labels). The teacher terms work over dim 1 whatever follows it, so on
     [B, C, H, W] outputs they are per-pixel (a mean over batch and pixels)."""
 
     def __init__(self, terms: list, features=None, task=None):
-        from compress.tasks import get_task
-        self.terms, self.features, self.task = terms, features, get_task(task)
+        self.terms, self.features, self.task = terms, features, task
         self.states = [dict() for _ in terms]
         self.needs_teacher = any(t.kind in NEEDS_TEACHER for t in terms)
+
+    def _supervised(self, term, s, y, state):
+        if self.task is None:
+            return FUNCTIONS[term.kind](s, None, y, term, state)
+        return self.task.supervised(term, s, y)
 
     def __call__(self, s, t, y, progress: float):
         parts = {}
@@ -246,9 +258,9 @@ class Objective:
             if t is not None and not isinstance(t, torch.Tensor):  # a cached sparse target
                 if term.kind not in ("ce", "kl"):
                     raise ValueError(f"loss term {term.kind} needs full teacher logits")
-                value = self.task.supervised(term, s, y) if term.kind == "ce" else sparse_kl(s, t, term)
+                value = self._supervised(term, s, y, state) if term.kind == "ce" else sparse_kl(s, t, term)
             elif term.kind in SUPERVISED:
-                value = self.task.supervised(term, s, y)
+                value = self._supervised(term, s, y, state)
             else:
                 value = FUNCTIONS[term.kind](s, t, y, term, state)
             name = term.kind if term.kind not in parts else f"{term.kind}{len(parts)}"
