@@ -14,6 +14,8 @@ def stratified_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """
     n = min(n, len(labels))
     g = torch.Generator().manual_seed(seed)
+    if labels.dim() != 1 or labels.is_floating_point():  # masks, regression targets: no classes to stratify
+        return torch.randperm(len(labels), generator=g)[:n]
     classes, counts = labels.unique(return_counts=True)
     quota = (counts.float() / counts.sum() * n).floor().long()
     # hand out the remainder to the largest classes so the total is exactly n

@@ -59,15 +59,21 @@ def notify(callbacks: list, hook: str, state: LoopState) -> None:
 
 
 class History:
-    """One row per epoch: the mean of the loss and of each term, train accuracy, seconds."""
+    """One row per epoch: the mean of the loss and of each term, the task's training metric
+    (train_accuracy for classification; compress/tasks.py), seconds."""
 
-    def __init__(self):
+    def __init__(self, task=None):
+        from compress.tasks import get_task
         self.rows: list[dict] = []
+        self.task = get_task(task)
 
     def on_epoch_start(self, state: LoopState) -> None:
         self.sums: dict[str, float] = {"loss": 0.0}
         self.n = self.correct = self.seen = 0
         self.t0 = time.time()
+
+    def train_value(self) -> float:
+        return self.task.train_value(self.correct, self.seen)
 
     def on_step_end(self, state: LoopState) -> None:
         r = state.result
@@ -75,41 +81,43 @@ class History:
         self.sums["loss"] += float(r.loss)
         for k, v in r.parts.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
-        self.correct += int((r.out.argmax(1) == r.y).sum())
-        self.seen += len(r.y)
+        num, den = self.task.train_stat(r.out, r.y)
+        self.correct += num
+        self.seen += den
 
     def means(self) -> dict[str, float]:
         return {k: v / max(1, self.n) for k, v in self.sums.items()}
 
     def on_epoch_end(self, state: LoopState) -> None:
         state.row = {"epoch": state.epoch + 1, "steps": self.n, **self.means(),
-                     "train_accuracy": self.correct / max(1, self.seen), "seconds": time.time() - self.t0}
+                     self.task.train_key: self.train_value(), "seconds": time.time() - self.t0}
         self.rows.append(state.row)
 
 
 class Evaluate:
-    """Adds `val_accuracy` to each epoch's row (`score` puts the model in eval mode)."""
+    """Adds `key` (val_<the task's primary metric>) to each epoch's row (`score` puts the
+    model in eval mode)."""
 
-    def __init__(self, score: Callable[[nn.Module], float]):
-        self.score = score
+    def __init__(self, score: Callable[[nn.Module], float], key: str = "val_accuracy"):
+        self.score, self.key = score, key
 
     def on_epoch_end(self, state: LoopState) -> None:
-        state.row["val_accuracy"] = self.score(state.model)
+        state.row[self.key] = self.score(state.model)
 
 
 class EpochLog:
     """One line per epoch (CI logs get these and no progress bar)."""
 
-    def __init__(self, desc: str, history: History, log: Callable[[str], None]):
-        self.desc, self.history, self.log = desc, history, log
+    def __init__(self, desc: str, history: History, log: Callable[[str], None], val_key: str = "val_accuracy"):
+        self.desc, self.history, self.log, self.val_key = desc, history, log, val_key
 
     def on_epoch_end(self, state: LoopState) -> None:
-        row = state.row
+        row, task = state.row, self.history.task
         terms = ", ".join(f"{k} {v:.4f}" for k, v in self.history.means().items() if k != "loss")
         # rich redirects stdout while the bar is live, so plain logging stays readable
         self.log(f"  {self.desc} epoch {row['epoch']}: loss {row['loss']:.4f} ({terms}) "
-                 f"train acc {row['train_accuracy']:.4f}"
-                 + (f" val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else "")
+                 f"{task.train_label} {row[task.train_key]:.4f}"
+                 + (f" {task.val_label} {row[self.val_key]:.4f}" if self.val_key in row else "")
                  + f" [{row['seconds']:.0f}s]")
 
 
@@ -132,7 +140,7 @@ class ProgressBar:
     def on_step_end(self, state: LoopState) -> None:
         h = self.history
         self.bar.update(self.task, advance=1, info=f"epoch {state.epoch + 1}/{state.n_epochs} loss "
-                        f"{h.sums['loss'] / h.n:.4f} acc {h.correct / h.seen:.4f}")
+                        f"{h.sums['loss'] / h.n:.4f} {h.task.train_label.removeprefix('train ')} {h.train_value():.4f}")
 
     def on_train_end(self, state: LoopState) -> None:
         if self.bar is not None:

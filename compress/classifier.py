@@ -3,13 +3,16 @@
 The classifier is what timm's ``get_classifier()`` returns where a model has it; otherwise
 the last Linear / 1x1 Conv whose output *is* the model's output (the same values, through
 flatten, dropout in eval mode, identities and reshapes), found with forward hooks on a
-seeded random batch.
+seeded random batch. The same finds a regression head (a Linear with K outputs) and a
+segmentation head (the final 1x1 conv, [B, C, H, W]); a segmentation head whose logits are
+upsampled to the input's size after it (FCN-style) is found through the resize.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compress.hooks import OutputCapture
@@ -53,11 +56,21 @@ def _traced(model: nn.Module, input_shape) -> Optional[str]:
     if not isinstance(out, torch.Tensor):
         return None
     flat = out.reshape(-1)
+    order = [(n, y.value if hasattr(y, "value") else y) for n, y in order]
     for name, y in reversed(order):
-        y = y.value if hasattr(y, "value") else y
         if isinstance(y, torch.Tensor) and y.numel() == flat.numel() and torch.equal(y.reshape(-1), flat):
             return name
-    return None
+    return next((name for name, y in reversed(order) if _resized_to(y, out)), None)
+
+
+def _resized_to(y, out: torch.Tensor) -> bool:
+    """y [B, C, h, w] is `out` [B, C, H, W] up to a nearest or bilinear resize (FCN heads)."""
+    if not (isinstance(y, torch.Tensor) and y.dim() == 4 and out.dim() == 4 and y.shape[:2] == out.shape[:2]):
+        return False
+    size = tuple(out.shape[2:])
+    resized = [F.interpolate(y, size=size, mode="nearest")]
+    resized += [F.interpolate(y, size=size, mode="bilinear", align_corners=a) for a in (False, True)]
+    return any(torch.allclose(r, out, rtol=1e-4, atol=1e-5) for r in resized)
 
 
 def first_conv(model: nn.Module) -> Optional[tuple[str, nn.Conv2d]]:

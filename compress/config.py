@@ -32,6 +32,7 @@ from compress import stages as stage_table
 from compress.distill.objectives import NEEDS_TEACHER
 from compress.errors import UserError
 from compress.models import check_model_spec
+from compress.tasks import TaskConfig
 from compress.train import TrainConfig
 from targets import base as backends
 
@@ -218,6 +219,18 @@ class ParityConfig(Strict):
         "relative error ||runtime - torch|| / ||torch|| above which a layer is named as diverging"))
     diagnose_batch: int = Field(32, ge=1, description=(
         "inputs compared layer by layer when a deployment fails parity (0 work when it passes)"))
+    tolerance: Optional[float] = Field(None, gt=0)
+    """regression: an example agrees with torch when each output is within tolerance x the std of that output's
+    labels (default 0.05). Defaults per task: segmentation max_acc_drop 0.01 (mIoU; agreement per pixel);
+    regression max_acc_drop 0.05 (relative RMSE increase), tolerance 0.05"""
+
+    @model_serializer(mode="wrap")
+    def _no_unset_tolerance(self, handler):
+        # left out of the dump while unset: run configs are hashed, and a new key must not change them
+        out = handler(self)
+        if isinstance(out, dict) and out.get("tolerance") is None:
+            out.pop("tolerance", None)
+        return out
 
 
 class TargetConfig(Strict):
@@ -284,9 +297,18 @@ class OutputConfig(Strict):
     dir: str = Field("runs", description="runs land in <dir>/<name>/")
 
 
+def _task_name(v):
+    return {"kind": v} if isinstance(v, str) else v
+
+
 class RunConfig(Strict):
     name: str = Field(description="run name: the folder under output.dir")
     seed: int = Field(0, description="seed for init, shuffling, augmentation and sampling")
+    task: Annotated[TaskConfig, BeforeValidator(_task_name)] = Field(default_factory=TaskConfig)
+    """classification | regression | segmentation, or {kind, ignore_index}: decides the supervised loss, the teacher
+    terms that apply, metrics, agreement on runtimes and the parity defaults (compress/tasks.py)"""
+    metric: Optional[str] = Field(None)
+    """'pkg.module:fn' scored beside the task's metrics: fn(outputs, labels) (numpy) -> float or {name: float}"""
     device: str = Field("auto", description="training device: auto | cpu | cuda")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: Annotated[list[TeacherConfig], BeforeValidator(lambda v: v if isinstance(v, list) else [v])] = Field(
@@ -312,6 +334,31 @@ class RunConfig(Strict):
     @property
     def teachers(self) -> list[TeacherConfig]:
         return self.teacher
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v):
+        if v is not None and (":" not in v or not all(v.split(":", 1))):
+            raise ValueError(f"{v!r}: expected 'pkg.module:fn'")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _no_default_task(self, handler):
+        # classification and no user metric are left out of the dump: it is hashed for the report
+        out = handler(self)
+        if isinstance(out, dict):
+            if out.get("task") == TaskConfig().model_dump():
+                out.pop("task")
+            if out.get("metric") is None:
+                out.pop("metric", None)
+        return out
+
+    @model_validator(mode="after")
+    def _task_rules(self):
+        """Per-task defaults (loss, parity), and every loss term checked against the task."""
+        from compress.tasks import apply_task
+        apply_task(self)
+        return self
 
     @model_validator(mode="after")
     def _teachers_given(self):

@@ -16,6 +16,7 @@ from compress.evaluate import compare, logits_of, preprocess
 from compress.export import EXPORT_FORMAT, export_model
 from compress.parity import diverging_layers
 from compress.plan import DeploymentPlan, Parity, StageArtifact, TargetSpec, quant_activations, sparse_layers
+from compress.tasks import get_task
 from compress.train import predict
 from targets import base
 from targets.profile import profile
@@ -43,6 +44,10 @@ def export_stage(plan: DeploymentPlan, stage: StageArtifact) -> dict:
     manifest = export_model(stage.model, stage.dir, plan.data.dataset, plan.opset, backends, stage.name,
                             sparse_layers=sparse_layers(stage.structure),
                             activations=quant_activations(stage.structure))
+    task = get_task(plan.task)
+    if task.name != "classification":  # the output is not class logits: say what it is
+        manifest["task"] = task.name
+        manifest["output"].update(task.manifest_output(plan.data.dataset))
     manifest["source_hash"] = stage.export_hash
     write_json(mpath, manifest)
     plan.log(f"[{stage.name}] exported {', '.join(manifest['files'].values())} ({time.time() - t0:.1f}s)")
@@ -59,17 +64,9 @@ def artifact_size(path: Path) -> int:
     return size
 
 
-def parity_failures(row: dict, torch_accuracy: float, parity: Parity) -> list[str]:
-    out = []
-    if row["agreement"] < parity.min_agreement:
-        out.append(f"top-1 agreement with torch {row['agreement']:.4f} < min_agreement {parity.min_agreement}")
-    drop = torch_accuracy - row["accuracy"]
-    if drop > parity.max_acc_drop:
-        out.append(f"accuracy {row['accuracy']:.4f} is {drop:.4f} below torch's {torch_accuracy:.4f} "
-                   f"(max_acc_drop {parity.max_acc_drop})")
-    if parity.max_abs_diff is not None and row["max_abs_diff"] > parity.max_abs_diff:
-        out.append(f"max |delta logit| {row['max_abs_diff']:.3g} > max_abs_diff {parity.max_abs_diff}")
-    return out
+def parity_failures(row: dict, torch_accuracy: float, parity: Parity, task=None) -> list[str]:
+    """torch_accuracy: torch's value of the task's primary metric (classification: accuracy)."""
+    return get_task(task).parity_failures(row, torch_accuracy, parity)
 
 
 def diagnose(plan: DeploymentPlan, model, onnx_path: Path, artifact: Path, spec: TargetSpec,
@@ -117,9 +114,10 @@ def skipped(target, why: str, onnx_path: Path, cfg: base.CompileOptions, x: np.n
     return f"{why}; {more}" if more else why
 
 
-def measure(plan: DeploymentPlan, runner, x: np.ndarray, labels: np.ndarray, ref: np.ndarray) -> dict:
+def measure(plan: DeploymentPlan, runner, x: np.ndarray, labels: np.ndarray, ref: np.ndarray,
+            parity: Parity = None) -> dict:
     p = plan.profile
-    out = compare(logits_of(runner, x, plan.data.batch_size), labels, ref)
+    out = compare(logits_of(runner, x, plan.data.batch_size), labels, ref, plan.task, parity)
     out.update(profile(runner, x[:64], warmup=p.warmup, runs=p.runs, throughput_batch=p.throughput_batch,
                        throughput_runs=p.throughput_runs, max_warmup=p.max_warmup,
                        settle_tolerance=p.settle_tolerance))
@@ -132,11 +130,10 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
                x: np.ndarray, labels: np.ndarray, ref: np.ndarray, model=None) -> dict:
     """model: the torch model the artifact was exported from; given, a parity failure is
     explained layer by layer (`diverging_layers` in the row)."""
-    target = base.get(spec.backend)
+    target, task = base.get(spec.backend), get_task(plan.task)
     row = {"stage": stage, "backend": spec.backend, "precision": manifest["precision"], "status": "ok",
-           "reason": None, "executed_precision": None, "accuracy": None, "agreement": None,
-           "max_abs_diff": None, "latency_ms": None, "throughput": None, "size_bytes": None,
-           "artifact": None}
+           "reason": None, "executed_precision": None, **dict.fromkeys(task.metric_keys + task.diff_keys),
+           "latency_ms": None, "throughput": None, "size_bytes": None, "artifact": None}
     cfg = base.CompileOptions(threads=spec.threads, device=spec.device, precision=manifest["precision"],
                               work_dir=sdir, options=spec.options, sparse_weights=bool(manifest.get("sparsity")))
     onnx_path = sdir / manifest["files"]["onnx"]
@@ -147,11 +144,11 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
         name = manifest["files"].get(target.artifact)
         path = sdir / name if name else target.prepare(onnx_path, sdir)
         row["artifact"], row["size_bytes"] = str(path.relative_to(plan.run.run_dir)), artifact_size(path)
-        row.update(measure(plan, target.compile(path, cfg), x, labels, ref))
+        row.update(measure(plan, target.compile(path, cfg), x, labels, ref, spec.parity))
     except Exception as e:  # a backend failure is a result to report, not a crash of the run
         plan.log(traceback.format_exc())
         return {**row, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
-    failures = parity_failures(row, float((ref.argmax(1) == labels).mean()), spec.parity)
+    failures = parity_failures(row, task.score(ref, labels), spec.parity, task)
     if failures:
         row.update(status="failed", reason="parity: " + "; ".join(failures))
         if model is not None:
@@ -160,6 +157,14 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
         return row
     bad = int8_failure(row, manifest)
     return {**row, "status": "failed", "reason": bad} if bad else row
+
+
+def short(row: dict, task) -> str:
+    """The row's metrics for the log line (classification: acc)."""
+    task = get_task(task)
+    if task.name == "classification":
+        return f"acc {row['accuracy']:.4f}"
+    return " ".join(f"{k} {row[k]:.4f}" for k in task.metric_keys)
 
 
 def deploy_stage(plan: DeploymentPlan, stage: StageArtifact) -> list[dict]:
@@ -173,7 +178,7 @@ def deploy_stage(plan: DeploymentPlan, stage: StageArtifact) -> list[dict]:
     for spec in plan.targets:
         row = deploy_one(plan, stage.name, stage.dir, manifest, spec, x, labels, ref, model=stage.model)
         msg = row["reason"] if row["status"] != "ok" else (
-            f"acc {row['accuracy']:.4f} agree {row['agreement']:.4f} "
+            f"{short(row, plan.task)} agree {row['agreement']:.4f} "
             f"p50 {row['latency_ms']['p50']:.3f} ms, {row['executed_precision']['summary']}")
         plan.log(f"[{stage.name} @ {spec.backend}] {row['status']}: {msg}")
         rows.append(row)

@@ -1,4 +1,5 @@
-"""Task metrics for any callable on preprocessed float batches (torch or a backend)."""
+"""Task metrics for any callable on preprocessed float batches (torch or a backend); what
+they are per task is compress/tasks.py's."""
 from __future__ import annotations
 
 from typing import Callable
@@ -20,9 +21,8 @@ def logits_of(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int
                            for i in range(0, len(x), batch)])
 
 
-def compare(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict:
-    """Accuracy on the labels, top-1 agreement and max |delta logit| against a reference."""
-    pred = logits.argmax(1)
-    return {"accuracy": float((pred == labels).mean()),
-            "agreement": float((pred == reference.argmax(1)).mean()),
-            "max_abs_diff": float(np.abs(logits - reference).max())}
+def compare(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray, task=None, parity=None) -> dict:
+    """The task's metrics on the labels and its agreement with a reference (classification:
+    accuracy, top-1 agreement, max |delta logit|). parity: the gate's settings (tolerance)."""
+    from compress.tasks import get_task
+    return get_task(task).compare(logits, labels, reference, parity)

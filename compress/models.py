@@ -83,6 +83,7 @@ def resnet_tiny_teacher(num_classes: int = 10, in_channels: int = 1) -> nn.Modul
 
 
 from compress.nets.mobilenet import mobilenet_small, mobilenet_tiny  # noqa: E402
+from compress.nets.tasks import regressor_small, regressor_tiny, segnet_small, segnet_tiny  # noqa: E402
 from compress.nets.vit import vit_small, vit_tiny  # noqa: E402
 from compress.nets.vit_torch import vit_torch_tiny  # noqa: E402
 
@@ -97,6 +98,11 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "vit_small": vit_small,
     "vit_tiny": vit_tiny,
     "vit_torch_tiny": vit_torch_tiny,
+    # task: segmentation ([B, C, H, W]) and regression ([B, K]); compress/tasks.py
+    "segnet_tiny": segnet_tiny,
+    "segnet_small": segnet_small,
+    "regressor_tiny": regressor_tiny,
+    "regressor_small": regressor_small,
 }
 
 

@@ -29,7 +29,9 @@ from compress.measure import LatencyService, model_stats
 from compress.models import build
 from compress.stage import RunContext, StageResult
 from compress.structure import Structure, StructureError, rebuild
-from compress.train import TrainEnv, accuracy, fit, predict
+from compress.tasks import TABLE as TASK_TABLE
+from compress.tasks import from_config
+from compress.train import TrainEnv, fit, predict
 
 __all__ = ["Pipeline", "RunContext", "StageResult", "load_data", "rebuild", "model_stats"]
 
@@ -49,6 +51,7 @@ def load_data(cfg: RunConfig) -> Dataset:
         data.train = data.train.subset(stratified_indices(data.train.labels, d.limit_train, cfg.seed))
     if d.limit_test:
         data.test = data.test.subset(stratified_indices(data.test.labels, d.limit_test, cfg.seed))
+    TASK_TABLE[cfg.task.kind](cfg.task).check_labels(data, f"data.dataset={d.dataset}")
     return data
 
 
@@ -109,19 +112,22 @@ class Pipeline:
         self.cfg, self.log = cfg, log
         self.run_dir = Path(cfg.output.dir) / cfg.name
         self.device = pick_device(cfg.device)
+        self.task = from_config(cfg)
 
     def _save(self, sdir: Path, name: str, res: StageResult, h: str, t0: float, ctx: RunContext, scfg) -> dict:
         save_weights(res.model, sdir / "model.safetensors", {"stage": name, "config_hash": h})
         res.structure.write(sdir / "structure.json")
         logits = predict(res.model, ctx.data.test, ctx.data, self.cfg.data.eval_batch_size)
         seconds = time.time() - t0
-        metrics = {"name": name, "config_hash": h, "accuracy": accuracy(logits, ctx.data.test.labels),
+        scores = ctx.task.metrics(logits, ctx.data.test.labels)
+        metrics = {"name": name, "config_hash": h, **scores,
                    **ctx.model_stats(res.model, res.float_model or res.model, ctx.data.input_shape),
                    "size_bytes": (sdir / "model.safetensors").stat().st_size,
                    "seconds": round(seconds, 2), "history": res.history, **res.metrics,
                    "config": scfg.model_dump(mode="json")}
         write_json(sdir / "metrics.json", metrics)  # written last: marks the stage complete
-        self.log(f"[{name}] torch accuracy {metrics['accuracy']:.4f}, params {metrics['params']:,}, "
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        self.log(f"[{name}] torch {shown}, params {metrics['params']:,}, "
                  f"MACs {metrics['macs']:,} ({seconds:.0f}s)")
         return metrics
 
@@ -129,8 +135,10 @@ class Pipeline:
         name = "teacher" if i == 0 else f"teacher-{i + 1}"
         sdir = self.run_dir / ("00-teacher" if i == 0 else f"00-teacher-{i + 1}")
         source = file_digest(self.cfg.resolve_path(tc.checkpoint)) if tc.checkpoint else None
+        # the task only where it is not classification: finished classification runs stay finished
+        task = [self.cfg.task.model_dump()] if self.cfg.task.kind != "classification" else []
         h = config_hash(tc.model_dump(exclude={"weight"}), self.cfg.data.identity(),
-                        self.cfg.data.batch_size, self.cfg.seed + i, source)
+                        self.cfg.data.batch_size, self.cfg.seed + i, source, *task)
         done = load_done(sdir, h, name, self.log)
         if done:
             return done[0], done[2], h, name, sdir, done[1]
@@ -145,7 +153,7 @@ class Pipeline:
         else:
             self.log(f"[{name}] training {tc.model} for {tc.train.epochs} epochs")
             env = TrainEnv(ctx.batch_size, desc=name, seed=self.cfg.seed + i, device=self.device, log=self.log,
-                           eval_split=ctx.data.test)
+                           eval_split=ctx.data.test, task=ctx.task)
             history = fit(model, ctx.data, tc.train, env)
         res = StageResult(model.cpu().eval(), structure, history, extra)
         return res.model, self._save(sdir, name, res, h, t0, ctx, tc), h, name, sdir, structure
@@ -158,7 +166,7 @@ class Pipeline:
         return RunContext(data=data, calib=calibration_split(data.train, cfg.data.calib_samples, cfg.seed),
                           teacher=None, device=self.device, run_dir=self.run_dir, log=self.log,
                           seed=cfg.seed, batch_size=cfg.data.batch_size, structure=base,
-                          latency=LatencyService(data.input_shape), model_stats=model_stats)
+                          latency=LatencyService(data.input_shape), model_stats=model_stats, task=self.task)
 
     def _teachers(self, ctx: RunContext, rows: list, models: dict) -> list[nn.Module]:
         members, hashes = [], []
@@ -254,5 +262,5 @@ class Pipeline:
         from compress.deploy import deploy_all
         from compress.plan import deployment_plan
         from compress.report import write_report
-        plan = deployment_plan(self.cfg, rows, models, ctx.data, self.run_dir, self.log)
-        return write_report(plan.run, rows, deploy_all(plan), self.log)
+        plan = deployment_plan(self.cfg, rows, models, ctx.data, self.run_dir, self.log, ctx.task)
+        return write_report(plan.run, rows, deploy_all(plan), self.log, ctx.task)

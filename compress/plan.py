@@ -37,6 +37,7 @@ class Parity:
     max_abs_diff: Optional[float] = None
     layer_tolerance: float = 0.02
     diagnose_batch: int = 32
+    tolerance: Optional[float] = None  # regression agreement (compress/tasks.py)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class DeploymentPlan:
     profile: Profile = field(default_factory=Profile)
     opset: int = 17
     log: Callable[[str], None] = print
+    task: Any = None  # compress.tasks.Task: metrics, agreement, the gate; None: classification
 
 
 def target_spec(entry) -> TargetSpec:
@@ -104,7 +106,7 @@ def target_spec(entry) -> TargetSpec:
 
 
 def deployment_plan(cfg: "RunConfig", rows: list[dict], models: dict, data: "Dataset",
-                    run_dir: Path, log: Callable[[str], None] = print) -> DeploymentPlan:
+                    run_dir: Path, log: Callable[[str], None] = print, task=None) -> DeploymentPlan:
     """rows: the stage rows (metrics, each with its chained config_hash); models: stage name
     -> (model, stage dir, structure), in run order."""
     from compress.config import config_hash
@@ -122,4 +124,4 @@ def deployment_plan(cfg: "RunConfig", rows: list[dict], models: dict, data: "Dat
     return DeploymentPlan(
         run=RunIdentity(cfg.name, Path(run_dir), config_hash(cfg), cfg.seed), stages=stages,
         targets=[target_spec(t) for t in cfg.targets], data=EvalData(data, cfg.data.eval_batch_size),
-        profile=Profile(**cfg.profile.model_dump()), opset=cfg.export.opset, log=log)
+        profile=Profile(**cfg.profile.model_dump()), opset=cfg.export.opset, log=log, task=task)

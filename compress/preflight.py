@@ -90,8 +90,12 @@ def check_plan(cfg: "RunConfig") -> list[str]:
     return errors
 
 
-def _dry_forward(b: Built, x: torch.Tensor, num_classes: int) -> Optional[str]:
-    """None, or the one line saying why this model cannot take the data's batches."""
+def _dry_forward(b: Built, x: torch.Tensor, data, task=None) -> Optional[str]:
+    """None, or the one line saying why this model cannot take the data's batches (its output
+    shape is the task's: [B, C], [B, K] or [B, C, H, W])."""
+    from compress.tasks import get_task
+    task = get_task(task)
+    want = task.output_shape(BATCH, data)
     where = f"{b.role}.model={b.spec}"
     try:
         with torch.no_grad():
@@ -105,14 +109,15 @@ def _dry_forward(b: Built, x: torch.Tensor, num_classes: int) -> Optional[str]:
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         return f"{where}: a batch of shape {tuple(x.shape)} fails in forward ({type(e).__name__}: {msg})"
     if not isinstance(out, torch.Tensor):
-        return f"{where}: returns {type(out).__name__}, expected a logits tensor of shape {(BATCH, num_classes)}"
-    if tuple(out.shape) != (BATCH, num_classes):
-        return (f"{where}: logits of shape {tuple(out.shape)} for a batch of {BATCH}, expected "
-                f"{(BATCH, num_classes)} (the data has {num_classes} classes)")
+        return f"{where}: returns {type(out).__name__}, expected a logits tensor of shape {want}"
+    if tuple(out.shape) != want:
+        what = "logits" if task.name == "classification" else f"{task.name} outputs"
+        return (f"{where}: {what} of shape {tuple(out.shape)} for a batch of {BATCH}, expected "
+                f"{want} {task.output_text(data)}")
     return None
 
 
-def build_all(cfg: "RunConfig", data, errors: list[str]) -> list[Built]:
+def build_all(cfg: "RunConfig", data, errors: list[str], task=None) -> list[Built]:
     """Teachers then student: built, checkpoint loaded, one batch through each."""
     from compress.checkpoint import read_state_dict
     from compress.models import build
@@ -136,7 +141,7 @@ def build_all(cfg: "RunConfig", data, errors: list[str]) -> list[Built]:
             errors.append(str(e) if isinstance(e, UserError) else
                           f"{role}.model={c.model}: cannot build it ({type(e).__name__}: {e})")
             continue
-        line = _dry_forward(b, x, data.num_classes)
+        line = _dry_forward(b, x, data, task)
         b.ok = line is None
         if line:
             errors.append(line)
@@ -176,12 +181,13 @@ def context(cfg: "RunConfig", data) -> "RunContext":
     from compress.measure import LatencyService, model_stats
     from compress.stage import RunContext
     from compress.structure import Structure
+    from compress.tasks import from_config
     structure = Structure(model=cfg.student.model, num_classes=data.num_classes,
                           in_channels=data.input_shape[0], input_shape=list(data.input_shape))
     return RunContext(data=data, calib=None, teacher=None, device=torch.device("cpu"),
                       run_dir=Path(cfg.output.dir) / cfg.name, log=lambda s: None, seed=cfg.seed,
                       batch_size=cfg.data.batch_size, structure=structure,
-                      latency=LatencyService(data.input_shape), model_stats=model_stats)
+                      latency=LatencyService(data.input_shape), model_stats=model_stats, task=from_config(cfg))
 
 
 def preflight(cfg: "RunConfig", data=None, ctx: Optional["RunContext"] = None,
@@ -193,7 +199,14 @@ def preflight(cfg: "RunConfig", data=None, ctx: Optional["RunContext"] = None,
     data = data if data is not None else (ctx.data if ctx is not None else data_info(cfg))
     ctx = ctx if ctx is not None else context(cfg, data)
     errors = check_plan(cfg)
-    built = build_all(cfg, data, errors)
+    from compress.tasks import get_task
+    task = get_task(ctx.task)
+    if task.name != "classification" and hasattr(data, "train"):  # a loaded Dataset: its labels
+        try:
+            task.check_labels(data, f"data.dataset={cfg.data.dataset}")
+        except UserError as e:
+            errors.append(str(e))
+    built = build_all(cfg, data, errors, task)
     student, teacher = built[-1], built[0]
     if student.ok:
         for i, scfg in enumerate(cfg.stages):
@@ -208,6 +221,7 @@ def preflight(cfg: "RunConfig", data=None, ctx: Optional["RunContext"] = None,
     seconds = time.perf_counter() - t0
     if log:
         log(f"preflight: {', '.join(f'{b.role} {b.spec}' for b in built)}: a batch of "
-            f"{(BATCH, *data.input_shape)} -> logits {(BATCH, data.num_classes)}; "
+            f"{(BATCH, *data.input_shape)} -> {'logits' if task.name == 'classification' else 'outputs'} "
+            f"{task.output_shape(BATCH, data)}; "
             f"names and feature pairs checked ({seconds:.2f}s)")
     return seconds

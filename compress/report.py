@@ -10,6 +10,7 @@ from typing import Callable
 from compress.checkpoint import atomic_write, write_json
 from compress.export import versions
 from compress.plan import RunIdentity
+from compress.tasks import HEADERS, get_task
 
 
 def cpu_name() -> str:
@@ -106,12 +107,26 @@ def sensitivity_markdown(stage: dict) -> list[str]:
     return out
 
 
+DIFF_FORMAT = {"max_abs_diff": ".2e", "mean_abs_diff": ".2e"}  # every other metric column: .4f
+CLASSIFICATION_COLUMNS = {"stages": ["accuracy"], "deployments": ["accuracy", "agreement", "max_abs_diff"]}
+
+
+def _cells(row: dict, keys: list[str]) -> str:
+    return " | ".join(_fmt(row.get(k), DIFF_FORMAT.get(k, ".4f")) for k in keys)
+
+
+def _heads(keys: list[str]) -> str:
+    return " | ".join(HEADERS.get(k, k) for k in keys)
+
+
 def to_markdown(report: dict) -> str:
+    cols = report.get("columns") or CLASSIFICATION_COLUMNS  # reports from before tasks: classification
+    scols, dcols = cols["stages"], cols["deployments"]
     lines = [f"# {report['name']}", "", f"created {report['created']} · config {report['config_hash']}",
-             "", "## Stages (torch)", "", "| stage | accuracy | params | MACs | weights (bytes) | seconds |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "", "## Stages (torch)", "", f"| stage | {_heads(scols)} | params | MACs | weights (bytes) | seconds |",
+             "|---|" + "---:|" * (len(scols) + 4)]
     for s in report["stages"]:
-        lines.append(f"| {s['name']} | {s['accuracy']:.4f} | {s['params']:,} | {s['macs']:,} | "
+        lines.append(f"| {s['name']} | {_cells(s, scols)} | {s['params']:,} | {s['macs']:,} | "
                      f"{s['size_bytes']:,} | {s['seconds']:.0f} |")
     for s in report["stages"]:
         if s.get("layer_sqnr_db"):
@@ -121,30 +136,30 @@ def to_markdown(report: dict) -> str:
     for s in report["stages"]:
         lines += sensitivity_markdown(s)
     lines += ["", "## Deployments (measured on the runtime)", "",
-              "| stage | backend | precision | status | accuracy | agreement | max abs diff | p50 ms (b1) | p99 ms "
+              f"| stage | backend | precision | status | {_heads(dcols)} | p50 ms (b1) | p99 ms "
               "| mean ± 95% CI ms | items/s | peak RSS MB | size (bytes) | executed |",
-              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "|---|---|---|---|" + "---:|" * (len(dcols) + 6) + "---|"]
     for d in report["deployments"]:
         lat, thr = d.get("latency_ms") or {}, d.get("throughput") or {}
         executed = (d.get("executed_precision") or {}).get("summary") or d.get("reason") or ""
         lines.append(
             f"| {d['stage']} | {d['backend']} | {d['precision']} | {d['status']} | "
-            f"{_fmt(d['accuracy'], '.4f')} | {_fmt(d['agreement'], '.4f')} | "
-            f"{_fmt(d['max_abs_diff'], '.2e')} | {_fmt(lat.get('p50'), '.3f')} | "
+            f"{_cells(d, dcols)} | {_fmt(lat.get('p50'), '.3f')} | "
             f"{_fmt(lat.get('p99'), '.3f')} | {_mean_ci(lat)} | {_fmt(thr.get('items_per_s'), ',.0f')} | "
             f"{_fmt((d.get('system') or {}).get('peak_rss_mb'), '.0f')} | "
             f"{_fmt(d['size_bytes'], ',')} | {executed} |")
     lines += diverging_markdown(report["deployments"])
     compared = [d for d in report["deployments"] if d.get("vs_teacher")]
     if compared:
+        primary = scols[0]
         lines += ["", "## Compared with the teacher on the same backend", "",
-                  "| stage | backend | smaller (file) | faster (p50 b1) | throughput | accuracy Δ |",
+                  f"| stage | backend | smaller (file) | faster (p50 b1) | throughput | {_heads([primary])} Δ |",
                   "|---|---|---:|---:|---:|---:|"]
         for d in compared:
             v = d["vs_teacher"]
             lines.append(f"| {d['stage']} | {d['backend']} | {v['size_ratio']:.1f}× | "
                          f"{v['latency_speedup']:.1f}× | {v['throughput_ratio']:.1f}× | "
-                         f"{v['accuracy_delta']:+.4f} |")
+                         f"{v[f'{primary}_delta']:+.4f} |")
     env = report["environment"]
     threads = sorted({str(d["latency_ms"].get("threads")) for d in report["deployments"] if d.get("latency_ms")})
     lines += ["", f"threads: {', '.join(threads)} · "
@@ -153,7 +168,7 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def add_teacher_ratios(deployments: list[dict]) -> None:
+def add_teacher_ratios(deployments: list[dict], task=None) -> None:
     """Each deployment compared with the teacher's on the same backend (same run, same
     machine, so the ratios are what the numbers are good for on a noisy machine)."""
     teacher = {d["backend"]: d for d in deployments if d["stage"] == "teacher" and d["status"] == "ok"}
@@ -165,14 +180,17 @@ def add_teacher_ratios(deployments: list[dict]) -> None:
             "size_ratio": t["size_bytes"] / d["size_bytes"],
             "latency_speedup": t["latency_ms"]["p50"] / d["latency_ms"]["p50"],
             "throughput_ratio": d["throughput"]["items_per_s"] / t["throughput"]["items_per_s"],
-            "accuracy_delta": d["accuracy"] - t["accuracy"],
         }
+        primary = get_task(task).primary
+        d["vs_teacher"][f"{primary}_delta"] = d[primary] - t[primary]
 
 
 def write_report(run: RunIdentity, rows: list[dict], deployments: list[dict],
-                 log: Callable[[str], None] = print) -> dict:
-    """rows: the stage rows (metrics.json of each stage); deployments: deploy's rows."""
-    add_teacher_ratios(deployments)
+                 log: Callable[[str], None] = print, task=None) -> dict:
+    """rows: the stage rows (metrics.json of each stage); deployments: deploy's rows; task: the
+    run's compress.tasks.Task (its metrics are the tables' columns; None: classification)."""
+    task = get_task(task)
+    add_teacher_ratios(deployments, task)
     report = {
         "name": run.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -182,6 +200,8 @@ def write_report(run: RunIdentity, rows: list[dict], deployments: list[dict],
                     **{k: v for k, v in r.items() if k not in STAGE_KEYS and k not in PRIVATE_KEYS}}
                    for r in rows],
         "deployments": deployments,
+        "task": task.name,
+        "columns": task.columns(),
     }
     write_json(run.run_dir / "report.json", report)
     md = to_markdown(report)

@@ -57,6 +57,8 @@ class RunContext:
     eval_each_epoch: bool = True
     teacher_key: str = "teacher"  # identity hash of the teacher(s): keys the output cache
     data_key: str = "data"
+    task: Any = None
+    """compress.tasks.Task: supervised loss, metrics (None: classification)"""
 
     def calib_batches(self, n: int):
         """(model input, labels) of the first n batches of the calibration subset, in a fixed
@@ -72,7 +74,7 @@ class RunContext:
         from compress.train import TrainEnv
         sparse = self.structure.sparsity
         env = dict(desc=desc, teacher=self.teacher, teacher_key=self.teacher_key, cache_dir=self.run_dir / "cache",
-                   data_key=self.data_key, seed=self.seed, device=self.device, log=self.log,
+                   data_key=self.data_key, seed=self.seed, device=self.device, log=self.log, task=self.task,
                    eval_split=self.data.test if self.eval_each_epoch else None,
                    # 2:4 layers keep their zeros through every later stage's training
                    callbacks=[MaskKeeper(list(sparse))] if sparse else [])

@@ -30,6 +30,7 @@ from compress.distill.objectives import CE, NEEDS_TEACHER, LogitTerm, Objective
 from compress.distill.teacher import TeacherSource, feature_distiller, teacher_source
 from compress.errors import UserError
 from compress.loader import SamplerFactory, SeededPermutation, eval_loader, train_loader
+from compress.tasks import Task, get_task
 
 
 class TrainConfig(BaseModel):
@@ -43,7 +44,8 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up before the cosine decay")
     loss: list[LogitTerm] = Field(default_factory=lambda: [CE()])
-    """logit terms, each {kind, weight, ...}: ce, kl, reverse_kl, js, mse_logits, cakld, taid, dist, dkd"""
+    """logit terms, each {kind, weight, ...}: ce, mse, l1 (labels); kl, reverse_kl, js, mse_logits, l1_logits, cakld,
+    taid, dist, dkd (teacher); which apply depends on the task (compress/tasks.py)"""
     features: list[FeatureTerm] = Field(default_factory=list)
     """feature terms {student, teacher, kind: hint|attention|normalized, weight} by module name"""
     cache: Literal["none", "full", "topk", "sampled"] = "none"
@@ -128,6 +130,8 @@ class TrainEnv:
     sampler: SamplerFactory = SeededPermutation
     """(number of training examples, the seeded generator) -> the Sampler of an epoch's order;
     torch's DistributedSampler fits here (its set_epoch is called at each epoch)"""
+    task: Optional[Task] = None
+    """the run's task (compress/tasks.py): supervised loss and metrics; None: classification"""
     callbacks: list = field(default_factory=list)
     """the run's callbacks (e.g. compress.prune.sparse.MaskKeeper): after the history row is
     made, before the progress bar, evaluation and log line"""
@@ -208,17 +212,18 @@ def run_loop(state: LoopState, loader: Iterable, step: Callable[..., StepResult]
 
 
 def _reporting(data: Dataset, env: TrainEnv, history: History) -> list:
-    """Progress bar, per-epoch evaluation, the epoch log line: after the run's callbacks, so
-    they report the model as those left it (2:4 masks applied)."""
+    """Progress bar, per-epoch evaluation (the task's primary metric), the epoch log line:
+    after the run's callbacks, so they report the model as those left it (2:4 masks applied)."""
     out: list = [ProgressBar(env.desc, history)]
+    task, key = history.task, f"val_{history.task.primary}"
     if env.eval_split is not None:
         split = env.eval_split
-        out.append(Evaluate(lambda m: accuracy(predict(m, split, data, device=env.device), split.labels)))
-    return out + [EpochLog(env.desc, history, env.log)]
+        out.append(Evaluate(lambda m: task.score(predict(m, split, data, device=env.device), split.labels), key))
+    return out + [EpochLog(env.desc, history, env.log, key)]
 
 
 def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, env: TrainEnv) -> list[dict]:
-    """Train `model` in place; returns one row per epoch (each loss term, train/val accuracy)."""
+    """Train `model` in place; returns one row per epoch (each loss term, the task's train/val metric)."""
     if cfg.needs_teacher and env.teacher is None:
         raise UserError(f"{env.desc}: the loss uses a teacher ({[t.kind for t in cfg.loss]}, "
                         f"{len(cfg.features)} feature terms) but none is available")
@@ -235,10 +240,11 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, env: TrainEnv) -> lis
     params = [p for p in model.parameters() if p.requires_grad]
     if features is not None:  # adapters train with the student, and are dropped after
         params += list(features.adapters.parameters())
-    step = TrainStep(model, Objective(cfg.loss, features), make_optimizer(params, cfg), teacher, data.normalize,
-                     env.device, fmt, autocast_dtype(cfg, env.device),
+    objective = Objective(cfg.loss, features, env.task)
+    step = TrainStep(model, objective, make_optimizer(params, cfg), teacher, data.normalize, env.device, fmt,
+                     autocast_dtype(cfg, env.device),
                      partial(lr_at, total=total, warmup=round(cfg.warmup_epochs * len(loader)), peak=cfg.lr), total)
-    history = History()
+    history = History(get_task(env.task))
     # history first: it records each step as computed, and starts the epoch's row
     callbacks = [history, *env.callbacks, teacher, *([SamplerEpoch(sampler)] if hasattr(sampler, "set_epoch") else []),
                  *_reporting(data, env, history)]

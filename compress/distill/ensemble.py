@@ -16,9 +16,9 @@ class Ensemble(nn.Module):
         self.register_buffer("weights", w / w.sum(), persistent=False)
 
     def forward(self, x: torch.Tensor, mode: str = "probs", temperature: float = 1.0) -> torch.Tensor:
-        outs = torch.stack([m(x).float() for m in self.members])  # (M, N, C)
-        w = self.weights.view(-1, 1, 1)
+        outs = torch.stack([m(x).float() for m in self.members])  # (M, N, C) or per pixel (M, N, C, H, W)
+        w = self.weights.view(-1, *[1] * (outs.dim() - 1))
         if mode == "logits":
             return (w * outs).sum(0)
         t = temperature
-        return t * torch.logsumexp(torch.log_softmax(outs / t, -1) + w.log(), 0)
+        return t * torch.logsumexp(torch.log_softmax(outs / t, 2) + w.log(), 0)

@@ -25,6 +25,16 @@ class CE(_Term):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the targets")
 
 
+class MSE(_Term):
+    """Mean squared error with the labels (regression)."""
+    kind: Literal["mse"] = "mse"
+
+
+class L1(_Term):
+    """Mean absolute error with the labels (regression; less pulled by outliers than mse)."""
+    kind: Literal["l1"] = "l1"
+
+
 class KL(_Term):
     """Hinton KD: KL(teacher_T || student_T) * T^2 (Hinton et al. 2015, arXiv:1503.02531)."""
     kind: Literal["kl"] = "kl"
@@ -46,6 +56,11 @@ class JS(_Term):
 class MSELogits(_Term):
     """Mean squared error between raw logits (Ba & Caruana 2014, "Do deep nets need to be deep?")."""
     kind: Literal["mse_logits"] = "mse_logits"
+
+
+class L1Logits(_Term):
+    """Mean absolute error between raw outputs (regression outputs, or logits)."""
+    kind: Literal["l1_logits"] = "l1_logits"
 
 
 class CAKLD(_Term):
@@ -87,14 +102,19 @@ class DKD(_Term):
     beta: float = Field(8.0, ge=0, description="weight of non-target-class KD")
 
 
-LogitTerm = Annotated[Union[CE, KL, ReverseKL, JS, MSELogits, CAKLD, TAID, DIST, DKD],
+LogitTerm = Annotated[Union[CE, MSE, L1, KL, ReverseKL, JS, MSELogits, L1Logits, CAKLD, TAID, DIST, DKD],
                       Field(discriminator="kind")]
+
+
 def kd_default() -> list:
     """Hinton KD at T=4 with a little label CE: the classic recipe (Hinton et al. 2015)."""
     return [KL(weight=0.9, temperature=4.0), CE(weight=0.1)]
 
 
-NEEDS_TEACHER = {"kl", "reverse_kl", "js", "mse_logits", "cakld", "taid", "dist", "dkd"}
+NEEDS_TEACHER = {"kl", "reverse_kl", "js", "mse_logits", "l1_logits", "cakld", "taid", "dist", "dkd"}
+# terms against the labels: computed by the run's task (compress/tasks.py), which knows the
+# labels' form (class ids, per-pixel class ids with an ignore index, float targets)
+SUPERVISED = {"ce", "mse", "l1"}
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -125,6 +145,18 @@ def js(s, t, y, c: JS, state) -> torch.Tensor:
 
 def mse_logits(s, t, y, c: MSELogits, state) -> torch.Tensor:
     return F.mse_loss(s, t)
+
+
+def l1_logits(s, t, y, c: L1Logits, state) -> torch.Tensor:
+    return F.l1_loss(s, t)
+
+
+def mse(s, t, y, c: MSE, state) -> torch.Tensor:
+    return F.mse_loss(s, y.to(s.dtype))
+
+
+def l1(s, t, y, c: L1, state) -> torch.Tensor:
+    return F.l1_loss(s, y.to(s.dtype))
 
 
 def cakld(s, t, y, c: CAKLD, state) -> torch.Tensor:
@@ -188,8 +220,8 @@ def dkd(s, t, y, c: DKD, state) -> torch.Tensor:
     return (c.alpha * tckd + c.beta * nckd) * T * T
 
 
-FUNCTIONS = {"ce": ce, "kl": kl, "reverse_kl": reverse_kl, "js": js, "mse_logits": mse_logits,
-             "cakld": cakld, "taid": taid, "dist": dist, "dkd": dkd}
+FUNCTIONS = {"ce": ce, "mse": mse, "l1": l1, "kl": kl, "reverse_kl": reverse_kl, "js": js, "mse_logits": mse_logits,
+             "l1_logits": l1_logits, "cakld": cakld, "taid": taid, "dist": dist, "dkd": dkd}
 
 
 def sparse_kl(s: torch.Tensor, target, c) -> torch.Tensor:
@@ -203,12 +235,20 @@ def sparse_kl(s: torch.Tensor, target, c) -> torch.Tensor:
 
 class Objective:
     """The weighted sum of the configured logit terms (and feature terms, when a
-    FeatureDistiller is attached). Returns (total, parts) with one part per term."""
+    FeatureDistiller is attached). Returns (total, parts) with one part per term.
+    task: the run's compress.tasks.Task, which computes the terms against the labels (None:
+    the plain functions here: class-id labels). The teacher terms work over dim 1 whatever follows it, so on
+    [B, C, H, W] outputs they are per-pixel (a mean over batch and pixels)."""
 
-    def __init__(self, terms: list, features=None):
-        self.terms, self.features = terms, features
+    def __init__(self, terms: list, features=None, task=None):
+        self.terms, self.features, self.task = terms, features, task
         self.states = [dict() for _ in terms]
         self.needs_teacher = any(t.kind in NEEDS_TEACHER for t in terms)
+
+    def _supervised(self, term, s, y, state):
+        if self.task is None:
+            return FUNCTIONS[term.kind](s, None, y, term, state)
+        return self.task.supervised(term, s, y)
 
     def __call__(self, s, t, y, progress: float):
         parts = {}
@@ -218,7 +258,9 @@ class Objective:
             if t is not None and not isinstance(t, torch.Tensor):  # a cached sparse target
                 if term.kind not in ("ce", "kl"):
                     raise ValueError(f"loss term {term.kind} needs full teacher logits")
-                value = ce(s, None, y, term, state) if term.kind == "ce" else sparse_kl(s, t, term)
+                value = self._supervised(term, s, y, state) if term.kind == "ce" else sparse_kl(s, t, term)
+            elif term.kind in SUPERVISED:
+                value = self._supervised(term, s, y, state)
             else:
                 value = FUNCTIONS[term.kind](s, t, y, term, state)
             name = term.kind if term.kind not in parts else f"{term.kind}{len(parts)}"

@@ -16,7 +16,8 @@ class DistillConfig(TrainConfig):
     model_config = ConfigDict(use_attribute_docstrings=True)
     kind: Literal["distill"] = "distill"
     loss: list[LogitTerm] = Field(default_factory=kd_default)
-    """logit terms, each {kind, weight, ...}: ce, kl, reverse_kl, js, mse_logits, cakld, taid, dist, dkd"""
+    """logit terms, each {kind, weight, ...}: ce, mse, l1 (labels); kl, reverse_kl, js, mse_logits, l1_logits, cakld,
+    taid, dist, dkd (teacher); which apply depends on the task (compress/tasks.py)"""
 
 
 class DistillStage:

@@ -70,7 +70,7 @@ def importance(name: str):
 
 def score_gradients(model: nn.Module, imp, ctx, cfg: PruneConfig, teacher) -> None:
     """Gradients of the stage's objective on calibration data, for taylor / hessian."""
-    objective = Objective(cfg.loss)
+    objective = Objective(cfg.loss, task=ctx.task)
     model.eval()  # keep BatchNorm statistics fixed while scoring
     model.zero_grad()
     if cfg.importance == "hessian":

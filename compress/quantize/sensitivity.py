@@ -18,7 +18,7 @@ from compress.quantize.graph import quantize_graph
 def objective_on_calib(qmodel: nn.Module, ctx, terms, n_batches: int, teacher_out: list) -> float:
     """Mean of the configured objective (teacher terms against the teacher's logits, ce against
     labels) over the first n calibration batches."""
-    objective = Objective(terms)
+    objective = Objective(terms, task=ctx.task)
     qmodel.eval()
     total, seen = 0.0, 0
     for i, (x, y) in enumerate(ctx.calib_batches(n_batches)):

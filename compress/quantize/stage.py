@@ -24,7 +24,8 @@ from compress.quantize.graph import (
 )
 from compress.stage import RunContext, StageResult
 from compress.structure import QuantSettings
-from compress.train import accuracy, fit, predict
+from compress.tasks import get_task
+from compress.train import fit, predict
 
 
 def check(model: nn.Module, cfg: QuantizeConfig, where: str) -> None:
@@ -57,7 +58,7 @@ def _calibrate(graph: nn.Module, qs: dict, ctx: RunContext, cfg: QuantizeConfig,
     pass_calibration_data(qmodel, ctx, cfg.calib_batches, "calibrate")
     if cfg.bias_correction:
         pass_calibration_data(qmodel, ctx, cfg.calib_batches, "bias_correction")
-    ptq_acc = accuracy(predict(qmodel, ctx.data.test, ctx.data), ctx.data.test.labels)
+    ptq_acc = get_task(ctx.task).score(predict(qmodel, ctx.data.test, ctx.data), ctx.data.test.labels)
     synthetic = getattr(ctx.calib, "synthetic", False)
     metrics.update(ptq_accuracy=ptq_acc, calibration="synthetic" if synthetic else "real")
     ctx.log(f"  {metrics['format']}: calibrated on {min(len(ctx.calib), cfg.calib_batches * ctx.batch_size)} "
