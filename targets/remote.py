@@ -102,16 +102,19 @@ class Ssh:
         return res
 
     def put(self, files: dict[str, Path], remote_dir: str) -> None:
-        if not files:
-            return
-        with tempfile.TemporaryDirectory() as tmp:  # scp names the copies after the sources
-            for name, src in files.items():
-                (Path(tmp) / name).symlink_to(Path(src).resolve())
-            res = subprocess.run(["scp", "-q", *self.opts, "-P", str(self.url.port),
-                                  *[str(Path(tmp) / n) for n in files], f"{self.url.dest}:{remote_dir}/"],
-                                 capture_output=True, text=True, timeout=600)
-        if res.returncode != 0:
-            raise RemoteError(classify(self.url, res.stderr))
+        """Each file streamed through the connection into a temp name, then renamed: needs only
+        sh on the device (scp needs an sftp-server or the legacy protocol, which boards lack),
+        and an interrupted copy never leaves a file whose digest name lies."""
+        for name, src in files.items():
+            dest = shlex.quote(f"{remote_dir}/{name}")
+            with open(src, "rb") as f:
+                res = subprocess.run(["ssh", *self.opts, "-p", str(self.url.port), self.url.dest,
+                                      f"cat > {dest}.part && mv {dest}.part {dest}"],
+                                     stdin=f, capture_output=True, timeout=600)
+            if res.returncode != 0:
+                err = res.stderr.decode(errors="replace")
+                raise RemoteError(classify(self.url, err) if res.returncode == 255 else
+                                  f"{self.url}: copying {name} to {remote_dir} failed: {err.strip()[-300:]}")
 
     def close(self) -> None:
         subprocess.run(["ssh", *self.opts, "-O", "exit", "-p", str(self.url.port), self.url.dest],
@@ -180,7 +183,7 @@ class RemoteDevice:
             for job in jobs:
                 name = f"model-{digest(job['artifact'])}.onnx"
                 files[name] = job["artifact"]
-                remote_jobs.append({**job, "artifact": f"{CACHE}/{name}"})
+                remote_jobs.append({**{k: v for k, v in job.items() if k != "parity"}, "artifact": f"{CACHE}/{name}"})
             names = list(files)
             spec = {"inputs": f"{CACHE}/{names[0]}", "refs": f"{CACHE}/{names[1]}", "jobs": remote_jobs,
                     "profile": profile, "rounds": rounds, "batch_size": batch_size}

@@ -1,0 +1,219 @@
+"""`compress bench`: every exported artifact of a run measured on every configured target
+with the harness `compress run` uses (compress.deploy.deploy_one: accuracy on the runtime,
+agreement, parity, executed precision, profile), then k interleaved latency rounds for the
+regression gate (compress/bench_gate.py); results keyed by device (compress/fingerprint.py).
+
+A run directory is benchmarked from the config it was made with (`config.json` beside its
+report; a config file works too): the pipeline's resume finds every stage finished and
+rebuilds the models from their safetensors, so nothing trains."""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from compress import fingerprint
+from compress.errors import UserError
+
+CONFIG_FILE = "config.json"  # the resolved config, beside report.json in a run directory
+
+
+def load_source(source: Path, overrides: list[str]):
+    """RUN_DIR or CONFIG -> RunConfig."""
+    from compress.config import RunConfig, load_config
+    if source.is_dir():
+        path = source / CONFIG_FILE
+        if not path.is_file():
+            raise UserError(f"{path}: not found: a run directory made before `compress bench` existed "
+                            f"has no copy of its config; pass the config file instead")
+        raw = json.loads(path.read_text())
+        cfg = RunConfig.model_validate(raw)
+        if overrides:
+            raise UserError("--set: only with a CONFIG, not a RUN_DIR (its config is the run's)")
+        return cfg
+    return load_config(source, overrides)
+
+
+def save_config(cfg, run_dir: Path) -> None:
+    from compress.checkpoint import write_json
+    write_json(run_dir / CONFIG_FILE, {**cfg.model_dump(mode="json"), "config_dir": cfg.config_dir})
+
+
+def _metrics(row: dict, rounds: list[dict]) -> dict:
+    """A measured row as the gate reads it: {metric: {value, rounds?}}."""
+    out = {"accuracy": {"value": row["accuracy"]}, "agreement": {"value": row["agreement"]},
+           "size_bytes": {"value": row.get("size_bytes")}}
+    for name, key in (("latency_p50_ms", "p50"), ("latency_p90_ms", "p90"), ("throughput", "items_per_s")):
+        vals = [r[key] for r in rounds]
+        if vals:
+            out[name] = {"value": float(np.median(vals)), "rounds": vals}
+    return out
+
+
+def case(row: dict, rounds: list[dict], device: str) -> dict:
+    keep = ("stage", "backend", "precision", "status", "reason", "artifact")
+    out = {k: row.get(k) for k in keep}
+    out.update(device=device, executed_precision=(row.get("executed_precision") or {}).get("summary"),
+               metrics=_metrics(row, rounds) if row.get("accuracy") is not None else {})
+    return out
+
+
+class LocalRounds:
+    """Compiled runners timed round-robin: each round times every artifact once."""
+
+    def __init__(self, profile):
+        self.p, self.runners = profile, {}
+
+    def add(self, key: str, runner, x: np.ndarray) -> None:
+        self.runners[key] = (runner, x)
+
+    def run(self, k: int) -> dict[str, list[dict]]:
+        from targets.profile import latency, throughput
+        p, out = self.p, {key: [] for key in self.runners}
+        for _ in range(k):
+            for key, (runner, x) in self.runners.items():
+                lat = latency(runner, x[:1], p.warmup, p.runs, p.max_warmup, p.settle_tolerance)
+                big = np.concatenate([x[:64]] * -(-p.throughput_batch // 64))[:p.throughput_batch]
+                thr = throughput(runner, big, p.warmup, p.throughput_runs)
+                out[key].append({"p50": lat["p50"], "p90": lat["p90"], "items_per_s": thr["items_per_s"]})
+        return out
+
+
+def _remote_job(key: str, stage, manifest: dict, entry) -> dict:
+    from targets.base import FLOAT_ORT_COMPUTE, INT8_ORT_OPS
+    from targets.onnxruntime import LEVELS
+    opts = entry.options
+    return {"key": key, "artifact": stage.dir / manifest["files"]["onnx"], "manifest": {"input": manifest["input"]},
+            "threads": entry.threads, "graph_optimization": LEVELS[opts.graph_optimization],
+            "inter_op_threads": opts.inter_op_threads, "int8_ops": sorted(INT8_ORT_OPS),
+            "float_ops": sorted(FLOAT_ORT_COMPUTE), "stage": stage.name, "precision": manifest["precision"],
+            "size_bytes": (stage.dir / manifest["files"]["onnx"]).stat().st_size}
+
+
+def remote_rows(dev, jobs: list[dict], images, labels, refs: dict, plan, rounds: int) -> list[tuple]:
+    """(row, rounds, device key) per job, measured on the device; parity as deploy applies it."""
+    from dataclasses import asdict
+
+    from compress.deploy import parity_failures
+    res = dev.measure(jobs, images, labels, refs, asdict(plan.profile), rounds, plan.data.batch_size)
+    out = []
+    for job in jobs:
+        r = res["results"][job["key"]]
+        row = {"stage": job["stage"], "backend": job["backend"], "precision": job["precision"], "status": "ok",
+               "reason": None, "artifact": str(job["artifact"]), "size_bytes": job["size_bytes"], **r,
+               "host": str(dev.url)}
+        fails = parity_failures(row, float((refs[job["key"]].argmax(1) == labels).mean()), job["parity"])
+        if fails:
+            row.update(status="failed", reason="parity: " + "; ".join(fails))
+        out.append((row, r["rounds"], res["key"]))
+    return out
+
+
+def measure_run(cfg, rounds: int, device: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+    """Every artifact x target of the run, k interleaved rounds; -> the bench result."""
+    from compress.deploy import deploy_one, export_stage
+    from compress.evaluate import preprocess
+    from compress.pipeline import Pipeline
+    from compress.plan import deployment_plan
+    from compress.train import predict
+    from targets import base
+    from targets.remote import RemoteDevice
+    pipe = Pipeline(cfg, log)
+    remotes = {i: RemoteDevice(t.host, t.python, t.identity_file, t.known_hosts, f"targets.{i}")
+               for i, t in enumerate(cfg.targets) if t.host}
+    for dev in remotes.values():  # early: before any model is rebuilt or measured
+        info = dev.check()
+        log(f"remote {dev.url}: {info['fingerprint']['cpu']}, onnxruntime {info['versions']['onnxruntime']}")
+    rows, models, ctx = pipe.run_stages()
+    save_config(cfg, pipe.run_dir)
+    plan = deployment_plan(cfg, rows, models, ctx.data, pipe.run_dir, log)
+    here = device or fingerprint.key(fingerprint.describe())
+    local, cases, jobs = LocalRounds(plan.profile), [], {i: [] for i in remotes}
+    images, labels = ctx.data.test.images.numpy(), ctx.data.test.labels.numpy()
+    refs: dict = {}
+    for stage in plan.stages:
+        manifest = export_stage(plan, stage)
+        x, ref = preprocess(images, manifest), predict(stage.model, ctx.data.test, ctx.data, plan.data.batch_size)
+        for i, spec in enumerate(plan.targets):
+            key = f"{stage.name}/{spec.backend}"
+            if i in remotes:
+                refs[f"{key}#{i}"] = ref
+                jobs[i].append({**_remote_job(f"{key}#{i}", stage, manifest, cfg.targets[i]),
+                                "backend": spec.backend, "parity": spec.parity})
+                continue
+            row = deploy_one(plan, stage.name, stage.dir, manifest, spec, x, labels, ref)
+            cases.append((key, row))
+            if row["status"] == "ok":
+                target = base.get(spec.backend)
+                cfg_c = base.CompileOptions(threads=spec.threads, device=spec.device, precision=manifest["precision"],
+                                            work_dir=stage.dir, options=spec.options,
+                                            sparse_weights=bool(manifest.get("sparsity")))
+                local.add(key, target.compile(plan.run.run_dir / row["artifact"], cfg_c), x)
+    t0 = time.perf_counter()
+    timed = local.run(rounds)
+    log(f"{rounds} interleaved rounds over {len(timed)} local artifacts ({time.perf_counter() - t0:.1f}s)")
+    out = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": cfg.name,
+           "rounds": rounds, "teacher_accuracy": rows[0]["accuracy"] if rows else None, "devices": {}}
+    dev_entry = out["devices"].setdefault(here, {"fingerprint": fingerprint.describe(), "cases": {}})
+    for key, row in cases:
+        dev_entry["cases"][key] = case(row, timed.get(key, []), here)
+    for i, dev in remotes.items():
+        for row, rr, key in remote_rows(dev, jobs[i], images, labels, {j["key"]: refs[j["key"]] for j in jobs[i]},
+                                        plan, rounds):
+            entry = out["devices"].setdefault(key, {"fingerprint": dev.info["fingerprint"], "cases": {},
+                                                    "host": str(dev.url)})
+            entry["cases"][f"{row['stage']}/{row['backend']}"] = {**case(row, rr, key), "host": str(dev.url)}
+        out.setdefault("remote_overhead_s", {})[str(dev.url)] = {k: round(v, 3) for k, v in dev.overhead.items()}
+        dev.close()
+    return out
+
+
+def gate(result: dict, baseline: Optional[Path], history: Optional[Path], window: int, floor: float,
+         tolerances: Optional[dict] = None):
+    """-> (findings, where the comparison came from)."""
+    from compress.bench_baseline import judge, read_baseline, read_history
+    base = read_baseline(baseline)
+    hist = {dev: read_history(history, dev, window) for dev in result["devices"]}
+    source = (f"history {history} (last {window} per device)" if any(hist.values()) else
+              f"baseline {baseline}" if baseline and any(d in base["devices"] for d in result["devices"]) else
+              "no baseline for this device (accuracy floor only)")
+    return judge(result, base, hist, floor, tolerances), source
+
+
+def bench(source: Path, *, device: Optional[str] = None, baseline: Optional[Path] = None,
+          history: Optional[Path] = None, window: int = 5, rounds: int = 5, update_baseline: bool = False,
+          floor: float = 0.99, tolerances: Optional[dict] = None, json_out: Optional[Path] = None,
+          junit: Optional[Path] = None, summary: Optional[Path] = None, overrides: Optional[list[str]] = None,
+          log: Callable[[str], None] = print) -> int:
+    """The `compress bench` command -> its exit code (compress.bench_baseline: OK, REGRESSION, UNMEASURED)."""
+    from compress import bench_output as out
+    from compress.bench_baseline import OK, UNMEASURED, append_history, exit_code
+    from compress.bench_baseline import update_baseline as write_base
+    from compress.checkpoint import write_json
+    if rounds < 4:  # Moses' 95% interval needs k >= 4 (bench_gate): fewer could never flag anything
+        raise UserError(f"--rounds {rounds}: at least 4 rounds are needed for a 95% interval")
+    cfg = load_source(Path(source), overrides or [])
+    result = measure_run(cfg, rounds, device, log)
+    findings, where = gate(result, baseline, history, window, floor, tolerances)
+    write_json(Path(cfg.output.dir) / cfg.name / "bench.json", result)
+    for line in out.console(findings, where):
+        log(line)
+    if json_out:
+        log(f"github-action-benchmark JSON: {', '.join(map(str, out.write_github(json_out, result)))}")
+    if junit:
+        out.write_junit(junit, findings)
+    if summary:
+        summary.write_text(out.summary_markdown(result, findings, where))
+    code = exit_code(findings)
+    if history:
+        append_history(history, result)
+    if update_baseline:
+        if not baseline:
+            raise UserError("--update-baseline: needs --baseline FILE")
+        log(f"baseline {baseline}: rewrote {', '.join(write_base(baseline, result))}")
+        return UNMEASURED if code == UNMEASURED else OK
+    return code

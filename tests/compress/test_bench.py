@@ -1,0 +1,196 @@
+"""compress bench: the gate on fabricated results (slower fails naming device, artifact and
+metric; equal and noisy pass; accuracy under the floor fails with no baseline), the exact
+Mann-Whitney distribution it rests on, the CI outputs, baseline/history files, and the whole
+command on a short real run (an FP32 model posing as the int8 one is flagged)."""
+import json
+import shutil
+from xml.etree import ElementTree as ET
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from compress import bench_output
+from compress.bench_baseline import (
+    OK,
+    REGRESSION,
+    UNMEASURED,
+    append_history,
+    exit_code,
+    judge,
+    read_baseline,
+    read_history,
+    update_baseline,
+)
+from compress.bench_gate import _u_cdf, ratio_interval
+from tests.conftest import ROOT
+
+BASE = [1.00, 1.02, 0.99, 1.01, 1.00]
+
+
+def result(rounds=BASE, accuracy=0.95, device="dev-a", teacher=0.96, status="ok", size=1000):
+    metrics = {"latency_p50_ms": {"value": sorted(rounds)[len(rounds) // 2], "rounds": list(rounds)},
+               "throughput": {"value": 1000 / rounds[0], "rounds": [1000 / r for r in rounds]},
+               "accuracy": {"value": accuracy}, "agreement": {"value": 1.0}, "size_bytes": {"value": size}}
+    case = {"stage": "quantize", "backend": "onnxruntime", "precision": "int8", "status": status, "reason": None,
+            "artifact": "02-quantize/model.onnx", "device": device, "executed_precision": "int8 7/7",
+            "metrics": metrics}
+    return {"created": "2026-01-01T00:00:00+00:00", "run": "tiny", "rounds": len(rounds), "teacher_accuracy": teacher,
+            "devices": {device: {"fingerprint": {"cpu": "test"}, "cases": {"quantize/onnxruntime": case}}}}
+
+
+def as_baseline(res):
+    return {"format": 1, "devices": res["devices"]}
+
+
+def test_mann_whitney_distribution_matches_the_table():
+    # n = m = 5: partitions of u into at most 5 parts of at most 5 -> 1, 1, 2, 3, 5 of C(10, 5) = 252
+    cdf = _u_cdf(5, 5)
+    assert [round(p * 252) for p in cdf[:5]] == [1, 2, 4, 7, 12]
+    assert cdf[-1] == pytest.approx(1.0)
+    # the two-sided 5% critical value of U for 5 vs 5 is 2 (standard tables): the interval is
+    # the 3rd smallest to the 3rd largest of the 25 pairwise log-ratios
+    est, lo, hi = ratio_interval([2.0] * 5, [1.0] * 5)
+    assert (est, lo, hi) == pytest.approx((2.0, 2.0, 2.0))
+    assert ratio_interval([1, 2, 3], [1, 2, 3])[1:] == (0.0, float("inf"))  # 3 vs 3 cannot reach 95%
+
+
+def test_a_slower_result_fails_naming_device_artifact_and_metric():
+    slow = result([r * 1.3 for r in BASE])
+    findings = judge(slow, as_baseline(result()), {}, floor=0.9)
+    assert exit_code(findings) == REGRESSION
+    msgs = findings[0].messages()
+    lat = [m for m in msgs if "latency_p50_ms" in m]
+    assert lat and lat[0].startswith("dev-a: quantize on onnxruntime: latency_p50_ms regressed: baseline 1 -> 1.3 ms")
+    assert "ratio 1.300, 95% CI [1.2" in lat[0] and "tolerance 10%" in lat[0]
+    assert any("throughput" in m for m in msgs)  # bigger is better: fewer items/s regress too
+
+
+def test_equal_passes_and_a_faster_result_passes():
+    assert exit_code(judge(result(), as_baseline(result()), {}, floor=0.9)) == OK
+    assert exit_code(judge(result([r * 0.7 for r in BASE]), as_baseline(result()), {}, floor=0.9)) == OK
+
+
+def test_beyond_the_tolerance_but_within_the_measured_noise_passes():
+    noisy_base = [1.0, 0.7, 1.4, 0.8, 1.25]
+    noisy_now = [1.15, 0.8, 1.6, 0.95, 1.4]  # 12-15% slower per round, but the rounds overlap
+    est, lo, hi = ratio_interval(noisy_now, noisy_base)
+    assert est > 1.10 and lo < 1  # beyond the 10% tolerance, interval includes "no change"
+    findings = judge(result(noisy_now), as_baseline(result(noisy_base)), {}, floor=0.9)
+    assert exit_code(findings) == OK
+    v = [v for v in findings[0].verdicts if v.metric == "latency_p50_ms"][0]
+    assert not v.regressed and v.reason == "beyond the tolerance but within the noise"
+
+
+def test_accuracy_under_the_floor_fails_without_a_baseline():
+    findings = judge(result(accuracy=0.90, teacher=0.96), as_baseline({"devices": {}}), {}, floor=0.99)
+    assert exit_code(findings) == REGRESSION
+    assert "accuracy regressed: baseline — -> 0.9 fraction (floor 0.9504 = 0.99 x teacher 0.9600)" \
+        in findings[0].messages()[0]
+    assert exit_code(judge(result(accuracy=0.955, teacher=0.96), as_baseline({"devices": {}}), {}, 0.99)) == OK
+
+
+def test_accuracy_drop_size_growth_and_unmeasured_cases():
+    base = as_baseline(result())
+    assert exit_code(judge(result(accuracy=0.94), base, {}, 0.9)) == REGRESSION  # 0.01 > 0.005 drop
+    assert exit_code(judge(result(accuracy=0.947), base, {}, 0.9)) == OK
+    assert exit_code(judge(result(size=1020), base, {}, 0.9)) == REGRESSION  # +2% > 1%
+    gone = result(status="skipped")
+    gone["devices"]["dev-a"]["cases"]["quantize/onnxruntime"].update(reason="onnxruntime not importable", metrics={})
+    assert exit_code(judge(gone, base, {}, 0.9)) == UNMEASURED  # measured before, not now
+    assert exit_code(judge(gone, as_baseline({"devices": {}}), {}, 0.9)) == UNMEASURED  # nothing measured at all
+
+
+def test_github_action_benchmark_json_format(tmp_path):
+    paths = bench_output.write_github(tmp_path / "bench.json", result())
+    smaller, bigger = (json.loads(p.read_text()) for p in paths)
+    assert paths[1].name == "bench.bigger.json"
+    # BenchmarkResult of github-action-benchmark (src/extract.ts): name, value, unit required;
+    # range and extra optional strings; one direction per file (tool: customSmallerIsBetter / ...)
+    for entries in (smaller, bigger):
+        assert isinstance(entries, list) and entries
+        for e in entries:
+            assert set(e) == {"name", "unit", "value", "range", "extra"}
+            assert isinstance(e["name"], str) and isinstance(e["unit"], str)
+            assert isinstance(e["value"], (int, float)) and not isinstance(e["value"], bool)
+            assert isinstance(e["range"], str) and isinstance(e["extra"], str)
+    names = [e["name"] for e in smaller]
+    assert "quantize @ onnxruntime [dev-a] latency_p50_ms" in names and any("size_bytes" in n for n in names)
+    assert {e["name"].rsplit(" ", 1)[1] for e in bigger} == {"throughput", "accuracy", "agreement"}
+    assert len({e["name"] for e in smaller + bigger}) == len(smaller + bigger)  # names are the series keys
+
+
+def test_junit_has_a_case_per_metric_and_a_failure_for_the_regression(tmp_path):
+    findings = judge(result([r * 1.3 for r in BASE]), as_baseline(result()), {}, 0.9)
+    bench_output.write_junit(tmp_path / "j.xml", findings)
+    suite = ET.parse(tmp_path / "j.xml").getroot()
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert {"latency_p50_ms", "throughput", "accuracy", "agreement", "size_bytes"} <= set(cases)
+    assert cases["latency_p50_ms"].find("failure") is not None and cases["accuracy"].find("failure") is None
+    assert suite.get("failures") == "2" and all(c.get("classname") == "dev-a.quantize.onnxruntime"
+                                                for c in cases.values())
+    md = bench_output.summary_markdown(result([r * 1.3 for r in BASE]), findings, "baseline b.json")
+    assert "❌ regression" in md and "| `dev-a` | quantize | onnxruntime | regressed |" in md
+
+
+def test_update_baseline_rewrites_only_its_device(tmp_path):
+    path = tmp_path / "baseline.json"
+    update_baseline(path, result(device="dev-b"))
+    update_baseline(path, result(device="dev-a"))
+    before_b = json.dumps(read_baseline(path)["devices"]["dev-b"], sort_keys=True)
+    update_baseline(path, result([r * 2 for r in BASE], device="dev-a"))
+    after = read_baseline(path)["devices"]
+    assert json.dumps(after["dev-b"], sort_keys=True) == before_b
+    assert after["dev-a"]["cases"]["quantize/onnxruntime"]["metrics"]["latency_p50_ms"]["value"] == 2.0
+    assert not list(tmp_path.glob(".baseline.json.*"))  # no temp file left behind
+
+
+def test_history_window_is_per_device_and_pooled(tmp_path):
+    path = tmp_path / "h.jsonl"
+    for i in range(4):
+        append_history(path, result([r * (1 + i) for r in BASE]))
+        append_history(path, result(device="dev-b"))
+    window = read_history(path, "dev-a", 2)
+    assert [w["cases"]["quantize/onnxruntime"]["metrics"]["latency_p50_ms"]["value"] for w in window] == [3.0, 4.0]
+    # pooled over the window (3x and 4x), a 3.5x result is no regression; 5x is
+    assert exit_code(judge(result([r * 3.5 for r in BASE]), as_baseline({"devices": {}}), {"dev-a": window}, 0.9)) == OK
+    assert exit_code(judge(result([r * 5 for r in BASE]), as_baseline({"devices": {}}), {"dev-a": window}, 0.9)) \
+        == REGRESSION
+
+
+def _short_run(tmp_path):
+    return ["--set", f"output.dir={tmp_path}", "--set", "teacher.train.epochs=2",
+            "--set", "stages=[{kind: distill, epochs: 2, lr: 0.01, augment: false}, "
+                     "{kind: quantize, calib_batches: 2, epochs: 1, lr: 0.0005, augment: false}]",
+            "--set", "targets=[{backend: onnxruntime, threads: 1}]",
+            "--set", "profile={warmup: 5, max_warmup: 40, runs: 100, throughput_batch: 16, throughput_runs: 5}"]
+
+
+@pytest.mark.slow
+def test_bench_a_run_twice_then_an_fp32_model_posing_as_int8_is_flagged(tmp_path):
+    cli = CliRunner()
+    base, out = tmp_path / "baseline.json", tmp_path / "gh.json"
+    first = cli.invoke(app, ["bench", str(ROOT / "examples" / "tiny.yaml"), *_short_run(tmp_path), "--device", "ci",
+                             "--baseline", str(base), "--update-baseline"])
+    assert first.exit_code == OK, first.output
+    run_dir = tmp_path / "tiny"
+    assert set(read_baseline(base)["devices"]) == {"ci"} and (run_dir / "config.json").is_file()
+    again = cli.invoke(app, ["bench", str(run_dir), "--device", "ci", "--baseline", str(base), "--floor", "0",
+                             "--json", str(out)])
+    assert again.exit_code == OK, again.output
+    assert "up to date, skipped" in again.output and "running" not in again.output  # nothing retrained
+    assert json.loads(out.read_text())[0]["name"].endswith("latency_p50_ms")
+    shutil.copy(run_dir / "01-distill" / "model.onnx", run_dir / "02-quantize" / "model.onnx")
+    fake = cli.invoke(app, ["bench", str(run_dir), "--device", "ci", "--baseline", str(base), "--floor", "0"])
+    assert fake.exit_code == REGRESSION, fake.output
+    assert "ci: quantize on onnxruntime: size_bytes regressed" in fake.output
+    assert "int8 artifact but only 0 of" in fake.output
+
+
+def test_bench_arguments_are_checked(tmp_path):
+    res = CliRunner().invoke(app, ["bench", str(tmp_path), "--rounds", "5"])
+    assert res.exit_code == 2 and "config.json: not found" in res.output
+    res = CliRunner().invoke(app, ["bench", str(tmp_path), "--rounds", "3"])
+    assert res.exit_code == 2 and "--rounds 3: at least 4" in res.output
+    res = CliRunner().invoke(app, ["bench", str(tmp_path), "--tolerance", "latency=0.2"])
+    assert res.exit_code == 2 and "unknown metric 'latency'" in res.output
