@@ -158,7 +158,8 @@ def bench_cmd(source: Path = typer.Argument(..., help="a finished run directory 
               window: int = typer.Option(5, min=1, help="history entries per device in the rolling baseline"),
               rounds: int = typer.Option(5, help="interleaved latency rounds (>= 4)"),
               update_baseline: bool = typer.Option(
-                  False, "--update-baseline", help="rewrite this device's entry of --baseline (others kept)"),
+                  False, "--update-baseline", help=(
+                      "rewrite this device's entry of --baseline (others kept); reports the gate, exits 0 or 2")),
               floor: float = typer.Option(
                   0.99, help="least accuracy as a fraction of the teacher's (MLPerf: 0.99)"),
               tolerance: Optional[List[str]] = typer.Option(

@@ -113,63 +113,92 @@ def remote_rows(dev, jobs: list[dict], images, labels, refs: dict, plan, rounds:
     return out
 
 
-def measure_run(cfg, rounds: int, device: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
-    """Every artifact x target of the run, k interleaved rounds; -> the bench result."""
-    from compress.deploy import deploy_one, export_stage
-    from compress.evaluate import preprocess
-    from compress.pipeline import Pipeline
-    from compress.plan import deployment_plan
-    from compress.train import predict
-    from targets import base
+def _remotes(cfg, log) -> dict:
+    """targets[] index -> RemoteDevice, each checked (reachable, key, runtime) before any work."""
     from targets.remote import RemoteDevice
-    pipe = Pipeline(cfg, log)
-    remotes = {i: RemoteDevice(t.host, t.python, t.identity_file, t.known_hosts, f"targets.{i}")
-               for i, t in enumerate(cfg.targets) if t.host}
-    for dev in remotes.values():  # early: before any model is rebuilt or measured
-        info = dev.check()
-        log(f"remote {dev.url}: {info['fingerprint']['cpu']}, onnxruntime {info['versions']['onnxruntime']}")
-    rows, models, ctx = pipe.run_stages()
-    save_config(cfg, pipe.run_dir)
-    plan = deployment_plan(cfg, rows, models, ctx.data, pipe.run_dir, log)
-    here = device or fingerprint.key(fingerprint.describe())
-    local, cases, jobs = LocalRounds(plan.profile), [], {i: [] for i in remotes}
-    images, labels = ctx.data.test.images.numpy(), ctx.data.test.labels.numpy()
-    refs: dict = {}
+    remotes = {}
+    try:
+        for i, t in enumerate(cfg.targets):
+            if t.host:
+                dev = remotes[i] = RemoteDevice(t.host, t.python, t.identity_file, t.known_hosts, f"targets.{i}")
+                info = dev.check()
+                log(f"remote {dev.url}: {info['fingerprint']['cpu']}, onnxruntime {info['versions']['onnxruntime']}")
+    except Exception:
+        for dev in remotes.values():
+            dev.close()
+        raise
+    return remotes
+
+
+def _deploy_local(plan, stage, manifest, spec, x, labels, ref, local: LocalRounds) -> tuple[str, dict]:
+    """deploy_one (the run's harness) and, when it measured, the runner for the rounds."""
+    from compress.deploy import deploy_one
+    from targets import base
+    key = f"{stage.name}/{spec.backend}"
+    row = deploy_one(plan, stage.name, stage.dir, manifest, spec, x, labels, ref)
+    if row["status"] == "ok":
+        opts = base.CompileOptions(threads=spec.threads, device=spec.device, precision=manifest["precision"],
+                                   work_dir=stage.dir, options=spec.options,
+                                   sparse_weights=bool(manifest.get("sparsity")))
+        local.add(key, base.get(spec.backend).compile(plan.run.run_dir / row["artifact"], opts), x)
+    return key, row
+
+
+def _collect(cfg, plan, data, remotes: dict, local: LocalRounds):
+    """Local rows measured now; remote jobs (with their torch reference logits) gathered."""
+    from compress.deploy import export_stage
+    from compress.evaluate import preprocess
+    from compress.train import predict
+    images, labels = data.test.images.numpy(), data.test.labels.numpy()
+    cases, jobs, refs = [], {i: [] for i in remotes}, {}
     for stage in plan.stages:
         manifest = export_stage(plan, stage)
-        x, ref = preprocess(images, manifest), predict(stage.model, ctx.data.test, ctx.data, plan.data.batch_size)
+        x, ref = preprocess(images, manifest), predict(stage.model, data.test, data, plan.data.batch_size)
         for i, spec in enumerate(plan.targets):
-            key = f"{stage.name}/{spec.backend}"
             if i in remotes:
-                refs[f"{key}#{i}"] = ref
-                jobs[i].append({**_remote_job(f"{key}#{i}", stage, manifest, cfg.targets[i]),
-                                "backend": spec.backend, "parity": spec.parity})
-                continue
-            row = deploy_one(plan, stage.name, stage.dir, manifest, spec, x, labels, ref)
-            cases.append((key, row))
-            if row["status"] == "ok":
-                target = base.get(spec.backend)
-                cfg_c = base.CompileOptions(threads=spec.threads, device=spec.device, precision=manifest["precision"],
-                                            work_dir=stage.dir, options=spec.options,
-                                            sparse_weights=bool(manifest.get("sparsity")))
-                local.add(key, target.compile(plan.run.run_dir / row["artifact"], cfg_c), x)
-    t0 = time.perf_counter()
-    timed = local.run(rounds)
-    log(f"{rounds} interleaved rounds over {len(timed)} local artifacts ({time.perf_counter() - t0:.1f}s)")
-    out = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": cfg.name,
-           "rounds": rounds, "teacher_accuracy": rows[0]["accuracy"] if rows else None, "devices": {}}
-    dev_entry = out["devices"].setdefault(here, {"fingerprint": fingerprint.describe(), "cases": {}})
-    for key, row in cases:
-        dev_entry["cases"][key] = case(row, timed.get(key, []), here)
-    for i, dev in remotes.items():
-        for row, rr, key in remote_rows(dev, jobs[i], images, labels, {j["key"]: refs[j["key"]] for j in jobs[i]},
-                                        plan, rounds):
-            entry = out["devices"].setdefault(key, {"fingerprint": dev.info["fingerprint"], "cases": {},
-                                                    "host": str(dev.url)})
-            entry["cases"][f"{row['stage']}/{row['backend']}"] = {**case(row, rr, key), "host": str(dev.url)}
-        out.setdefault("remote_overhead_s", {})[str(dev.url)] = {k: round(v, 3) for k, v in dev.overhead.items()}
-        dev.close()
-    return out
+                key = f"{stage.name}/{spec.backend}#{i}"
+                refs[key] = ref
+                jobs[i].append({**_remote_job(key, stage, manifest, cfg.targets[i]), "backend": spec.backend,
+                                "parity": spec.parity})
+            else:
+                cases.append(_deploy_local(plan, stage, manifest, spec, x, labels, ref, local))
+    return cases, jobs, refs
+
+
+def measure_run(cfg, rounds: int, device: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+    """Every artifact x target of the run, k interleaved rounds; -> the bench result."""
+    from compress.pipeline import Pipeline
+    from compress.plan import deployment_plan
+    pipe = Pipeline(cfg, log)
+    remotes = _remotes(cfg, log)  # early: before any model is rebuilt or measured
+    try:
+        rows, models, ctx = pipe.run_stages()
+        save_config(cfg, pipe.run_dir)
+        plan = deployment_plan(cfg, rows, models, ctx.data, pipe.run_dir, log)
+        local = LocalRounds(plan.profile)
+        cases, jobs, refs = _collect(cfg, plan, ctx.data, remotes, local)
+        t0 = time.perf_counter()
+        timed = local.run(rounds)
+        log(f"{rounds} interleaved rounds over {len(timed)} local artifacts ({time.perf_counter() - t0:.1f}s)")
+        here = device or fingerprint.key(fingerprint.describe())
+        out = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": cfg.name,
+               "rounds": rounds, "teacher_accuracy": rows[0]["accuracy"] if rows else None,
+               "devices": {here: {"fingerprint": fingerprint.describe(), "cases": {
+                   key: case(row, timed.get(key, []), here) for key, row in cases}}}}
+        labels = ctx.data.test.labels.numpy()
+        for i, dev in remotes.items():
+            measured = remote_rows(dev, jobs[i], ctx.data.test.images.numpy(), labels,
+                                   {j["key"]: refs[j["key"]] for j in jobs[i]}, plan, rounds)
+            for row, rr, key in measured:
+                key = f"{key}-ssh" if key == here else key  # loopback: the same machine, reached another way
+                entry = out["devices"].setdefault(key, {"fingerprint": dev.info["fingerprint"], "cases": {},
+                                                        "host": str(dev.url)})
+                entry["cases"][f"{row['stage']}/{row['backend']}"] = {**case(row, rr, key), "host": str(dev.url)}
+            out.setdefault("remote_overhead_s", {})[str(dev.url)] = {k: round(v, 3) for k, v in dev.overhead.items()}
+        return out
+    finally:
+        for dev in remotes.values():
+            dev.close()
 
 
 def gate(result: dict, baseline: Optional[Path], history: Optional[Path], window: int, floor: float,

@@ -3,10 +3,13 @@ metric; equal and noisy pass; accuracy under the floor fails with no baseline), 
 Mann-Whitney distribution it rests on, the CI outputs, baseline/history files, and the whole
 command on a short real run (an FP32 model posing as the int8 one is flagged)."""
 import json
+import re
+import shlex
 import shutil
 from xml.etree import ElementTree as ET
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from cli import app
@@ -166,20 +169,34 @@ def _short_run(tmp_path):
             "--set", "profile={warmup: 5, max_warmup: 40, runs: 100, throughput_batch: 16, throughput_runs: 5}"]
 
 
+def workflow_command(device: str, summary) -> list[str]:
+    """The `compress bench` line of examples/ci/compress-bench.yml as a push to main runs it."""
+    wf = yaml.safe_load((ROOT / "examples" / "ci" / "compress-bench.yml").read_text())
+    line = next(s["run"] for s in wf["jobs"]["bench"]["steps"] if "compress bench" in s.get("run", ""))
+    line = re.sub(r"\$\{\{ github.ref [^}]*\}\}", "--update-baseline", line)
+    line = line.replace("${{ matrix.device }}", device).replace('"$GITHUB_STEP_SUMMARY"', str(summary))
+    args = shlex.split(line)
+    assert args[:3] == ["compress", "bench", "examples/tiny.yaml"] and "${{" not in line
+    return ["bench", str(ROOT / "examples" / "tiny.yaml"), *args[3:]]
+
+
 @pytest.mark.slow
-def test_bench_a_run_twice_then_an_fp32_model_posing_as_int8_is_flagged(tmp_path):
+def test_bench_a_run_twice_then_an_fp32_model_posing_as_int8_is_flagged(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the workflow's relative paths (bench/, bench-out.json) land here
     cli = CliRunner()
-    base, out = tmp_path / "baseline.json", tmp_path / "gh.json"
-    first = cli.invoke(app, ["bench", str(ROOT / "examples" / "tiny.yaml"), *_short_run(tmp_path), "--device", "ci",
-                             "--baseline", str(base), "--update-baseline"])
+    base = tmp_path / "bench" / "baseline.json"
+    first = cli.invoke(app, [*workflow_command("ci", tmp_path / "summary.md"), *_short_run(tmp_path)])
     assert first.exit_code == OK, first.output
     run_dir = tmp_path / "tiny"
     assert set(read_baseline(base)["devices"]) == {"ci"} and (run_dir / "config.json").is_file()
+    assert (tmp_path / "bench-out.json").is_file() and (tmp_path / "bench-out.bigger.json").is_file()
+    assert ET.parse(tmp_path / "bench-junit.xml").getroot().get("tests") != "0"
+    assert "## compress bench: tiny" in (tmp_path / "summary.md").read_text()
     again = cli.invoke(app, ["bench", str(run_dir), "--device", "ci", "--baseline", str(base), "--floor", "0",
-                             "--json", str(out)])
+                             "--json", "gh.json"])
     assert again.exit_code == OK, again.output
     assert "up to date, skipped" in again.output and "running" not in again.output  # nothing retrained
-    assert json.loads(out.read_text())[0]["name"].endswith("latency_p50_ms")
+    assert json.loads((tmp_path / "gh.json").read_text())[0]["name"].endswith("latency_p50_ms")
     shutil.copy(run_dir / "01-distill" / "model.onnx", run_dir / "02-quantize" / "model.onnx")
     fake = cli.invoke(app, ["bench", str(run_dir), "--device", "ci", "--baseline", str(base), "--floor", "0"])
     assert fake.exit_code == REGRESSION, fake.output
