@@ -30,11 +30,12 @@ def load_source(source: Path, overrides: list[str]):
         if not path.is_file():
             raise UserError(f"{path}: not found: a run directory made before `compress bench` existed "
                             f"has no copy of its config; pass the config file instead")
-        raw = json.loads(path.read_text())
-        cfg = RunConfig.model_validate(raw)
         if overrides:
             raise UserError("--set: only with a CONFIG, not a RUN_DIR (its config is the run's)")
-        return cfg
+        cfg = RunConfig.model_validate(json.loads(path.read_text()))
+        # the folder given is the run, wherever it was moved or copied to
+        return cfg.model_copy(update={"name": source.resolve().name, "output": cfg.output.model_copy(
+            update={"dir": str(source.resolve().parent)})})
     return load_config(source, overrides)
 
 

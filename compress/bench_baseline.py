@@ -74,7 +74,8 @@ class Finding:
     stage: str
     backend: str
     verdicts: list[Verdict] = field(default_factory=list)
-    status: str = "ok"  # ok | regressed | unmeasured | no-baseline
+    status: str = "ok"  # ok | regressed | unmeasured | no-baseline | skipped
+    measured: list[str] = field(default_factory=list)  # the metrics this case has
     reason: str = ""
 
     def messages(self) -> list[str]:
@@ -110,7 +111,7 @@ def judge(result: dict, baseline: dict, history: dict[str, list[dict]], floor: f
     for dev, entry in result["devices"].items():
         base, _ = baseline_cases(dev, baseline, history.get(dev, []))
         for key, c in entry["cases"].items():
-            f = Finding(dev, key, c["stage"], c["backend"])
+            f = Finding(dev, key, c["stage"], c["backend"], measured=list(c.get("metrics") or {}))
             if c["status"] == "skipped":
                 # a backend this device lacks is expected; one it measured before is not
                 f.status, f.reason = ("unmeasured", c["reason"]) if key in base else ("skipped", c["reason"])
@@ -122,7 +123,7 @@ def judge(result: dict, baseline: dict, history: dict[str, list[dict]], floor: f
                 failed_gate = c["status"] != "ok"  # parity / int8 gates of deploy: the artifact is wrong
                 if failed_gate:
                     f.verdicts.append(Verdict("agreement", (c["metrics"].get("agreement") or {}).get("value"),
-                                              None, True, "deploy's parity gate", c["reason"]))
+                                              None, True, "deploy's parity gate", c["reason"], "parity"))
                 f.status = "regressed" if any(v.regressed for v in f.verdicts) else (
                     "ok" if key in base else "no-baseline")
             out.append(f)

@@ -89,6 +89,7 @@ class Verdict:
     regressed: bool
     interval: str  # what the decision was based on, for people
     reason: str = ""
+    check: str = ""  # which check of the metric: "" (against the baseline), "floor", "parity"
 
 
 def compare_rounds(name: str, cur: dict, base: dict, tolerance: Optional[float] = None) -> Verdict:
@@ -125,7 +126,7 @@ def floor_verdict(accuracy: float, teacher: float, fraction: float) -> Verdict:
     floor = fraction * teacher
     return Verdict("accuracy", accuracy, None, accuracy < floor,
                    f"floor {floor:.4f} = {fraction:g} x teacher {teacher:.4f}",
-                   "below the accuracy floor" if accuracy < floor else "")
+                   "below the accuracy floor" if accuracy < floor else "", check="floor")
 
 
 def gate_case(cur: dict, base: Optional[dict], teacher_accuracy: Optional[float], floor: float,

@@ -67,12 +67,17 @@ def write_junit(path: Path, findings: list[Finding]) -> None:
             counts["errors" if kind == "error" else "skipped"] += 1
             continue
         for v in f.verdicts:
-            tc = ET.SubElement(suite, "testcase", classname=cls, name=v.metric)
+            tc = ET.SubElement(suite, "testcase", classname=cls, name=v.metric + (f" ({v.check})" if v.check else ""))
             counts["tests"] += 1
             if v.regressed:
                 counts["failures"] += 1
                 msg = [m for m in f.messages() if f" {v.metric} " in m]
                 ET.SubElement(tc, "failure", message=msg[0] if msg else v.interval).text = v.interval
+        for metric in [m for m in f.measured if m not in {v.metric for v in f.verdicts if not v.check}]:
+            tc = ET.SubElement(suite, "testcase", classname=cls, name=metric)  # measured, nothing to compare with
+            ET.SubElement(tc, "skipped", message="no baseline for this device")
+            counts["tests"] += 1
+            counts["skipped"] += 1
     for k, n in counts.items():
         suite.set(k, str(n))
     ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)

@@ -132,6 +132,10 @@ def test_junit_has_a_case_per_metric_and_a_failure_for_the_regression(tmp_path):
     assert cases["latency_p50_ms"].find("failure") is not None and cases["accuracy"].find("failure") is None
     assert suite.get("failures") == "2" and all(c.get("classname") == "dev-a.quantize.onnxruntime"
                                                 for c in cases.values())
+    assert "accuracy (floor)" in cases  # the floor is its own case beside the drop check
+    bench_output.write_junit(tmp_path / "first.xml", judge(result(), as_baseline({"devices": {}}), {}, 0.9))
+    first = ET.parse(tmp_path / "first.xml").getroot()
+    assert first.get("failures") == "0" and first.get("skipped") == "5"  # measured, no baseline yet
     md = bench_output.summary_markdown(result([r * 1.3 for r in BASE]), findings, "baseline b.json")
     assert "❌ regression" in md and "| `dev-a` | quantize | onnxruntime | regressed |" in md
 
