@@ -162,6 +162,9 @@ def bench_cmd(source: Path = typer.Argument(..., help="a finished run directory 
                       "rewrite this device's entry of --baseline (others kept); reports the gate, exits 0 or 2")),
               floor: float = typer.Option(
                   0.99, help="least accuracy as a fraction of the teacher's (MLPerf: 0.99)"),
+              gate: str = typer.Option(
+                  "relative", help="timings gated: relative (each round / the teacher's on the same backend: "
+                                   "cancels other tenants' load; shared runners), absolute (dedicated devices), both"),
               tolerance: Optional[List[str]] = typer.Option(
                   None, help="METRIC=VALUE: override a metric's tolerance (repeatable)"),
               json_out: Optional[Path] = typer.Option(
@@ -176,7 +179,7 @@ def bench_cmd(source: Path = typer.Argument(..., help="a finished run directory 
     try:
         code = bench(source, device=device, baseline=baseline, history=history, window=window, rounds=rounds,
                      update_baseline=update_baseline, floor=floor, tolerances=_tolerances(tolerance),
-                     json_out=json_out, junit=junit, summary=summary, overrides=set_, log=typer.echo)
+                     json_out=json_out, junit=junit, summary=summary, overrides=set_, which=gate, log=typer.echo)
     except _user_errors() as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

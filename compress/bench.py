@@ -55,6 +55,21 @@ def _metrics(row: dict, rounds: list[dict]) -> dict:
     return out
 
 
+def add_relative(cases: dict, teacher: str) -> None:
+    """Each case's timings per round divided by the teacher's on the same backend in the same
+    round (bench_gate: what cancels the load of other tenants)."""
+    from compress.bench_gate import ABSOLUTE, RELATIVE
+    for key, c in cases.items():
+        ref = cases.get(f"{teacher}/{c['backend']}")
+        if c["stage"] == teacher or ref is None:
+            continue
+        for name, rel in zip(ABSOLUTE, RELATIVE):
+            a, t = c["metrics"].get(name), ref["metrics"].get(name)
+            if a and t and len(a["rounds"]) == len(t["rounds"]):
+                ratios = [x / y for x, y in zip(a["rounds"], t["rounds"])]
+                c["metrics"][rel] = {"value": float(np.median(ratios)), "rounds": ratios}
+
+
 def case(row: dict, rounds: list[dict], device: str) -> dict:
     keep = ("stage", "backend", "precision", "status", "reason", "artifact")
     out = {k: row.get(k) for k in keep}
@@ -63,23 +78,33 @@ def case(row: dict, rounds: list[dict], device: str) -> dict:
     return out
 
 
+# Each round's throughput runs at least this long: a small model's 30 batches take a few ms,
+# where one preemption by another tenant moved items/s by 3x between benches (measured).
+THROUGHPUT_ROUND_S = 0.2
+
+
+def throughput_runs(configured: int, batch: int, items_per_s: float) -> int:
+    """The configured runs, or more where they would finish under THROUGHPUT_ROUND_S."""
+    return max(configured, int(np.ceil(THROUGHPUT_ROUND_S * items_per_s / batch)))
+
+
 class LocalRounds:
     """Compiled runners timed round-robin: each round times every artifact once."""
 
     def __init__(self, profile):
         self.p, self.runners = profile, {}
 
-    def add(self, key: str, runner, x: np.ndarray) -> None:
-        self.runners[key] = (runner, x)
+    def add(self, key: str, runner, x: np.ndarray, items_per_s: float) -> None:
+        self.runners[key] = (runner, x, throughput_runs(self.p.throughput_runs, self.p.throughput_batch, items_per_s))
 
     def run(self, k: int) -> dict[str, list[dict]]:
         from targets.profile import latency, throughput
         p, out = self.p, {key: [] for key in self.runners}
         for _ in range(k):
-            for key, (runner, x) in self.runners.items():
+            for key, (runner, x, runs) in self.runners.items():
                 lat = latency(runner, x[:1], p.warmup, p.runs, p.max_warmup, p.settle_tolerance)
                 big = np.concatenate([x[:64]] * -(-p.throughput_batch // 64))[:p.throughput_batch]
-                thr = throughput(runner, big, p.warmup, p.throughput_runs)
+                thr = throughput(runner, big, p.warmup, runs)
                 out[key].append({"p50": lat["p50"], "p90": lat["p90"], "items_per_s": thr["items_per_s"]})
         return out
 
@@ -100,7 +125,8 @@ def remote_rows(dev, jobs: list[dict], images, labels, refs: dict, plan, rounds:
     from dataclasses import asdict
 
     from compress.deploy import parity_failures
-    res = dev.measure(jobs, images, labels, refs, asdict(plan.profile), rounds, plan.data.batch_size)
+    res = dev.measure(jobs, images, labels, refs, asdict(plan.profile), rounds, plan.data.batch_size,
+                      THROUGHPUT_ROUND_S)
     out = []
     for job in jobs:
         r = res["results"][job["key"]]
@@ -137,11 +163,12 @@ def _deploy_local(plan, stage, manifest, spec, x, labels, ref, local: LocalRound
     from targets import base
     key = f"{stage.name}/{spec.backend}"
     row = deploy_one(plan, stage.name, stage.dir, manifest, spec, x, labels, ref)
-    if row["status"] == "ok":
+    if row["latency_ms"] is not None:  # measured; a failed parity/int8 gate still gets its rounds
         opts = base.CompileOptions(threads=spec.threads, device=spec.device, precision=manifest["precision"],
                                    work_dir=stage.dir, options=spec.options,
                                    sparse_weights=bool(manifest.get("sparsity")))
-        local.add(key, base.get(spec.backend).compile(plan.run.run_dir / row["artifact"], opts), x)
+        local.add(key, base.get(spec.backend).compile(plan.run.run_dir / row["artifact"], opts), x,
+                  row["throughput"]["items_per_s"])
     return key, row
 
 
@@ -186,6 +213,8 @@ def measure_run(cfg, rounds: int, device: Optional[str] = None, log: Callable[[s
                "rounds": rounds, "teacher_accuracy": rows[0]["accuracy"] if rows else None,
                "devices": {here: {"fingerprint": fingerprint.describe(), "cases": {
                    key: case(row, timed.get(key, []), here) for key, row in cases}}}}
+        teacher = rows[0]["name"] if rows else "teacher"
+        add_relative(out["devices"][here]["cases"], teacher)
         labels = ctx.data.test.labels.numpy()
         for i, dev in remotes.items():
             measured = remote_rows(dev, jobs[i], ctx.data.test.images.numpy(), labels,
@@ -195,7 +224,9 @@ def measure_run(cfg, rounds: int, device: Optional[str] = None, log: Callable[[s
                 entry = out["devices"].setdefault(key, {"fingerprint": dev.info["fingerprint"], "cases": {},
                                                         "host": str(dev.url)})
                 entry["cases"][f"{row['stage']}/{row['backend']}"] = {**case(row, rr, key), "host": str(dev.url)}
-            out.setdefault("remote_overhead_s", {})[str(dev.url)] = {k: round(v, 3) for k, v in dev.overhead.items()}
+            add_relative(out["devices"][key]["cases"], teacher)
+            out.setdefault("remote_overhead_s", {})[str(dev.url)] = {
+                **{k: round(v, 3) for k, v in dev.overhead.items()}, "on_device": round(dev.device_seconds, 3)}
         return out
     finally:
         for dev in remotes.values():
@@ -203,7 +234,7 @@ def measure_run(cfg, rounds: int, device: Optional[str] = None, log: Callable[[s
 
 
 def gate(result: dict, baseline: Optional[Path], history: Optional[Path], window: int, floor: float,
-         tolerances: Optional[dict] = None):
+         tolerances: Optional[dict] = None, which: str = "relative"):
     """-> (findings, where the comparison came from)."""
     from compress.bench_baseline import judge, read_baseline, read_history
     base = read_baseline(baseline)
@@ -211,24 +242,27 @@ def gate(result: dict, baseline: Optional[Path], history: Optional[Path], window
     source = (f"history {history} (last {window} per device)" if any(hist.values()) else
               f"baseline {baseline}" if baseline and any(d in base["devices"] for d in result["devices"]) else
               "no baseline for this device (accuracy floor only)")
-    return judge(result, base, hist, floor, tolerances), source
+    return judge(result, base, hist, floor, tolerances, which), source
 
 
 def bench(source: Path, *, device: Optional[str] = None, baseline: Optional[Path] = None,
           history: Optional[Path] = None, window: int = 5, rounds: int = 5, update_baseline: bool = False,
           floor: float = 0.99, tolerances: Optional[dict] = None, json_out: Optional[Path] = None,
           junit: Optional[Path] = None, summary: Optional[Path] = None, overrides: Optional[list[str]] = None,
-          log: Callable[[str], None] = print) -> int:
+          which: str = "relative", log: Callable[[str], None] = print) -> int:
     """The `compress bench` command -> its exit code (compress.bench_baseline: OK, REGRESSION, UNMEASURED)."""
     from compress import bench_output as out
     from compress.bench_baseline import OK, UNMEASURED, append_history, exit_code
     from compress.bench_baseline import update_baseline as write_base
+    from compress.bench_gate import GATES
     from compress.checkpoint import write_json
+    if which not in GATES:
+        raise UserError(f"--gate {which!r}: expected one of {', '.join(GATES)}")
     if rounds < 4:  # Moses' 95% interval needs k >= 4 (bench_gate): fewer could never flag anything
         raise UserError(f"--rounds {rounds}: at least 4 rounds are needed for a 95% interval")
     cfg = load_source(Path(source), overrides or [])
     result = measure_run(cfg, rounds, device, log)
-    findings, where = gate(result, baseline, history, window, floor, tolerances)
+    findings, where = gate(result, baseline, history, window, floor, tolerances, which)
     write_json(Path(cfg.output.dir) / cfg.name / "bench.json", result)
     for line in out.console(findings, where):
         log(line)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from compress.bench_gate import METRICS, Verdict, gate_case, pooled
+from compress.bench_gate import GATES, METRICS, Verdict, gate_case, pooled
 from compress.checkpoint import atomic_write
 from compress.errors import UserError
 
@@ -84,7 +84,9 @@ class Finding:
             return [f"{where}: could not measure: {self.reason}"]
         out = []
         for v in self.verdicts:
-            if v.regressed:
+            if v.regressed and v.check == "parity":
+                out.append(f"{where}: failed deploy's gate: {v.reason}")
+            elif v.regressed:
                 unit = METRICS[v.metric].unit
                 base = "—" if v.baseline is None else f"{v.baseline:.4g}"
                 out.append(f"{where}: {v.metric} regressed: baseline {base} -> {v.current:.4g} {unit} "
@@ -105,8 +107,9 @@ def baseline_cases(device: str, baseline: dict, history: list[dict]) -> tuple[di
 
 
 def judge(result: dict, baseline: dict, history: dict[str, list[dict]], floor: float,
-          tolerances: Optional[dict] = None) -> list[Finding]:
-    """One Finding per (device, artifact, backend); history: device -> its window."""
+          tolerances: Optional[dict] = None, gate: str = "relative") -> list[Finding]:
+    """One Finding per (device, artifact, backend); history: device -> its window; gate: which
+    timings are compared (bench_gate.GATES: relative to the teacher, absolute, both)."""
     out = []
     for dev, entry in result["devices"].items():
         base, _ = baseline_cases(dev, baseline, history.get(dev, []))
@@ -119,7 +122,7 @@ def judge(result: dict, baseline: dict, history: dict[str, list[dict]], floor: f
                 f.status, f.reason = "unmeasured", c["reason"]
             else:
                 f.verdicts = gate_case(c["metrics"], base.get(key), result.get("teacher_accuracy"), floor,
-                                       tolerances or {})
+                                       tolerances or {}, GATES[gate])
                 failed_gate = c["status"] != "ok"  # parity / int8 gates of deploy: the artifact is wrong
                 if failed_gate:
                     f.verdicts.append(Verdict("agreement", (c["metrics"].get("agreement") or {}).get("value"),

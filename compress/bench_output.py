@@ -75,7 +75,7 @@ def write_junit(path: Path, findings: list[Finding]) -> None:
                 ET.SubElement(tc, "failure", message=msg[0] if msg else v.interval).text = v.interval
         for metric in [m for m in f.measured if m not in {v.metric for v in f.verdicts if not v.check}]:
             tc = ET.SubElement(suite, "testcase", classname=cls, name=metric)  # measured, nothing to compare with
-            ET.SubElement(tc, "skipped", message="no baseline for this device")
+            ET.SubElement(tc, "skipped", message="not compared: no baseline for this device, or not gated (--gate)")
             counts["tests"] += 1
             counts["skipped"] += 1
     for k, n in counts.items():

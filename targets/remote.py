@@ -126,6 +126,16 @@ def digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def digest_arrays(arrays: dict[str, np.ndarray]) -> str:
+    """Of the contents, not of an .npz (whose zip entries carry the time they were written)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
 class RemoteDevice:
     """One targets[] entry with a host: check it early, then measure artifacts there."""
 
@@ -134,6 +144,8 @@ class RemoteDevice:
         self.url, self.python, self.where = parse_host(host), python, where
         self.ssh = Ssh(self.url, identity_file, known_hosts)
         self.overhead: dict[str, float] = {}  # seconds per step, for the report
+        self.device_seconds = 0.0
+        self.copied: list[str] = []  # what the last measure() had to copy (the rest was cached)
 
     def _timed(self, step: str, fn, *args):
         t0 = time.perf_counter()
@@ -144,7 +156,8 @@ class RemoteDevice:
     def _sync(self, files: dict[str, Path]) -> None:
         """Copy what the device does not hold yet (names carry a digest: present means same)."""
         have = set(self._timed("connect", self.ssh.run, f"mkdir -p {CACHE} && ls -1 {CACHE}").stdout.split())
-        self._timed("copy", self.ssh.put, {n: p for n, p in files.items() if n not in have}, CACHE)
+        self.copied = [n for n in files if n not in have]
+        self._timed("copy", self.ssh.put, {n: files[n] for n in self.copied}, CACHE)
 
     def _script(self) -> str:
         return f"{CACHE}/{self.tag}/remote_runner.py"
@@ -169,16 +182,16 @@ class RemoteDevice:
         return info
 
     def measure(self, jobs: list[dict], images: np.ndarray, labels: np.ndarray, refs: dict[str, np.ndarray],
-                profile: dict, rounds: int, batch_size: int) -> dict:
+                profile: dict, rounds: int, batch_size: int, throughput_round_s: float = 0.2) -> dict:
         """jobs: {key, artifact (local Path), manifest, threads, graph_optimization,
         inter_op_threads, int8_ops, float_ops}; refs: key -> the torch logits of that artifact."""
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            data = tmp / "inputs.npz"
-            np.savez(data, images=images, labels=labels)
-            files = {f"inputs-{digest(data)}.npz": data}
+            inputs = {"images": images, "labels": labels}
+            np.savez(tmp / "inputs.npz", **inputs)
             np.savez(tmp / "refs.npz", **refs)
-            files[f"refs-{digest(tmp / 'refs.npz')}.npz"] = tmp / "refs.npz"
+            files = {f"inputs-{digest_arrays(inputs)}.npz": tmp / "inputs.npz",
+                     f"refs-{digest_arrays(refs)}.npz": tmp / "refs.npz"}
             remote_jobs = []
             for job in jobs:
                 name = f"model-{digest(job['artifact'])}.onnx"
@@ -186,7 +199,8 @@ class RemoteDevice:
                 remote_jobs.append({**{k: v for k, v in job.items() if k != "parity"}, "artifact": f"{CACHE}/{name}"})
             names = list(files)
             spec = {"inputs": f"{CACHE}/{names[0]}", "refs": f"{CACHE}/{names[1]}", "jobs": remote_jobs,
-                    "profile": profile, "rounds": rounds, "batch_size": batch_size}
+                    "profile": profile, "rounds": rounds, "batch_size": batch_size,
+                    "throughput_round_s": throughput_round_s}
             (tmp / "job.json").write_text(json.dumps(spec, default=str))
             files[f"job-{digest(tmp / 'job.json')}.json"] = tmp / "job.json"
             self._sync(files)
@@ -195,7 +209,9 @@ class RemoteDevice:
                               f"{shlex.quote(self.python)} {self._script()} measure {CACHE}/{job_name}")
         if res.returncode != 0:
             raise RemoteError(f"{self.url}: the runner failed: {res.stderr.strip()[-500:]}")
-        return json.loads(res.stdout)
+        out = json.loads(res.stdout)
+        self.device_seconds = out["seconds"]  # of the "measure" step's wall time; the rest is ssh + startup
+        return out
 
     def close(self) -> None:
         self.ssh.close()

@@ -84,6 +84,7 @@ def measure(job_path):
     import compress_fingerprint as fp
     import compress_profile as prof
     import numpy as np
+    start = time.perf_counter()
     with open(job_path) as f:
         spec = json.load(f)
     data = np.load(spec["inputs"])
@@ -101,14 +102,17 @@ def measure(job_path):
         row["runtime"] = run[0].info
         row["rounds"], row["seconds"] = [], time.perf_counter() - t0
         results[job["key"]] = row
+    for key, row in results.items():  # as compress.bench.throughput_runs: each round >= round_s long
+        runners[key] += (max(p["throughput_runs"], int(np.ceil(
+            spec["throughput_round_s"] * row["throughput"]["items_per_s"] / p["throughput_batch"]))),)
     for _ in range(spec["rounds"]):  # interleaved: every artifact's round r before any round r+1
-        for key, (runner, x) in runners.items():
+        for key, (runner, x, runs) in runners.items():
             lat = prof.latency(runner, x[:1], p["warmup"], p["runs"], p["max_warmup"], p["settle_tolerance"])
             thr = prof.throughput(runner, np.concatenate([x[:64]] * -(-p["throughput_batch"] // 64))[
-                :p["throughput_batch"]], p["warmup"], p["throughput_runs"])
+                :p["throughput_batch"]], p["warmup"], runs)
             results[key]["rounds"].append({"p50": lat["p50"], "p90": lat["p90"], "items_per_s": thr["items_per_s"]})
     desc = fp.describe()
-    return {"fingerprint": desc, "key": fp.key(desc), "results": results}
+    return {"fingerprint": desc, "key": fp.key(desc), "results": results, "seconds": time.perf_counter() - start}
 
 
 def main():

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from compress import bench_output
+from compress.bench import add_relative
 from compress.bench_baseline import (
     OK,
     REGRESSION,
@@ -29,17 +30,29 @@ from compress.bench_gate import _u_cdf, ratio_interval
 from tests.conftest import ROOT
 
 BASE = [1.00, 1.02, 0.99, 1.01, 1.00]
+TEACHER = [2.00, 2.03, 1.98, 2.02, 2.00]
 
 
-def result(rounds=BASE, accuracy=0.95, device="dev-a", teacher=0.96, status="ok", size=1000):
+def _case(stage, rounds, accuracy, size, precision, status="ok"):
     metrics = {"latency_p50_ms": {"value": sorted(rounds)[len(rounds) // 2], "rounds": list(rounds)},
                "throughput": {"value": 1000 / rounds[0], "rounds": [1000 / r for r in rounds]},
                "accuracy": {"value": accuracy}, "agreement": {"value": 1.0}, "size_bytes": {"value": size}}
-    case = {"stage": "quantize", "backend": "onnxruntime", "precision": "int8", "status": status, "reason": None,
-            "artifact": "02-quantize/model.onnx", "device": device, "executed_precision": "int8 7/7",
-            "metrics": metrics}
+    return {"stage": stage, "backend": "onnxruntime", "precision": precision, "status": status, "reason": None,
+            "artifact": f"{stage}/model.onnx", "executed_precision": f"{precision} 7/7", "metrics": metrics}
+
+
+def result(rounds=BASE, accuracy=0.95, device="dev-a", teacher=0.96, status="ok", size=1000, teacher_rounds=TEACHER):
+    """A bench of a teacher and its int8 student on one backend of one device."""
+    cases = {"teacher/onnxruntime": _case("teacher", teacher_rounds, teacher, 4000, "fp32"),
+             "quantize/onnxruntime": _case("quantize", rounds, accuracy, size, "int8", status)}
+    add_relative(cases, "teacher")
     return {"created": "2026-01-01T00:00:00+00:00", "run": "tiny", "rounds": len(rounds), "teacher_accuracy": teacher,
-            "devices": {device: {"fingerprint": {"cpu": "test"}, "cases": {"quantize/onnxruntime": case}}}}
+            "devices": {device: {"fingerprint": {"cpu": "test"}, "cases": cases}}}
+
+
+def student(findings):
+    (f,) = [f for f in findings if f.stage == "quantize"]
+    return f
 
 
 def as_baseline(res):
@@ -60,18 +73,31 @@ def test_mann_whitney_distribution_matches_the_table():
 
 def test_a_slower_result_fails_naming_device_artifact_and_metric():
     slow = result([r * 1.3 for r in BASE])
-    findings = judge(slow, as_baseline(result()), {}, floor=0.9)
+    findings = judge(slow, as_baseline(result()), {}, floor=0.9, gate="both")
     assert exit_code(findings) == REGRESSION
-    msgs = findings[0].messages()
+    msgs = student(findings).messages()
     lat = [m for m in msgs if "latency_p50_ms" in m]
     assert lat and lat[0].startswith("dev-a: quantize on onnxruntime: latency_p50_ms regressed: baseline 1 -> 1.3 ms")
     assert "ratio 1.300, 95% CI [1.2" in lat[0] and "tolerance 10%" in lat[0]
+    rel = [m for m in msgs if "latency_p50_vs_teacher" in m]
+    assert rel and "baseline 0.5 -> 0.65 x teacher (ratio 1.300" in rel[0]
     assert any("throughput" in m for m in msgs)  # bigger is better: fewer items/s regress too
+    # the default gate (relative to the teacher) flags it as well
+    assert exit_code(judge(slow, as_baseline(result()), {}, floor=0.9)) == REGRESSION
+
+
+def test_a_machine_slowed_by_other_tenants_passes_the_relative_gate_only():
+    loaded = result([r * 1.5 for r in BASE], teacher_rounds=[t * 1.5 for t in TEACHER])
+    assert exit_code(judge(loaded, as_baseline(result()), {}, floor=0.9)) == OK
+    findings = judge(loaded, as_baseline(result()), {}, floor=0.9, gate="absolute")
+    assert exit_code(findings) == REGRESSION
+    assert {f.stage for f in findings if f.status == "regressed"} == {"teacher", "quantize"}
 
 
 def test_equal_passes_and_a_faster_result_passes():
-    assert exit_code(judge(result(), as_baseline(result()), {}, floor=0.9)) == OK
-    assert exit_code(judge(result([r * 0.7 for r in BASE]), as_baseline(result()), {}, floor=0.9)) == OK
+    for gate in ("relative", "absolute", "both"):
+        assert exit_code(judge(result(), as_baseline(result()), {}, floor=0.9, gate=gate)) == OK
+        assert exit_code(judge(result([r * 0.7 for r in BASE]), as_baseline(result()), {}, 0.9, gate=gate)) == OK
 
 
 def test_beyond_the_tolerance_but_within_the_measured_noise_passes():
@@ -79,9 +105,9 @@ def test_beyond_the_tolerance_but_within_the_measured_noise_passes():
     noisy_now = [1.15, 0.8, 1.6, 0.95, 1.4]  # 12-15% slower per round, but the rounds overlap
     est, lo, hi = ratio_interval(noisy_now, noisy_base)
     assert est > 1.10 and lo < 1  # beyond the 10% tolerance, interval includes "no change"
-    findings = judge(result(noisy_now), as_baseline(result(noisy_base)), {}, floor=0.9)
+    findings = judge(result(noisy_now), as_baseline(result(noisy_base)), {}, floor=0.9, gate="both")
     assert exit_code(findings) == OK
-    v = [v for v in findings[0].verdicts if v.metric == "latency_p50_ms"][0]
+    v = [v for v in student(findings).verdicts if v.metric == "latency_p50_ms"][0]
     assert not v.regressed and v.reason == "beyond the tolerance but within the noise"
 
 
@@ -89,7 +115,7 @@ def test_accuracy_under_the_floor_fails_without_a_baseline():
     findings = judge(result(accuracy=0.90, teacher=0.96), as_baseline({"devices": {}}), {}, floor=0.99)
     assert exit_code(findings) == REGRESSION
     assert "accuracy regressed: baseline — -> 0.9 fraction (floor 0.9504 = 0.99 x teacher 0.9600)" \
-        in findings[0].messages()[0]
+        in student(findings).messages()[0]
     assert exit_code(judge(result(accuracy=0.955, teacher=0.96), as_baseline({"devices": {}}), {}, 0.99)) == OK
 
 
@@ -99,7 +125,8 @@ def test_accuracy_drop_size_growth_and_unmeasured_cases():
     assert exit_code(judge(result(accuracy=0.947), base, {}, 0.9)) == OK
     assert exit_code(judge(result(size=1020), base, {}, 0.9)) == REGRESSION  # +2% > 1%
     gone = result(status="skipped")
-    gone["devices"]["dev-a"]["cases"]["quantize/onnxruntime"].update(reason="onnxruntime not importable", metrics={})
+    for c in gone["devices"]["dev-a"]["cases"].values():
+        c.update(status="skipped", reason="onnxruntime not importable", metrics={})
     assert exit_code(judge(gone, base, {}, 0.9)) == UNMEASURED  # measured before, not now
     assert exit_code(judge(gone, as_baseline({"devices": {}}), {}, 0.9)) == UNMEASURED  # nothing measured at all
 
@@ -119,7 +146,8 @@ def test_github_action_benchmark_json_format(tmp_path):
             assert isinstance(e["range"], str) and isinstance(e["extra"], str)
     names = [e["name"] for e in smaller]
     assert "quantize @ onnxruntime [dev-a] latency_p50_ms" in names and any("size_bytes" in n for n in names)
-    assert {e["name"].rsplit(" ", 1)[1] for e in bigger} == {"throughput", "accuracy", "agreement"}
+    assert {e["name"].rsplit(" ", 1)[1] for e in bigger} == {"throughput", "throughput_vs_teacher", "accuracy",
+                                                             "agreement"}
     assert len({e["name"] for e in smaller + bigger}) == len(smaller + bigger)  # names are the series keys
 
 
@@ -127,15 +155,15 @@ def test_junit_has_a_case_per_metric_and_a_failure_for_the_regression(tmp_path):
     findings = judge(result([r * 1.3 for r in BASE]), as_baseline(result()), {}, 0.9)
     bench_output.write_junit(tmp_path / "j.xml", findings)
     suite = ET.parse(tmp_path / "j.xml").getroot()
-    cases = {c.get("name"): c for c in suite.iter("testcase")}
-    assert {"latency_p50_ms", "throughput", "accuracy", "agreement", "size_bytes"} <= set(cases)
-    assert cases["latency_p50_ms"].find("failure") is not None and cases["accuracy"].find("failure") is None
-    assert suite.get("failures") == "2" and all(c.get("classname") == "dev-a.quantize.onnxruntime"
-                                                for c in cases.values())
-    assert "accuracy (floor)" in cases  # the floor is its own case beside the drop check
+    cases = {c.get("name"): c for c in suite.iter("testcase") if c.get("classname") == "dev-a.quantize.onnxruntime"}
+    assert {"latency_p50_vs_teacher", "throughput_vs_teacher", "accuracy", "accuracy (floor)", "agreement",
+            "size_bytes", "latency_p50_ms", "throughput"} == set(cases)
+    assert cases["latency_p50_vs_teacher"].find("failure") is not None and cases["accuracy"].find("failure") is None
+    assert cases["latency_p50_ms"].find("skipped") is not None  # reported, not gated by the relative gate
+    assert suite.get("failures") == "1"  # p50 relative to the teacher (throughput 1/1.3: inside its 25%)
     bench_output.write_junit(tmp_path / "first.xml", judge(result(), as_baseline({"devices": {}}), {}, 0.9))
     first = ET.parse(tmp_path / "first.xml").getroot()
-    assert first.get("failures") == "0" and first.get("skipped") == "5"  # measured, no baseline yet
+    assert first.get("failures") == "0" and first.get("skipped") == "12"  # measured, no baseline yet
     md = bench_output.summary_markdown(result([r * 1.3 for r in BASE]), findings, "baseline b.json")
     assert "❌ regression" in md and "| `dev-a` | quantize | onnxruntime | regressed |" in md
 
@@ -149,6 +177,7 @@ def test_update_baseline_rewrites_only_its_device(tmp_path):
     after = read_baseline(path)["devices"]
     assert json.dumps(after["dev-b"], sort_keys=True) == before_b
     assert after["dev-a"]["cases"]["quantize/onnxruntime"]["metrics"]["latency_p50_ms"]["value"] == 2.0
+    assert after["dev-a"]["cases"]["teacher/onnxruntime"]["metrics"]["latency_p50_ms"]["value"] == 2.0
     assert not list(tmp_path.glob(".baseline.json.*"))  # no temp file left behind
 
 
@@ -200,12 +229,13 @@ def test_bench_a_run_twice_then_an_fp32_model_posing_as_int8_is_flagged(tmp_path
                              "--json", "gh.json"])
     assert again.exit_code == OK, again.output
     assert "up to date, skipped" in again.output and "running" not in again.output  # nothing retrained
-    assert json.loads((tmp_path / "gh.json").read_text())[0]["name"].endswith("latency_p50_ms")
-    shutil.copy(run_dir / "01-distill" / "model.onnx", run_dir / "02-quantize" / "model.onnx")
+    names = [e["name"] for e in json.loads((tmp_path / "gh.json").read_text())]
+    assert "teacher @ onnxruntime [ci] latency_p50_ms" in names
+    shutil.copy(run_dir / "00-teacher" / "model.onnx", run_dir / "02-quantize" / "model.onnx")  # FP32, bigger
     fake = cli.invoke(app, ["bench", str(run_dir), "--device", "ci", "--baseline", str(base), "--floor", "0"])
     assert fake.exit_code == REGRESSION, fake.output
     assert "ci: quantize on onnxruntime: size_bytes regressed" in fake.output
-    assert "int8 artifact but only 0 of" in fake.output
+    assert "ci: quantize on onnxruntime: failed deploy's gate: int8 artifact but only 0 of" in fake.output
 
 
 def test_bench_arguments_are_checked(tmp_path):

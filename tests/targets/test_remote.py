@@ -2,6 +2,7 @@
 made here, a non-default port, running as the current user. A deployment through it gets
 the accuracy the local run of the same artifact gets; an unreachable host, a refused key and
 a device without the runtime each fail early with one line saying what to do."""
+import json
 import os
 import shutil
 import socket
@@ -136,12 +137,10 @@ def test_remote_deployment_gets_the_local_accuracy(sshd, trained_tiny, tiny_data
     dev = device(sshd)
     try:
         assert dev.check()["versions"]["onnxruntime"]
-        t0 = time.perf_counter()
         res = dev.measure([job], images, labels, {job["key"]: ref}, profile, rounds=4, batch_size=128)
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        first = set(dev.copied)
         dev.measure([job], images, labels, {job["key"]: ref}, profile, rounds=4, batch_size=128)
-        cached = time.perf_counter() - t0
+        again = dev.copied
     finally:
         dev.close()
     row = res["results"][job["key"]]
@@ -151,4 +150,33 @@ def test_remote_deployment_gets_the_local_accuracy(sshd, trained_tiny, tiny_data
     assert row["executed_precision"]["summary"] == runner.info["executed_precision"]["summary"]
     assert len(row["rounds"]) == 4 and row["latency_ms"]["p50"] > 0 and row["throughput"]["items_per_s"] > 0
     assert res["key"] and res["fingerprint"]["cores"] == os.cpu_count()
-    assert cached < first + 5  # inputs, artifact and runner are not copied again (names carry digests)
+    # the first bench copies the split, the references, the model and the job; the next one
+    # nothing at all (names carry content digests; the device may hold them from an earlier test run)
+    assert {n.split("-")[0] for n in first} <= {"inputs", "refs", "model", "job"} and again == []
+
+
+@pytest.mark.slow
+def test_compress_bench_measures_a_host_target_like_the_local_one(sshd, tmp_path):
+    """The whole command on a short run: the same artifacts on ORT here and on ORT through sshd."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    from tests.compress.test_bench import _short_run
+    remote = (f"{{backend: onnxruntime, threads: 1, host: '{sshd['url']}', python: {sys.executable}, "
+              f"identity_file: {sshd['key']}, known_hosts: {sshd['known_hosts']}}}")
+    args = [a if not a.startswith("targets=") else f"targets=[{{backend: onnxruntime, threads: 1}}, {remote}]"
+            for a in _short_run(tmp_path)]
+    res = CliRunner().invoke(app, ["bench", str(ROOT / "examples" / "tiny.yaml"), *args, "--floor", "0",
+                                   "--device", "here"])
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "tiny" / "bench.json").read_text())
+    here = out["devices"].pop("here")["cases"]
+    (there,) = out["devices"].values()
+    assert there["host"] == sshd["url"] and set(there["cases"]) == set(here) == {
+        "teacher/onnxruntime", "distill/onnxruntime", "quantize/onnxruntime"}
+    for key, c in here.items():
+        r = there["cases"][key]
+        assert r["status"] == c["status"] == "ok" and r["executed_precision"] == c["executed_precision"]
+        for m in ("accuracy", "agreement", "size_bytes"):
+            assert r["metrics"][m]["value"] == c["metrics"][m]["value"], (key, m)
+    assert set(out["remote_overhead_s"][sshd["url"]]) >= {"connect", "check", "measure", "on_device"}
