@@ -38,8 +38,9 @@ class Metric:
     rounds: bool = False  # compared as distributions of per-round values
 
 
-# Absolute timings (gated with --gate absolute|both: a dedicated device): 10% p50, 15% p90
-# (the tail moves more), 10% throughput.
+# Absolute timings (gated with --gate absolute|both: a dedicated device): 10% p50, 25% p90
+# (the 10th-largest of 100 runs: one preemption moves it; it cancels least against the teacher
+# too: a 1.19x relative p90 came out significant in a repeat with nothing changed), 10% throughput.
 # Relative timings, `*_vs_teacher` (the default gate): each round's value divided by the
 # teacher's on the same backend in the same round, so load from other tenants cancels. Measured
 # on a shared 2-core box whose load rose from ~2 to ~6.5 between the baseline and 10 repeated
@@ -48,10 +49,10 @@ class Metric:
 # 0.005 accuracy: the deploy parity gate's max_acc_drop (half a point, past test-split noise).
 METRICS = {
     "latency_p50_ms": Metric("ms", True, 0.10, rounds=True),
-    "latency_p90_ms": Metric("ms", True, 0.15, rounds=True),
+    "latency_p90_ms": Metric("ms", True, 0.25, rounds=True),
     "throughput": Metric("items/s", False, 0.10, rounds=True),
     "latency_p50_vs_teacher": Metric("x teacher", True, 0.10, rounds=True),
-    "latency_p90_vs_teacher": Metric("x teacher", True, 0.15, rounds=True),
+    "latency_p90_vs_teacher": Metric("x teacher", True, 0.25, rounds=True),
     "throughput_vs_teacher": Metric("x teacher", False, 0.25, rounds=True),
     "accuracy": Metric("fraction", False, 0.005),
     "agreement": Metric("fraction", False, 0.005),

@@ -225,17 +225,22 @@ def test_bench_a_run_twice_then_an_fp32_model_posing_as_int8_is_flagged(tmp_path
     assert (tmp_path / "bench-out.json").is_file() and (tmp_path / "bench-out.bigger.json").is_file()
     assert ET.parse(tmp_path / "bench-junit.xml").getroot().get("tests") != "0"
     assert "## compress bench: tiny" in (tmp_path / "summary.md").read_text()
+    # a test machine's load changes under it: the gate's own false-alarm rate is measured in the
+    # bench note, not asserted here, so the timing tolerances are wide; the checks below are exact
+    loose = ["--tolerance", "latency_p50_vs_teacher=0.5", "--tolerance", "latency_p90_vs_teacher=1",
+             "--tolerance", "throughput_vs_teacher=0.7"]
     again = cli.invoke(app, ["bench", str(run_dir), "--device", "ci", "--baseline", str(base), "--floor", "0",
-                             "--json", "gh.json"])
+                             "--json", "gh.json", *loose])
     assert again.exit_code == OK, again.output
     assert "up to date, skipped" in again.output and "running" not in again.output  # nothing retrained
     names = [e["name"] for e in json.loads((tmp_path / "gh.json").read_text())]
     assert "teacher @ onnxruntime [ci] latency_p50_ms" in names
     shutil.copy(run_dir / "00-teacher" / "model.onnx", run_dir / "02-quantize" / "model.onnx")  # FP32, bigger
-    fake = cli.invoke(app, ["bench", str(run_dir), "--device", "ci", "--baseline", str(base), "--floor", "0"])
+    fake = cli.invoke(app, ["bench", str(run_dir), "--device", "ci", "--baseline", str(base), "--floor", "0", *loose])
     assert fake.exit_code == REGRESSION, fake.output
     assert "ci: quantize on onnxruntime: size_bytes regressed" in fake.output
-    assert "ci: quantize on onnxruntime: failed deploy's gate: int8 artifact but only 0 of" in fake.output
+    # the teacher's logits disagree with the int8 student's torch model: deploy's parity gate fails it
+    assert "ci: quantize on onnxruntime: failed deploy's gate: parity: top-1 agreement with torch" in fake.output
 
 
 def test_bench_arguments_are_checked(tmp_path):
