@@ -8,7 +8,6 @@ report; a config file works too): the pipeline's resume finds every stage finish
 rebuilds the models from their safetensors, so nothing trains."""
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,31 +16,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from compress import fingerprint
+from compress.bench_config import load_source, save_config
 from compress.errors import UserError
-
-CONFIG_FILE = "config.json"  # the resolved config, beside report.json in a run directory
-
-
-def load_source(source: Path, overrides: list[str]):
-    """RUN_DIR or CONFIG -> RunConfig."""
-    from compress.config import RunConfig, load_config
-    if source.is_dir():
-        path = source / CONFIG_FILE
-        if not path.is_file():
-            raise UserError(f"{path}: not found: a run directory made before `compress bench` existed "
-                            f"has no copy of its config; pass the config file instead")
-        if overrides:
-            raise UserError("--set: only with a CONFIG, not a RUN_DIR (its config is the run's)")
-        cfg = RunConfig.model_validate(json.loads(path.read_text()))
-        # the folder given is the run, wherever it was moved or copied to
-        return cfg.model_copy(update={"name": source.resolve().name, "output": cfg.output.model_copy(
-            update={"dir": str(source.resolve().parent)})})
-    return load_config(source, overrides)
-
-
-def save_config(cfg, run_dir: Path) -> None:
-    from compress.checkpoint import write_json
-    write_json(run_dir / CONFIG_FILE, {**cfg.model_dump(mode="json"), "config_dir": cfg.config_dir})
 
 
 def _metrics(row: dict, rounds: list[dict]) -> dict:

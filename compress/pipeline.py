@@ -251,7 +251,7 @@ class Pipeline:
 
     def run(self) -> dict:
         rows, models, ctx = self.run_stages()
-        from compress.bench import save_config  # `compress bench RUN_DIR` re-reads the run's config
+        from compress.bench_config import save_config  # `compress bench RUN_DIR` re-reads the run's config
         save_config(self.cfg, self.run_dir)
         from compress.deploy import deploy_all
         from compress.plan import deployment_plan
