@@ -160,6 +160,8 @@ class RemoteDevice:
         self._timed("copy", self.ssh.put, {n: files[n] for n in self.copied}, CACHE)
 
     def _script(self) -> str:
+        if not hasattr(self, "tag"):
+            raise RuntimeError("RemoteDevice.check() first: it installs the runner on the device")
         return f"{CACHE}/{self.tag}/remote_runner.py"
 
     def check(self) -> dict:
