@@ -131,6 +131,61 @@ def profile_cmd(model: Path = typer.Argument(..., help="an .onnx file or one in 
     typer.echo(f"  executed: {res['executed_precision']['summary']}")
 
 
+def _tolerances(pairs: Optional[List[str]]) -> dict:
+    from compress.bench_gate import METRICS
+    from compress.errors import UserError
+    out = {}
+    for pair in pairs or []:
+        key, _, value = pair.partition("=")
+        if key not in METRICS:
+            raise UserError(f"--tolerance {pair!r}: unknown metric {key!r} (metrics: {', '.join(METRICS)})")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise UserError(f"--tolerance {pair!r}: expected METRIC=NUMBER") from None
+    return out
+
+
+@app.command("bench", epilog="Exit codes: 0 no regression; 1 regression (a metric worse beyond its tolerance "
+                             "and outside the noise, accuracy under the floor, or a failed parity gate); "
+                             "2 could not measure (or a bad argument).")
+def bench_cmd(source: Path = typer.Argument(..., help="a finished run directory (RUN_DIR) or a run config (CONFIG)"),
+              device: Optional[str] = typer.Option(
+                  None, help="key results by this name instead of the device fingerprint"),
+              baseline: Optional[Path] = typer.Option(None, help="baseline JSON to gate against (per device)"),
+              history: Optional[Path] = typer.Option(
+                  None, help="history JSON lines: gate against the last --window entries, then append"),
+              window: int = typer.Option(5, min=1, help="history entries per device in the rolling baseline"),
+              rounds: int = typer.Option(5, help="interleaved latency rounds (>= 4)"),
+              update_baseline: bool = typer.Option(
+                  False, "--update-baseline", help=(
+                      "rewrite this device's entry of --baseline (others kept); reports the gate, exits 0 or 2")),
+              floor: float = typer.Option(
+                  0.99, help="least accuracy as a fraction of the teacher's (MLPerf: 0.99)"),
+              gate: str = typer.Option(
+                  "relative", help="timings gated: relative (each round / the teacher's on the same backend: "
+                                   "cancels other tenants' load; shared runners), absolute (dedicated devices), both"),
+              tolerance: Optional[List[str]] = typer.Option(
+                  None, help="METRIC=VALUE: override a metric's tolerance (repeatable)"),
+              json_out: Optional[Path] = typer.Option(
+                  None, "--json", help="github-action-benchmark JSON (FILE: smaller-is-better, FILE.bigger: "
+                                       "bigger-is-better)"),
+              junit: Optional[Path] = typer.Option(None, help="JUnit XML: a case per artifact x backend x metric"),
+              summary: Optional[Path] = typer.Option(None, help="markdown summary (for $GITHUB_STEP_SUMMARY)"),
+              set_: Optional[List[str]] = SetOpt):
+    """Measure every exported artifact of a run on every configured target (remote ones over SSH),
+    in interleaved rounds, and gate against a per-device baseline or history."""
+    from compress.bench import bench
+    try:
+        code = bench(source, device=device, baseline=baseline, history=history, window=window, rounds=rounds,
+                     update_baseline=update_baseline, floor=floor, tolerances=_tolerances(tolerance),
+                     json_out=json_out, junit=junit, summary=summary, overrides=set_, which=gate, log=typer.echo)
+    except _user_errors() as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
 def main():  # pragma: no cover
     app()
 

@@ -242,6 +242,35 @@ class TargetConfig(Strict):
         "the backend's own options (its Options model in targets/); their keys may also be written "
         "flat beside `backend`, as older configs do"))
     parity: ParityConfig = Field(default_factory=ParityConfig, description="the gate a deployment must pass")
+    host: Optional[str] = Field(None, description=(
+        "ssh://[user@]host[:port]: measure on that device (compress bench; targets/remote.py)"))
+    python: str = Field("python3", description="the device's Python with numpy + the runtime (with host)")
+    identity_file: Optional[str] = Field(None, description="ssh private key for host (default: ssh's own)")
+    known_hosts: Optional[str] = Field(None, description="known_hosts file pinning host's key (default: ssh's)")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v):
+        from targets.remote import parse_host
+        if v is not None:
+            parse_host(v)  # ValueError: one line naming what is expected
+        return v
+
+    @model_serializer(mode="wrap")
+    def _local_only(self, handler):
+        # a local target dumps (and hashes) as it did before remote devices existed
+        out = handler(self)
+        if isinstance(out, dict) and out.get("host") is None:
+            for k in ("host", "python", "identity_file", "known_hosts"):
+                out.pop(k, None)
+        return out
+
+    @model_validator(mode="after")
+    def _remote_backend(self):
+        from targets.remote import BACKENDS
+        if self.host is not None and self.backend not in BACKENDS:
+            raise ValueError(f"host: remote devices run backend {' | '.join(BACKENDS)}, not {self.backend}")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -259,6 +259,8 @@ class Pipeline:
 
     def run(self) -> dict:
         rows, models, ctx = self.run_stages()
+        from compress.bench_config import save_config  # `compress bench RUN_DIR` re-reads the run's config
+        save_config(self.cfg, self.run_dir)
         from compress.deploy import deploy_all
         from compress.plan import deployment_plan
         from compress.report import write_report
