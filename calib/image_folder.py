@@ -29,13 +29,17 @@ def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
 
 
+def _hidden_part(p: Path, folder: Path) -> bool:
+    return any(part.startswith(".") for part in p.relative_to(folder).parts)
+
+
 def _class_dirs(folder: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(folder.iterdir()) if p.is_dir() and _visible(p)}
 
 
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
-                  and all(_visible(q) for q in p.relative_to(folder).parts))
+                  and not _hidden_part(p, folder))
 
 
 def scan(root: Path, log: Callable[[str], None]) -> tuple[list[str], list[Path], list[int], list[int]]:
