@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -22,11 +23,14 @@ import torch
 CACHE_VERSION = 1  # bump when what a cache file holds, or how pixels are decoded, changes
 
 
-def cache_key(root: Path, files: list[Path], settings: dict) -> str:
+def cache_key(root: Path, files: list[tuple[str, int, int]], settings: dict) -> str:
+    """files: (path under root, size, mtime_ns); paths count relative to root, so a moved
+    folder (mv keeps mtimes) still hits."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, settings], sort_keys=True, default=str).encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    prefix = os.path.join(str(root), "")
+    for path, size, mtime in files:
+        rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+        h.update(f"{rel.replace(os.sep, '/')}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()[:20]
 
 

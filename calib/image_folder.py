@@ -10,6 +10,7 @@ returned in Dataset.source so the deployment manifest states them.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,21 +30,31 @@ def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
 
 
-def _hidden_part(p: Path, folder: Path) -> bool:
-    return any(part.startswith(".") for part in p.relative_to(folder).parts)
-
-
 def _class_dirs(folder: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(folder.iterdir()) if p.is_dir() and _visible(p)}
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
-                  and not _hidden_part(p, folder))
+def _images(folder: Path) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of the image files under folder, sorted by path. os.walk and
+    strings, not pathlib: scanning 70,000 files is part of every cached load (~5x faster)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for f in filenames:
+            if f.startswith(".") or os.path.splitext(f)[1].lower() not in SUFFIXES:
+                continue
+            path = os.path.join(dirpath, f)
+            try:
+                st = os.stat(path)
+            except OSError as e:  # e.g. a broken symlink
+                raise DataError(f"{path}: cannot read ({e})") from None
+            out.append((path, st.st_size, st.st_mtime_ns))
+    return sorted(out)
 
 
-def scan(root: Path, log: Callable[[str], None]) -> tuple[list[str], list[Path], list[int], list[int]]:
-    """(classes, files, labels, part) of the folder; part: TRAIN, TEST or TREE per file."""
+def scan(root: Path, log: Callable[[str], None]) -> tuple[list[str], list[tuple[str, int, int]], list[int], list[int]]:
+    """(classes, files, labels, part) of the folder: files as (path, size, mtime_ns); part:
+    TRAIN, TEST or TREE per file."""
     if not root.is_dir():
         raise DataError(f"data.root={root}: not a folder (image_folder expects train/ and val/ of class "
                         f"folders, or class folders)")
@@ -138,18 +149,19 @@ def decode_all(files: list[Path], transform, log: Callable[[str], None]) -> torc
 def load_decoded(root: Path, transform, cache_dir: Optional[Path], log) -> tuple[list[str], dict[str, torch.Tensor]]:
     """(classes, {images, labels, part}) for every file, from the cache when it is current."""
     import PIL
+    t0 = time.time()
     classes, files, labels, part = scan(root, log)
     settings = {"classes": classes, "resize": transform.resize, "center_crop": transform.center_crop,
                 "channels": transform.channels, "pillow": PIL.__version__}
     path = cache.cache_path(cache_dir, cache.cache_key(root, files, settings)) if cache_dir else None
-    t0 = time.time()
     hit = cache.read(path) if path else None
     if hit is not None:
-        log(f"data: {len(files)} images of {root} from the decode cache {path} ({time.time() - t0:.1f}s)")
+        log(f"data: {len(files)} images of {root} from the decode cache {path} (listed and read "
+            f"in {time.time() - t0:.1f}s)")
         return classes, hit[0]
     log(f"data: decoding {len(files)} images of {root} (once; cached by file names, sizes and mtimes)")
-    tensors = {"images": decode_all(files, transform, log), "labels": torch.tensor(labels, dtype=torch.int64),
-               "part": torch.tensor(part, dtype=torch.uint8)}
+    tensors = {"images": decode_all([Path(f[0]) for f in files], transform, log),
+               "labels": torch.tensor(labels, dtype=torch.int64), "part": torch.tensor(part, dtype=torch.uint8)}
     seconds = time.time() - t0
     if path:
         cache.write(path, tensors, {"root": str(root), "files": len(files), "decode_seconds": round(seconds, 2)})
