@@ -71,8 +71,7 @@ Size = Annotated[Optional[Union[int, tuple[int, int]]], AfterValidator(lambda v:
 
 
 class TransformConfig(Strict):
-    """How image_folder files become pixels: decoded once (Pillow) and cached; the same steps go
-    to every deployment manifest."""
+    """How image_folder files become pixels (decoded once with Pillow, cached; stated in every manifest)."""
     resize: Size = None
     """int: the shorter side to this many pixels, aspect kept (as torchvision's Resize(int)); [h, w]:
     exactly that size. Bilinear, antialiased (Pillow). Default: none (every image must have one size)"""
