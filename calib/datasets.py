@@ -95,8 +95,9 @@ class Dataset:
     def preprocessing(self) -> dict:
         """What a deployment needs to turn raw pixels into the model's input: the decode steps
         (`source`, image folders), then x * scale, then (x - mean) / std per channel."""
-        return {**self.source, "scale": self.scale, "mean": list(self.mean), "std": list(self.std),
-                "layout": "NCHW", "dtype": "float32"}
+        c = self.input_shape[0]  # one mean/std for all channels is written out per channel: one rule to read
+        mean, std = ([float(v[0])] * c if len(v) == 1 else list(v) for v in (self.mean, self.std))
+        return {**self.source, "scale": self.scale, "mean": mean, "std": std, "layout": "NCHW", "dtype": "float32"}
 
 
 def read_idx(path: Path) -> np.ndarray:

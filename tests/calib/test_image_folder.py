@@ -115,6 +115,11 @@ def test_statistics_from_the_training_images_or_as_given(tmp_path):
     assert any("normalization computed from the 15 training images" in m for m in logs)
     given = load(tmp_path, transform={"mean": [0.5], "std": [0.25]})
     assert given.mean == [0.5] and given.std == [0.25]
+    # one value for three channels: written per channel, so evaluate.preprocess reads it as it is
+    pre = given.preprocessing()
+    assert pre["mean"] == [0.5] * 3 and pre["std"] == [0.25] * 3
+    x = preprocess(given.test.images.numpy(), {"input": pre})
+    assert np.allclose(x, given.normalize(given.test.images).numpy(), atol=1e-6)
     assert pixel_stats(torch.full((2, 1, 2, 2), 255, dtype=torch.uint8))[0] == [1.0]
 
 
