@@ -3,10 +3,10 @@
     python examples/make_image_folder.py OUT [--root /usr/share/datasets/fashion-mnist]
                                              [--per-class-train N] [--per-class-test N]
 
-OUT/train/<class>/<index>.png and OUT/test/<class>/<index>.png; class folder names are the
-Fashion-MNIST class names made file-safe ("T-shirt/top" -> "T-shirt_top"), so
-`data: {dataset: image_folder, root: OUT}` reads them back (classes sorted by name, which is not
-Fashion-MNIST's label order: the run and its manifests record the order it uses). Each 28x28 gray
+OUT/train/<class>/<index>.png and OUT/test/<class>/<index>.png; a class folder is named by its
+label and its file-safe class name ("0-T-shirt_top", "1-Trouser", ...), so the sorted folder
+names that `data: {dataset: image_folder, root: OUT}` takes as classes keep Fashion-MNIST's label
+order (a teacher trained on the IDX files reads these labels the same way). Each 28x28 gray
 image is resized to 32x32 (bilinear, Pillow) and repeated over three channels, the input an RGB
 model such as a torchvision ResNet-18 expects. --per-class-* take the first N images of each
 class (a subset for quick runs); by default every image is written (70,000 files, ~1 minute).
@@ -33,14 +33,14 @@ from calib.datasets import (  # noqa: E402
 SIZE = 32
 
 
-def folder_name(cls: str) -> str:
-    return cls.replace("/", "_").replace(" ", "_")
+def folder_name(k: int, cls: str) -> str:
+    return f"{k}-" + cls.replace("/", "_").replace(" ", "_")  # one digit: 10 classes sort as 0..9
 
 
 def write_split(images: np.ndarray, labels: np.ndarray, out: Path, per_class: int | None) -> int:
     written = 0
     for k, cls in enumerate(FASHION_MNIST_CLASSES):
-        d = out / folder_name(cls)
+        d = out / folder_name(k, cls)
         d.mkdir(parents=True, exist_ok=True)
         idx = np.flatnonzero(labels == k)[:per_class]
         for i in idx:

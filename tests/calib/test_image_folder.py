@@ -191,3 +191,25 @@ def test_transform_is_checked_in_the_config():
         DataConfig(dataset="image_folder", root="x", transform={"mean": [0.5]})
     with pytest.raises(ValueError, match=r"expected a positive int or \[height, width\]"):
         DataConfig(dataset="image_folder", root="x", transform={"resize": [0, 4]})
+
+
+def test_the_example_script_writes_fashion_mnist_folders_in_label_order(tmp_path):
+    import importlib.util
+
+    from calib.datasets import fashion_mnist
+    from tests.calib.test_datasets import make_fmnist_folder
+    from tests.conftest import ROOT
+    spec = importlib.util.spec_from_file_location("make_image_folder", ROOT / "examples" / "make_image_folder.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "idx").mkdir()
+    idx = make_fmnist_folder(tmp_path / "idx")  # 40 train / 20 test, labels i % 10
+    script.main([str(tmp_path / "out"), "--root", str(idx), "--per-class-train", "3"])
+    d = load(tmp_path / "out")
+    assert d.classes[:2] == ["0-T-shirt_top", "1-Trouser"] and d.input_shape == (3, 32, 32)
+    assert len(d.train) == 30 and len(d.test) == 20
+    ref = fashion_mnist(idx)
+    assert d.test.labels.tolist() == sorted(ref.test.labels.tolist())  # class k's folder holds label k
+    # gray repeated over RGB, resized 28 -> 32 by Pillow's bilinear
+    want = np.asarray(Image.fromarray(ref.test.images[0, 0].numpy()).resize((32, 32), Image.Resampling.BILINEAR))
+    assert np.array_equal(d.test.images[0, 1].numpy(), want)
