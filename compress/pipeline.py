@@ -146,13 +146,16 @@ class Pipeline:
                  f"MACs {metrics['macs']:,} ({seconds:.0f}s)")
         return metrics
 
-    def _teacher(self, ctx: RunContext, i: int, tc) -> tuple[nn.Module, dict, str, str, Path, Structure]:
+    def _teacher_id(self, i: int, tc) -> tuple[str, Path, Optional[str]]:
+        """(stage name, stage dir, digest of its checkpoint file or None)."""
         name = "teacher" if i == 0 else f"teacher-{i + 1}"
         sdir = self.run_dir / ("00-teacher" if i == 0 else f"00-teacher-{i + 1}")
-        source = file_digest(self.cfg.resolve_path(tc.checkpoint)) if tc.checkpoint else None
+        return name, sdir, file_digest(self.cfg.resolve_path(tc.checkpoint)) if tc.checkpoint else None
+
+    def _teacher(self, ctx: RunContext, i: int, tc) -> tuple[nn.Module, dict, str, str, Path, Structure]:
+        name, sdir, source = self._teacher_id(i, tc)
         h = config_hash(tc.model_dump(exclude={"weight"}), self.cfg.data.identity(self.data_digest),
                         self.cfg.data.batch_size, self.cfg.seed + i, source)
-        teacher_classes(sdir, source, ctx.data.classes, name)
         done = load_done(sdir, h, name, self.log)
         if done:
             return done[0], done[2], h, name, sdir, done[1]
@@ -184,6 +187,9 @@ class Pipeline:
 
     def _teachers(self, ctx: RunContext, rows: list, models: dict) -> list[nn.Module]:
         members, hashes = [], []
+        for i, tc in enumerate(self.cfg.teachers):  # every teacher's recorded classes, before any trains
+            name, sdir, source = self._teacher_id(i, tc)
+            teacher_classes(sdir, source, ctx.data.classes, name)
         for i, tc in enumerate(self.cfg.teachers):
             teacher, tmetrics, h, name, sdir, structure = self._teacher(ctx, i, tc)
             rows.append(tmetrics)
