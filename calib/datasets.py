@@ -1,17 +1,20 @@
-"""Datasets as in-memory uint8 tensors plus the normalization that defines them.
+"""Datasets as in-memory image tensors plus the normalization that defines them.
 
 A dataset is kept as raw uint8 images (N, C, H, W) and int64 labels; the float
 transform (scale 1/255, then mean/std) is part of the dataset definition so the same
 numbers can be written into every deployment manifest and applied by any runtime.
+Float images are accepted only when the Dataset declares them (`pixels="float"`: float
+values in [0, 1], scale 1); calib/checks.py enforces both rules at load time.
 """
 from __future__ import annotations
 
 import gzip
 import importlib
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -35,10 +38,13 @@ class DataError(UserError):
     """A dataset path or file that cannot be used; the message names the file."""
 
 
+PIXELS = {"uint8": 1 / 255.0, "float": 1.0}  # declared pixel type -> the scale to [0, 1]
+
+
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8, (N, C, H, W)
-    labels: torch.Tensor  # int64, (N,)
+    images: torch.Tensor  # uint8 (N, C, H, W); float32 in [0, 1] where the Dataset declares pixels="float"
+    labels: torch.Tensor  # classification: int64 (N,)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -56,27 +62,42 @@ class Dataset:
     mean: list[float]
     std: list[float]
     classes: list[str] = field(default_factory=list)
+    pixels: str = "uint8"
+    """uint8: images are uint8 0-255; float: float images already in [0, 1] (declared, never guessed)"""
+    source: dict = field(default_factory=dict)
+    """how raw files became these pixels (image folders: resize, center_crop, interpolation,
+    channels), written to the deployment manifest beside scale/mean/std"""
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
 
+    @property
+    def scale(self) -> float:
+        return PIXELS[self.pixels]
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) -> normalized float32, the model's input."""
+        """Images (N, C, H, W) -> normalized float32, the model's input. uint8 is scaled by
+        1/255; a float tensor is taken as [0, 1] already (declared float images, or images made
+        in [0, 1] such as synthetic calibration's), so nothing is divided by 255 twice."""
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.std).view(1, -1, 1, 1)
-        return (images.float() / 255.0 - mean) / std
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        return (x - mean) / std
 
     def normalize_np(self, images: np.ndarray) -> np.ndarray:
         """The same transform in numpy, as a deployment applies it from the manifest."""
         mean = np.asarray(self.mean, np.float32).reshape(1, -1, 1, 1)
         std = np.asarray(self.std, np.float32).reshape(1, -1, 1, 1)
-        return ((images.astype(np.float32) * np.float32(1 / 255.0)) - mean) / std
+        scale = np.float32(1 / 255.0) if images.dtype == np.uint8 else np.float32(1.0)
+        return ((images.astype(np.float32) * scale) - mean) / std
 
     def preprocessing(self) -> dict:
-        """What a deployment needs to turn raw pixels into the model's input."""
-        return {"scale": 1 / 255.0, "mean": list(self.mean), "std": list(self.std),
-                "layout": "NCHW", "dtype": "float32"}
+        """What a deployment needs to turn raw pixels into the model's input: the decode steps
+        (`source`, image folders), then x * scale, then (x - mean) / std per channel."""
+        c = self.input_shape[0]  # one mean/std for all channels is written out per channel: one rule to read
+        mean, std = ([float(v[0])] * c if len(v) == 1 else list(v) for v in (self.mean, self.std))
+        return {**self.source, "scale": self.scale, "mean": mean, "std": std, "layout": "NCHW", "dtype": "float32"}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -99,6 +120,20 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"{path}: header says {dims} = {expected} bytes, file holds "
                         f"{len(data) - header}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def idx_length(path: Path) -> int:
+    """The first dimension of an IDX file, from its header only (preflight: no decompression
+    of the whole file)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(8)
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read IDX file ({e})") from e
+    if len(head) < 8 or head[0] != 0 or head[1] != 0 or head[3] < 1:
+        raise DataError(f"{path}: not an IDX file (expected magic 0x0000 then type and rank)")
+    return struct.unpack(">I", head[4:8])[0]
 
 
 def check_fashion_mnist_root(root: str | Path) -> Path:
@@ -163,15 +198,29 @@ def synthetic(num_classes: int = 10, train_size: int = 2048, test_size: int = 51
                    [f"class{i}" for i in range(num_classes)])
 
 
-def resolve_factory(spec: str, what: str) -> Callable:
-    """Resolve a "pkg.module:factory" string; the one place configs name code."""
+def add_import_path(folder: Path) -> None:
+    """Append `folder` (a config's folder) to sys.path, once. Appended, not prepended: a file
+    there named like an installed package (yaml.py, torch.py) must not shadow it."""
+    folder = str(Path(folder).resolve())
+    if folder not in sys.path:
+        sys.path.append(folder)
+
+
+def resolve_factory(spec: str, what: str, search: Optional[Path] = None) -> Callable:
+    """Resolve a "pkg.module:factory" string; the one place configs name code. `search`: a
+    folder put on the import path first (the config's), named when the import fails."""
     if ":" not in spec:
         raise UserError(f"{what}={spec!r}: expected a built-in name or 'pkg.module:factory'")
+    if search is not None:
+        add_import_path(search)
     mod_name, attr = spec.split(":", 1)
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise UserError(f"{what}={spec!r}: cannot import module {mod_name!r} ({e})") from e
+        file = mod_name.replace(".", "/") + ".py"
+        where = (f"; the config's folder {Path(search).resolve()} is on the import path, so {file} "
+                 f"beside the config imports" if search is not None else "")
+        raise UserError(f"{what}={spec!r}: cannot import module {mod_name!r} ({e}{where})") from e
     fn = getattr(mod, attr, None)
     if not callable(fn):
         raise UserError(f"{what}={spec!r}: module {mod_name!r} has no callable {attr!r}")

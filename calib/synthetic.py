@@ -102,7 +102,7 @@ def synthesize(model: nn.Module, n: int, input_shape, normalize: Callable[[torch
             z = torch.randn(max(b, 2), *input_shape, generator=g).requires_grad_(True)
             opt = torch.optim.Adam([z], lr=cfg.lr)
             for step in range(cfg.steps):
-                model(normalize(torch.sigmoid(z) * 255))
+                model(normalize(torch.sigmoid(z)))  # float in [0, 1]: see Dataset.normalize
                 loss = stats.take()
                 if step == 0:
                     before.append(float(loss.detach()))

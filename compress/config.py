@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -26,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from calib.datasets import FASHION_MNIST_DEFAULT_ROOT
+from calib.datasets import FASHION_MNIST_DEFAULT_ROOT, add_import_path
 from calib.synthetic import SynthesisConfig
 from compress import stages as stage_table
 from compress.distill.objectives import NEEDS_TEACHER
@@ -56,14 +57,70 @@ class SyntheticConfig(Strict):
     noise: float = Field(0.15, ge=0, description="pixel noise std (0..1 scale)")
 
 
+DATASETS = ("fashion_mnist", "synthetic", "image_folder")  # built in; anything else is 'pkg.module:factory'
+
+
+def _size(v):
+    """int (square, or resize's shorter side) or [h, w]; positive."""
+    sizes = [v] if isinstance(v, int) else list(v)
+    if not 1 <= len(sizes) <= 2 or any(s < 1 for s in sizes):
+        raise ValueError(f"{v!r}: expected a positive int or [height, width]")
+    return v if isinstance(v, int) else (tuple(sizes) if len(sizes) == 2 else sizes[0])
+
+
+Size = Annotated[Optional[Union[int, tuple[int, int]]], AfterValidator(lambda v: v if v is None else _size(v))]
+
+
+class TransformConfig(Strict):
+    """How image_folder files become pixels (decoded once with Pillow, cached; stated in every manifest)."""
+    resize: Size = None
+    """int: the shorter side to this many pixels, aspect kept (as torchvision's Resize(int)); [h, w]:
+    exactly that size. Bilinear, antialiased (Pillow). Default: none (every image must have one size)"""
+    center_crop: Size = None
+    """after resize: the central crop of this size (int: square, or [h, w])"""
+    channels: Optional[Literal[1, 3]] = None
+    """1: grayscale (Pillow 'L'), 3: RGB (alpha dropped). Default: 1 when every image is grayscale, else 3"""
+    mean: Optional[list[float]] = None
+    """per-channel mean of the pixels scaled to [0, 1] (one value, or one per channel). Default:
+    computed from the training images (after resize/crop), and logged"""
+    std: Optional[list[float]] = None
+    """per-channel std of the pixels scaled to [0, 1]; given together with mean"""
+
+    @model_validator(mode="after")
+    def _stats_together(self):
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std: give both, or neither (then both are computed from the training images)")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"std: {self.std}: every value must be > 0")
+        return self
+
+
+class SplitConfig(Strict):
+    """How an image_folder of class folders only (no train/ and val/) is split into train and test."""
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of each class's images held out for testing")
+    seed: int = Field(0, description="seed of the stratified split (its own: a new run seed keeps the split)")
+
+
 class DataConfig(Strict):
     """Where the images come from and how they are batched."""
     dataset: str = Field("fashion_mnist")
-    """fashion_mnist | synthetic | 'pkg.module:factory' returning calib.datasets.Dataset"""
-    root: str = Field(FASHION_MNIST_DEFAULT_ROOT, description="folder with the four Fashion-MNIST IDX .gz files")
+    """fashion_mnist | synthetic | image_folder (class folders under root) | 'pkg.module:factory' returning a
+    calib.datasets.Dataset (the README's "Your data"; the config's folder is on the import path)"""
+    root: str = Field(FASHION_MNIST_DEFAULT_ROOT)
+    """fashion_mnist: the folder of the four IDX .gz files; image_folder: train/ and val/ (or test/) of class
+    folders, or class folders alone (split by `split`); a factory: passed as root= when set. Relative to the
+    config file"""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """keyword arguments of a dataset factory (plain data); a key its signature does not take is an error"""
+    transform: TransformConfig = Field(default_factory=TransformConfig, description="image_folder decoding")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="image_folder without train/ and val/")
+    cache_dir: Optional[str] = Field(None)
+    """image_folder decode cache (relative to the config file); default: <output.dir>/.cache"""
     batch_size: int = Field(128, ge=1, description="training batch size")
     eval_batch_size: int = Field(500, ge=1, description="batch size for accuracy passes")
-    calib_samples: int = Field(1024, ge=1, description="calibration subset size (stratified, seeded)")
+    calib_samples: int = Field(1024, ge=1)
+    """calibration subset size (stratified, seeded); set larger than the training split it is an error,
+    left at its default it is capped at the training split's size"""
     calibration: Literal["real", "synthetic"] = Field("real")
     """real: a stratified subset of the training split; synthetic: data-free images fitted to BatchNorm statistics
     (ZeroQ; whose: synthesis.source), used to calibrate and distill the quantize stage"""
@@ -73,13 +130,50 @@ class DataConfig(Strict):
     limit_test: Optional[int] = Field(None, ge=1, description="use a stratified subset of this many test examples")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="used when dataset is synthetic")
 
-    def identity(self) -> dict:
-        """The fields that change which examples a run sees (hashed for resume); paths and
-        evaluation batch sizes do not, so moving the data folder keeps finished stages."""
+    @field_validator("kwargs")
+    @classmethod
+    def _plain_kwargs(cls, v):
+        from compress.model_spec import check_plain
+        return check_plain(v, "kwargs")
+
+    @model_validator(mode="after")
+    def _fits_dataset(self):
+        d, given = self.dataset, self.model_fields_set
+        if d not in DATASETS and ":" not in d:
+            hint = f" (a folder of images: dataset: image_folder, root: {d})" if "/" in d or "." in d else ""
+            raise ValueError(f"dataset: {d!r}: expected {', '.join(DATASETS)} or 'pkg.module:factory'{hint}")
+        if d == "image_folder" and "root" not in given:
+            raise ValueError("root: required for dataset image_folder (the folder of train/ and val/, or of "
+                             "class folders)")
+        kind = "factory" if ":" in d else d
+        for key, needs in (("transform", "image_folder"), ("split", "image_folder"), ("cache_dir", "image_folder"),
+                           ("kwargs", "factory")):
+            if key in given and getattr(self, key) not in (None, {}) and kind != needs:
+                what = "a 'pkg.module:factory'" if needs == "factory" else needs
+                raise ValueError(f"{key}: applies to dataset {what} only (dataset is {d})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _no_unused(self, handler):
+        # settings left at their defaults are left out of the dump: it is hashed (the run's
+        # identity), and runs finished before these keys existed keep their hash
+        out = handler(self)
+        if isinstance(out, dict):
+            for key in ("kwargs", "transform", "split", "cache_dir"):
+                if key not in self.model_fields_set or not getattr(self, key):
+                    out.pop(key, None)
+        return out
+
+    def identity(self, digest: Optional[str] = None) -> dict:
+        """The fields that change which examples a run sees (hashed for resume), and the digest
+        of the data as loaded (calib.checks.data_digest): changed data reruns the stages. Paths
+        and evaluation batch sizes do not count, so moving the data folder keeps finished stages."""
         keep = {"dataset": self.dataset, "limit_train": self.limit_train,
                 "limit_test": self.limit_test}
         if self.dataset == "synthetic":
             keep["synthetic"] = self.synthetic.model_dump()
+        if digest is not None:
+            keep["digest"] = digest
         return keep
 
 
@@ -460,6 +554,7 @@ def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     if "config_dir" in raw:
         raise ConfigError(f"{path}: config_dir: unknown key")
     raw["config_dir"] = str(path.parent.resolve())
+    add_import_path(path.parent)  # a 'pkg.module:factory' module beside the config imports
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:

@@ -327,7 +327,7 @@ def export_model(model: nn.Module, out_dir: Path, data, opset: int, backends: Un
         "stage": stage, "files": files,
         "input": {"name": INPUT, "shape": ["batch", *data.input_shape], "layout": "NCHW",
                   "dtype": "float32", **{k: v for k, v in data.preprocessing().items()
-                                          if k in ("scale", "mean", "std")}},
+                                          if k not in ("layout", "dtype")}},
         "output": {"name": OUTPUT, "kind": "logits", "num_classes": data.num_classes,
                    "classes": data.classes},
         "precision": _precision(fmt),

@@ -19,7 +19,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from calib.datasets import Dataset, fashion_mnist, resolve_factory, synthetic
+from calib.checks import data_digest
+from calib.datasets import Dataset
 from calib.sampling import calibration_split, stratified_indices
 from compress import stages
 from compress.checkpoint import read_state_dict, save_weights, write_json
@@ -36,23 +37,41 @@ from compress.train import TrainEnv, fit, predict
 __all__ = ["Pipeline", "RunContext", "StageResult", "load_data", "rebuild", "model_stats"]
 
 
-def load_data(cfg: RunConfig) -> Dataset:
+def load_data(cfg: RunConfig, log: Callable[[str], None] = lambda s: None) -> Dataset:
+    """The configured data, checked (calib/checks.py: pixels, labels, classes, limits; every
+    problem in one error), then subset by limit_train / limit_test."""
+    from calib.load import load_checked
     d = cfg.data
-    if d.dataset == "fashion_mnist":
-        data = fashion_mnist(cfg.resolve_path(d.root))
-    elif d.dataset == "synthetic":
-        data = synthetic(**d.synthetic.model_dump(), seed=cfg.seed)
-    else:
-        data = resolve_factory(d.dataset, "data.dataset")()
-        if not isinstance(data, Dataset):
-            raise UserError(f"data.dataset={d.dataset!r} returned {type(data).__name__}, "
-                             f"expected calib.datasets.Dataset")
+    data = load_checked(d, cfg.seed, cfg.resolve_path, Path(cfg.config_dir), Path(cfg.output.dir) / ".cache", log,
+                        cfg.task.kind)
     if d.limit_train:
         data.train = data.train.subset(stratified_indices(data.train.labels, d.limit_train, cfg.seed))
     if d.limit_test:
         data.test = data.test.subset(stratified_indices(data.test.labels, d.limit_test, cfg.seed))
     TASK_TABLE[cfg.task.kind](cfg.task).check_labels(data, f"data.dataset={d.dataset}")
     return data
+
+
+def record_data(run_dir: Path, data: Dataset, digest: str) -> None:
+    """runs/<name>/data.json: what the run trained and evaluated on, class order included."""
+    write_json(run_dir / "data.json", {"name": data.name, "digest": digest, "classes": data.classes,
+                                       "num_classes": data.num_classes, "train": len(data.train),
+                                       "test": len(data.test), "input_shape": list(data.input_shape),
+                                       "preprocessing": data.preprocessing()})
+
+
+def teacher_classes(sdir: Path, source: Optional[str], classes: list[str], name: str) -> None:
+    """A checkpoint teacher this run dir recorded with other class names or order: an error
+    showing both lists (a teacher trained here retrains on changed data instead)."""
+    from calib.checks import check_class_order
+    m = sdir / "metrics.json"
+    if source is None or not m.is_file():
+        return
+    rec = json.loads(m.read_text())
+    if rec.get("checkpoint_digest") == source:
+        line = check_class_order(rec.get("classes") or [], classes, f"{name} (recorded in {m})")
+        if line:
+            raise UserError(line)
 
 
 def preflight(cfg: RunConfig, ctx: RunContext) -> None:
@@ -113,9 +132,12 @@ class Pipeline:
         self.run_dir = Path(cfg.output.dir) / cfg.name
         self.device = pick_device(cfg.device)
         self.task = from_config(cfg)
+        self.data_digest: Optional[str] = None  # of the data as loaded (calib.checks.data_digest), hashed for resume
 
     def _save(self, sdir: Path, name: str, res: StageResult, h: str, t0: float, ctx: RunContext, scfg) -> dict:
-        save_weights(res.model, sdir / "model.safetensors", {"stage": name, "config_hash": h})
+        # the class order travels with the weights: a later run using them as a teacher checks it
+        save_weights(res.model, sdir / "model.safetensors", {"stage": name, "config_hash": h,
+                                                             "classes": json.dumps(ctx.data.classes)})
         res.structure.write(sdir / "structure.json")
         logits = predict(res.model, ctx.data.test, ctx.data, self.cfg.data.eval_batch_size)
         seconds = time.time() - t0
@@ -131,13 +153,17 @@ class Pipeline:
                  f"MACs {metrics['macs']:,} ({seconds:.0f}s)")
         return metrics
 
-    def _teacher(self, ctx: RunContext, i: int, tc) -> tuple[nn.Module, dict, str, str, Path, Structure]:
+    def _teacher_id(self, i: int, tc) -> tuple[str, Path, Optional[str]]:
+        """(stage name, stage dir, digest of its checkpoint file or None)."""
         name = "teacher" if i == 0 else f"teacher-{i + 1}"
         sdir = self.run_dir / ("00-teacher" if i == 0 else f"00-teacher-{i + 1}")
-        source = file_digest(self.cfg.resolve_path(tc.checkpoint)) if tc.checkpoint else None
+        return name, sdir, file_digest(self.cfg.resolve_path(tc.checkpoint)) if tc.checkpoint else None
+
+    def _teacher(self, ctx: RunContext, i: int, tc) -> tuple[nn.Module, dict, str, str, Path, Structure]:
+        name, sdir, source = self._teacher_id(i, tc)
         # the task only where it is not classification: finished classification runs stay finished
         task = [self.cfg.task.model_dump()] if self.cfg.task.kind != "classification" else []
-        h = config_hash(tc.model_dump(exclude={"weight"}), self.cfg.data.identity(),
+        h = config_hash(tc.model_dump(exclude={"weight"}), self.cfg.data.identity(self.data_digest),
                         self.cfg.data.batch_size, self.cfg.seed + i, source, *task)
         done = load_done(sdir, h, name, self.log)
         if done:
@@ -147,9 +173,9 @@ class Pipeline:
         structure = ctx.structure.model_copy(update={"model": tc.model, "kwargs": tc.kwargs,
                                                      "adapted": built.adapted})
         model = built.model
-        history, extra = [], {}
+        history, extra = [], {"classes": ctx.data.classes}
         if tc.checkpoint:
-            extra["checkpoint"] = tc.checkpoint
+            extra.update(checkpoint=tc.checkpoint, checkpoint_digest=source)
         else:
             self.log(f"[{name}] training {tc.model} for {tc.train.epochs} epochs")
             env = TrainEnv(ctx.batch_size, desc=name, seed=self.cfg.seed + i, device=self.device, log=self.log,
@@ -170,6 +196,9 @@ class Pipeline:
 
     def _teachers(self, ctx: RunContext, rows: list, models: dict) -> list[nn.Module]:
         members, hashes = [], []
+        for i, tc in enumerate(self.cfg.teachers):  # every teacher's recorded classes, before any trains
+            name, sdir, source = self._teacher_id(i, tc)
+            teacher_classes(sdir, source, ctx.data.classes, name)
         for i, tc in enumerate(self.cfg.teachers):
             teacher, tmetrics, h, name, sdir, structure = self._teacher(ctx, i, tc)
             rows.append(tmetrics)
@@ -182,7 +211,7 @@ class Pipeline:
             from compress.distill.ensemble import Ensemble
             ctx.teacher = Ensemble(members, [t.weight for t in self.cfg.teachers])
         ctx.teacher_key = config_hash(hashes, [t.weight for t in self.cfg.teachers])
-        ctx.data_key = config_hash(self.cfg.data.identity())
+        ctx.data_key = config_hash(self.cfg.data.identity(self.data_digest))
         return members
 
     def _student(self, ctx: RunContext) -> tuple[nn.Module, str]:
@@ -239,9 +268,11 @@ class Pipeline:
         """Train/prune/quantize as configured. Returns the stage rows and, per stage name,
         (model, stage dir, structure) for export."""
         torch.manual_seed(self.cfg.seed)
-        data = load_data(self.cfg)
+        data = load_data(self.cfg, self.log)
+        self.data_digest = data_digest(data)
         ctx = self._context(data)
         preflight(self.cfg, ctx)
+        record_data(self.run_dir, data, self.data_digest)
         self.log(f"data: {data.name}, {len(data.train)} train / {len(data.test)} test, "
                  f"input {data.input_shape}, {data.num_classes} classes")
         rows, models = [], {}

@@ -7,7 +7,8 @@ pairs once through their adapters. Each problem is one line naming its field (an
 sides of a mismatch); all lines are reported together.
 
 Cost: a few models built and one batch-2 forward each (well under a second for the demo);
-data is loaded only for a factory dataset (Fashion-MNIST and synthetic shapes are known).
+data is loaded (and checked: calib/checks.py) only for an image folder or a factory dataset
+(Fashion-MNIST's sizes come from its IDX headers, synthetic's from the config).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class DataInfo:
     name: str
     num_classes: int
     input_shape: tuple[int, int, int]
+    classes: tuple[str, ...] = ()
+    sizes: tuple[int, int] = (0, 0)  # train, test
 
 
 @dataclass
@@ -46,24 +49,30 @@ class Built:
     ok: bool = False  # built, its checkpoint loaded, and its dry forward gave the right logits
 
 
-def data_info(cfg: "RunConfig"):
-    """The data's classes and input shape: read from the config for fashion_mnist (after
-    checking its files are there) and synthetic; a factory dataset is loaded (not trained on)."""
+def data_info(cfg: "RunConfig", log: Callable[[str], None] = lambda s: None):
+    """The data's classes, input shape and sizes: read from the config for synthetic and from the
+    IDX headers for fashion_mnist (after checking its files are there); an image folder or a
+    factory dataset is loaded (from the decode cache where there is one) and checked as the run
+    checks it (calib/load.py)."""
+    from calib import datasets as ds
+    from calib.checks import check_limits
+    from calib.load import limits, load_checked
     d = cfg.data
-    if d.dataset == "fashion_mnist":
-        from calib.datasets import check_fashion_mnist_root
-        check_fashion_mnist_root(cfg.resolve_path(d.root))
-        return DataInfo("fashion_mnist", 10, (1, 28, 28))
-    if d.dataset == "synthetic":
-        s = d.synthetic
-        return DataInfo("synthetic", s.num_classes, (s.channels, s.image_size, s.image_size))
-    # the factory call of compress.pipeline.load_data, without its subsets (shapes suffice);
-    # not imported from there: the pipeline imports this module
-    from calib.datasets import Dataset, resolve_factory
-    data = resolve_factory(d.dataset, "data.dataset")()
-    if not isinstance(data, Dataset):
-        raise UserError(f"data.dataset={d.dataset!r} returned {type(data).__name__}, expected calib.datasets.Dataset")
-    return data
+    if d.dataset in ("fashion_mnist", "synthetic"):
+        if d.dataset == "fashion_mnist":
+            root = ds.check_fashion_mnist_root(cfg.resolve_path(d.root))
+            sizes = tuple(ds.idx_length(root / ds.FASHION_MNIST_FILES[f"{p}_labels"]) for p in ("train", "test"))
+            info = DataInfo("fashion_mnist", 10, (1, 28, 28), tuple(ds.FASHION_MNIST_CLASSES), sizes)
+        else:
+            s = d.synthetic
+            info = DataInfo("synthetic", s.num_classes, (s.channels, s.image_size, s.image_size),
+                            tuple(f"class{i}" for i in range(s.num_classes)), (s.train_size, s.test_size))
+        errors = check_limits({"train": info.sizes[0], "test": info.sizes[1]}, limits(d))
+        if errors:
+            raise UserError("\n".join(errors))
+        return info
+    return load_checked(d, cfg.seed, cfg.resolve_path, Path(cfg.config_dir), Path(cfg.output.dir) / ".cache", log,
+                        cfg.task.kind)
 
 
 def stage_names(cfg: "RunConfig") -> list[str]:
@@ -118,7 +127,9 @@ def _dry_forward(b: Built, x: torch.Tensor, data, task=None) -> Optional[str]:
 
 
 def build_all(cfg: "RunConfig", data, errors: list[str], task=None) -> list[Built]:
-    """Teachers then student: built, checkpoint loaded, one batch through each."""
+    """Teachers then student: built, checkpoint loaded, one batch through each; a teacher
+    checkpoint written by a run carries its class list, checked against the data's."""
+    from calib.checks import check_class_order, checkpoint_classes
     from compress.checkpoint import read_state_dict
     from compress.models import build
     sections = [("teacher" if len(cfg.teachers) == 1 else f"teacher.{i}", t) for i, t in enumerate(cfg.teachers)]
@@ -128,6 +139,11 @@ def build_all(cfg: "RunConfig", data, errors: list[str], task=None) -> list[Buil
         b = Built(role, c.model)
         out.append(b)
         state = None
+        if c.checkpoint and role.startswith("teacher"):
+            line = check_class_order(checkpoint_classes(cfg.resolve_path(c.checkpoint)), list(data.classes),
+                                     f"{role}.checkpoint={c.checkpoint}")
+            if line:
+                errors.append(line)
         if c.checkpoint:
             try:  # read_state_dict names the file
                 state = read_state_dict(cfg.resolve_path(c.checkpoint))
@@ -196,7 +212,7 @@ def preflight(cfg: "RunConfig", data=None, ctx: Optional["RunContext"] = None,
     took. data: a Dataset or DataInfo (default: data_info(cfg)); ctx: the run's context."""
     from compress import stages
     t0 = time.perf_counter()
-    data = data if data is not None else (ctx.data if ctx is not None else data_info(cfg))
+    data = data if data is not None else (ctx.data if ctx is not None else data_info(cfg, log or (lambda s: None)))
     ctx = ctx if ctx is not None else context(cfg, data)
     errors = check_plan(cfg)
     from compress.tasks import get_task
