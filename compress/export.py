@@ -55,10 +55,12 @@ def export_qcdq(model: nn.Module, path: Path, input_shape, uint8_activations: bo
     activations_to_uint8) so ONNX Runtime on x86 fuses every Conv/Gemm; False keeps the
     all-int8 graph that TensorRT needs (quantize.activations: signed)."""
     from brevitas.export import export_onnx_qcdq
+
+    from compress.export_brevitas import exact_int32_biases
     x = torch.zeros(1, *input_shape)
 
     def write(tmp: Path):
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), exact_int32_biases():
             warnings.simplefilter("ignore")
             export_onnx_qcdq(model.eval(), args=x, export_path=str(tmp), dynamo=False,
                              input_names=[INPUT], output_names=[OUTPUT], dynamic_axes=_DYNAMIC)
