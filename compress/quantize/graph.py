@@ -56,8 +56,29 @@ def resolve_bits(names: list[str], cfg) -> dict[str, int]:
 def preprocess(model: nn.Module, qsettings: dict) -> nn.Module:
     """Trace, merge BatchNorm into the convolutions, optional weight equalization: still float."""
     from brevitas.graph.quantize import preprocess_for_quantize
-    return preprocess_for_quantize(model.eval(), merge_bn=qsettings.get("merge_bn", True),
+    return preprocess_for_quantize(trace_with_defaults(model.eval()), trace_model=False,
+                                   merge_bn=qsettings.get("merge_bn", True),
                                    equalize_iters=qsettings.get("equalize_iters", 0))
+
+
+def trace_with_defaults(model: nn.Module) -> nn.Module:
+    """brevitas' FX trace with forward's optional arguments replaced by their defaults. timm's
+    ViTs take forward(x, attn_mask=None, is_causal=False): traced plainly, both are graph
+    inputs, and the int8 export then passes is_causal to scaled_dot_product_attention as a
+    Tensor (TypeError, measured with timm 1.0.31 deit_tiny; FX's concrete_args keeps them as
+    inputs too and fails the export on its `is_causal == False` guard)."""
+    from brevitas.fx import symbolic_trace
+    gm = symbolic_trace(model)
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"][1:]
+    for node in (n for n in inputs if n.args):  # args holds the default, when there is one
+        default = node.args[0]
+        for user in list(node.users):
+            user.args = tuple(default if a is node else a for a in user.args)
+            user.kwargs = {k: default if v is node else v for k, v in user.kwargs.items()}
+        if not node.users:  # used inside a container: left as an input
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
 
 
 def _weight_quant(bits: int):
