@@ -72,3 +72,37 @@ def test_int8_on_every_quantized_layer_with_parity(chain, backend):
     assert r["status"] == "ok", r["reason"]
     assert r["agreement"] >= MIN_AGREEMENT[backend]
     assert r["max_abs_diff"] < 0.1  # logits span ~1 here: a wrong scale or layer is off by that much
+
+
+def test_timm_vit_quantizes_and_exports_int8(tmp_path):
+    """timm's ViT forward(x, attn_mask=None, is_causal=False) with fused attention: the int8
+    export failed (is_causal reached scaled_dot_product_attention as a Tensor); now it runs on
+    ORT and OpenVINO with int8 kernels on every Linear and the patch conv, close to torch."""
+    timm = pytest.importorskip("timm")
+    import numpy as np
+    import onnxruntime as ort
+    import openvino as ov
+    import torch
+    from brevitas.graph.calibrate import calibration_mode
+
+    from compress.export import export_qcdq
+    from compress.quantize import QuantizeConfig, prepare, settings
+    from targets.openvino import _read
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10).eval()
+    q = prepare(m, settings(QuantizeConfig())).eval()
+    x = torch.rand(32, 3, 32, 32)
+    with torch.no_grad(), calibration_mode(q):
+        q(x)
+    with torch.no_grad():
+        want = q(x)
+    want = (want.value if hasattr(want, "value") else want).numpy()
+    export_qcdq(q, tmp_path / "m.onnx", (3, 32, 32), uint8_activations=True)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    assert np.abs(got - want).max() < 0.05 * np.ptp(want), (np.abs(got - want).max(), np.ptp(want))
+    compiled = ov.Core().compile_model(_read(ov, tmp_path / "m.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    info = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
+    kinds = [i["primitiveType"].astype(str).lower() for i in info
+             if i["layerType"].astype(str) in ("Convolution", "FullyConnected")]
+    assert len(kinds) == 6 and all(k.endswith("i8") for k in kinds), kinds  # patch, qkv, proj, fc1, fc2, head
