@@ -1,12 +1,13 @@
 # make demo — set up, then run the Fashion-MNIST demo (compress run examples/fashion_mnist.yaml)
 # make test — set up, then ruff and the test suite (what .ci/run calls)
+# make test-vision — a second venv with the vision extra, then the tests marked `vision` (torchvision/timm)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST ?= /usr/share/datasets/fashion-mnist
 FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
-.PHONY: setup demo test lint fashion-mnist clean
+.PHONY: setup demo test lint fashion-mnist clean setup-vision test-vision
 
 setup: $(VENV)/.installed
 	@$(MAKE) -s fashion-mnist || true
@@ -34,6 +35,23 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The vision extra in a venv of its own: PyPI's torchvision 0.29.1 imports only beside torch
+# 2.14.1 (a CUDA build, ~5.5 GB, that runs on the CPU), while the main venv keeps the CPU torch
+# 2.13.0. Both venvs install this checkout in editable mode.
+VVENV ?= .venv-vision
+VPY := $(VVENV)/bin/python
+
+setup-vision: $(VVENV)/.installed
+
+$(VVENV)/.installed: pyproject.toml
+	python3 -m venv $(VVENV)
+	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1 timm
+	$(VPY) -m pip install -q -e ".[vision,dev]"
+	touch $@
+
+test-vision: setup-vision
+	$(VPY) -m pytest -q -m vision
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -71,10 +71,12 @@ def export_qcdq(model: nn.Module, path: Path, input_shape, uint8_activations: bo
     all-int8 graph that TensorRT needs (quantize.activations: signed). opset: export.opset
     (13, brevitas' own default, when called directly)."""
     from brevitas.export import export_onnx_qcdq
+
+    from compress.export_brevitas import exact_int32_biases
     x = torch.zeros(1, *input_shape)
 
     def write(tmp: Path):
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), exact_int32_biases():
             warnings.simplefilter("ignore")
             export_onnx_qcdq(model.eval(), args=x, export_path=str(tmp), dynamo=False, opset_version=opset,
                              input_names=[INPUT], output_names=[OUTPUT], dynamic_axes=_DYNAMIC)

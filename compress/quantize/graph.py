@@ -63,8 +63,39 @@ def preprocess(model: nn.Module, qsettings: dict) -> nn.Module:
     compress/quantize/attention.py for why)."""
     from brevitas.graph.quantize import preprocess_for_quantize
     rewrite(model)
-    return preprocess_for_quantize(model.eval(), merge_bn=qsettings.get("merge_bn", True),
+    return preprocess_for_quantize(trace_with_defaults(model.eval()), trace_model=False,
+                                   merge_bn=qsettings.get("merge_bn", True),
                                    equalize_iters=qsettings.get("equalize_iters", 0))
+
+
+def trace_with_defaults(model: nn.Module) -> nn.Module:
+    """brevitas' FX trace with forward's optional arguments fixed to their defaults, so that
+    the graph takes the image alone. timm's ViTs take forward(x, attn_mask=None,
+    is_causal=False): traced plainly, both are graph inputs, `if is_causal:` cannot be traced
+    (unfused attention) and the int8 export passes is_causal to scaled_dot_product_attention
+    as a Tensor (measured, timm 1.0.31 deit_tiny). FX's concrete_args fixes them but keeps them
+    as inputs behind `== default` asserts that the export cannot trace: those go too."""
+    import inspect
+
+    from brevitas.fx import symbolic_trace
+    for m in model.modules():  # timm's switch: the same attention as matmul + softmax, which
+        if getattr(m, "fused_attn", False):  # ONNX opset 13 exports (the fused op needs 14)
+            m.fused_attn = False
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    gm = symbolic_trace(model, concrete_args=concrete or None)
+    for node in [n for n in gm.graph.nodes if n.op == "placeholder"][1:]:
+        if not node.args:  # no default: a real input
+            continue
+        checks, todo = {}, [node]
+        while todo:  # the placeholder and its specialization checks (eq -> _assert, _assert_is_none)
+            n = todo.pop()
+            checks[n] = None
+            todo += list(n.users)
+        for n in reversed(list(checks)):
+            gm.graph.erase_node(n)
+    gm.recompile()
+    return gm
 
 
 def _weight_quant(bits: int):

@@ -236,6 +236,7 @@ def test_rebuild_refuses_a_model_that_now_adapts_differently(user_mod, tmp_path)
 
 # -- torchvision / timm, where the vision extra is installed -------------------------------
 
+@pytest.mark.vision
 @pytest.mark.parametrize("spec,kwargs,shape,adapted,head", [
     ("torchvision:resnet18", {}, (1, 32, 32), {"conv1": "stem: in_channels 3 -> 1"}, ("fc", "traced")),
     ("torchvision:mobilenet_v3_small", {}, (3, 32, 32), {}, ("classifier.3", "traced")),
