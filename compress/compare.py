@@ -152,6 +152,12 @@ def to_markdown(runs: list[dict], rows: list[dict], metric: str) -> str:
     if any(r["noise"] == "unknown" for r in rows):
         lines += ["", "latency noise unknown: report.json holds percentiles only; run `compress bench RUN` on "
                       "each run on the same device and compare again to judge the p50 deltas"]
+    for b in runs[1:]:
+        ok = [{f"{d['stage']}@{d['backend']}" for d in r["report"]["deployments"] if d.get("status") == "ok"}
+              for r in (a, b)]
+        for only, run in ((ok[0] - ok[1], a["dir"]), (ok[1] - ok[0], b["dir"])):
+            if only:
+                lines += ["", f"measured only in {run} (not compared): {', '.join(sorted(only))}"]
     if not rows:
         lines += ["", "no (stage, backend) was measured in both runs"]
     return "\n".join(lines) + "\n"

@@ -71,6 +71,7 @@ def test_deltas_are_b_minus_a(two_runs):
     assert prune["params_delta"] > 500
     assert 3.5 * prune["params_delta"] < prune["size_delta"] < 4.5 * prune["params_delta"]
     assert "latency noise unknown: report.json holds percentiles only" in md
+    assert "measured only in" not in md  # the same stages and backend in both
 
 
 def bench_json(run_dir, rounds: dict, created="2999-01-01T00:00:00+00:00"):
