@@ -77,6 +77,7 @@ def pareto_figure(report: dict, teacher: str = "teacher"):
         ax.scatter([p["p50_ms"] for p in tp], [p["metric"] for p in tp], s=[area(p["size_bytes"]) * 2.5 for p in tp],
                    facecolors="none", edgecolors="black", linewidths=1.5, label=teacher, gid="teacher")
     ax.set_xscale("log")
+    ax.margins(0.1)  # room for the labels of the extreme points
     ax.set_xlabel("batch-1 latency p50 (ms, log)")
     ax.set_ylabel(HEADERS.get(key, key))
     ax.set_title(f"{report['name']}: {HEADERS.get(key, key)} vs latency (marker area: file size)")

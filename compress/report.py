@@ -145,6 +145,7 @@ def to_markdown(report: dict) -> str:
     for d in report["deployments"]:
         lat, thr = d.get("latency_ms") or {}, d.get("throughput") or {}
         executed = (d.get("executed_precision") or {}).get("summary") or d.get("reason") or ""
+        executed = executed.replace("|", "\\|")  # a reason's "max |diff|" must not end the cell (GFM escape)
         lines.append(
             f"| {d['stage']} | {d['backend']} | {d['precision']} | {d['status']} | "
             f"{_cells(d, dcols)} | {_fmt(lat.get('p50'), '.3f')} | "

@@ -11,8 +11,9 @@ CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
 h1 { border-bottom: 2px solid #1f77b4; } h2 { margin-top: 1.6em; color: #1f4e79; }
 table { border-collapse: collapse; margin: .6em 0; font-size: 13px; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; } th { background: #eef3f8; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; max-width: 28em; overflow-wrap: break-word; }
+th { background: #eef3f8; } .wide { overflow-x: auto; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr:nth-child(even) td { background: #fafafa; }
 code { background: #f3f3f3; padding: 0 3px; } img { max-width: 100%; border: 1px solid #ddd; }
 .meta { color: #666; font-size: 13px; }
@@ -27,19 +28,20 @@ def _inline(text: str) -> str:
 
 
 def _cells(line: str) -> list[str]:
-    return [c.strip() for c in line.strip().strip("|").split("|")]
+    """A table row's cells; "\\|" is a pipe inside a cell (GFM)."""
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
 
 
 def _table(lines: list[str]) -> str:
     """A markdown table (header, alignment row, rows) as HTML; right-aligned columns get class num."""
     head, align, rows = _cells(lines[0]), _cells(lines[1]), [_cells(r) for r in lines[2:]]
     right = [a.endswith(":") for a in align]
-    out = ["<table>", "<tr>" + "".join(f"<th>{_inline(h)}</th>" for h in head) + "</tr>"]
+    out = ['<div class="wide"><table>', "<tr>" + "".join(f"<th>{_inline(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
         tds = "".join(f'<td class="num">{_inline(c)}</td>' if i < len(right) and right[i] else f"<td>{_inline(c)}</td>"
                       for i, c in enumerate(r))
         out.append(f"<tr>{tds}</tr>")
-    return "\n".join(out + ["</table>"])
+    return "\n".join(out + ["</table></div>"])
 
 
 def markdown_to_html(md: str) -> str:

@@ -138,3 +138,17 @@ def test_chromium_renders_report_html(tiny, tmp_path):
     assert (img < 128).mean() > 0.01  # dark pixels: text, grid lines, markers
     if os.environ.get("REPORT_SCREENSHOT"):  # keep it for a person to look at
         shutil.copy(shot, os.environ["REPORT_SCREENSHOT"])
+
+
+def test_a_pipe_inside_a_cell_stays_in_its_cell():
+    """Reasons such as TensorRT's "max |diff| ..." are escaped in report.md and unescaped in the page."""
+    from compress.report import to_markdown
+    from compress.report_html import markdown_to_html
+    dep = {"stage": "s", "backend": "tensorrt", "precision": "fp32", "status": "skipped", "size_bytes": None,
+           "reason": "ONNX check: max |diff| 0.1 on ORT"}
+    md = to_markdown({"name": "r", "created": "now", "config_hash": "h", "stages": [], "deployments": [dep],
+                      "environment": {k: "x" for k in ("cpu", "cores", "gpu", "torch", "onnxruntime", "openvino",
+                                                       "brevitas")}})
+    assert "max \\|diff\\| 0.1 on ORT |" in md
+    row = markdown_to_html(md).split("<tr>")[-1]  # 14 columns, as the header has
+    assert row.count("<td") == 14 and "<td>ONNX check: max |diff| 0.1 on ORT</td>" in row
