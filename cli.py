@@ -186,6 +186,35 @@ def bench_cmd(source: Path = typer.Argument(..., help="a finished run directory 
     raise typer.Exit(code)
 
 
+@app.command("compare")
+def compare_cmd(runs: List[Path] = typer.Argument(..., help="two or more run directories: the first is the reference"),
+                json_out: Optional[Path] = typer.Option(None, "--json", help="also write the rows as JSON")):
+    """One table of stages x backends: each later run against the first (primary metric, agreement,
+    b1 p50, throughput, size, params) and whether each latency delta is outside the noise."""
+    from compress.compare import compare
+    try:
+        rows, md = compare(runs)
+    except _user_errors() as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(md)
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+@app.command("report")
+def report_cmd(run_dir: Path = typer.Argument(..., help="a finished run directory (holds report.json)")):
+    """Regenerate report.md, the charts (pareto.png, sizes.png, training.png) and report.html from
+    report.json and the stages' metrics.json; nothing is measured again."""
+    from compress.report import regenerate
+    try:
+        written = regenerate(run_dir, log=typer.echo)
+    except _user_errors() as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo("wrote " + ", ".join(map(str, written)))
+
+
 def main():  # pragma: no cover
     app()
 

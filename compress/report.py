@@ -2,12 +2,15 @@
 the table printed at the end of a run."""
 from __future__ import annotations
 
+import json
 import platform
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable
 
 from compress.checkpoint import atomic_write, write_json
+from compress.errors import UserError
 from compress.export import versions
 from compress.plan import RunIdentity
 from compress.tasks import HEADERS, get_task
@@ -142,6 +145,7 @@ def to_markdown(report: dict) -> str:
     for d in report["deployments"]:
         lat, thr = d.get("latency_ms") or {}, d.get("throughput") or {}
         executed = (d.get("executed_precision") or {}).get("summary") or d.get("reason") or ""
+        executed = executed.replace("|", "\\|")  # a reason's "max |diff|" must not end the cell (GFM escape)
         lines.append(
             f"| {d['stage']} | {d['backend']} | {d['precision']} | {d['status']} | "
             f"{_cells(d, dcols)} | {_fmt(lat.get('p50'), '.3f')} | "
@@ -204,8 +208,61 @@ def write_report(run: RunIdentity, rows: list[dict], deployments: list[dict],
         "columns": task.columns(),
     }
     write_json(run.run_dir / "report.json", report)
-    md = to_markdown(report)
-    atomic_write(run.run_dir / "report.md", lambda p: p.write_text(md))
+    md = write_outputs(run.run_dir, report, {r["name"]: r.get("history") or [] for r in rows}, log)
     log("\n" + md)
     log(f"report: {run.run_dir / 'report.json'}, {run.run_dir / 'report.md'}")
     return report
+
+
+CHARTS = {"pareto.png": "primary metric vs batch-1 latency", "sizes.png": "size, parameters and MACs per stage",
+          "training.png": "training curves per stage"}
+
+
+def write_outputs(run_dir: Path, report: dict, histories: dict[str, list[dict]],
+                  log: Callable[[str], None] = print) -> str:
+    """report.md, the charts and report.html, all from report.json's content (+ the stages'
+    per-epoch histories) -> the markdown. Nothing is measured here."""
+    md = to_markdown(report)
+    atomic_write(run_dir / "report.md", lambda p: p.write_text(md))
+    try:
+        from compress import plots
+    except ImportError as e:  # matplotlib is a dependency; a broken install still gets its tables
+        log(f"charts skipped: {e} (pip install matplotlib)")
+        return md
+    from compress.report_html import render
+    figs = {"pareto.png": plots.pareto_figure(report), "sizes.png": plots.sizes_figure(report),
+            "training.png": plots.curves_figure(histories)}
+    charts = {CHARTS[name]: _save_png(fig, run_dir / name) for name, fig in figs.items()}
+    page = render(report, md, charts)
+    atomic_write(run_dir / "report.html", lambda p: p.write_text(page))
+    return md
+
+
+def _save_png(fig, path: Path) -> bytes:
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write(path, lambda p: p.write_bytes(buf.getvalue()))
+    return buf.getvalue()
+
+
+def stage_histories(run_dir: Path, report: dict) -> dict[str, list[dict]]:
+    """Each stage's per-epoch history from its NN-name/metrics.json (kept out of report.json)."""
+    out = {}
+    for s in report["stages"]:
+        found = sorted(run_dir.glob(f"[0-9][0-9]-{s['name']}/metrics.json"))
+        out[s["name"]] = (json.loads(found[-1].read_text()).get("history") or []) if found else []
+    return out
+
+
+def regenerate(run_dir: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """`compress report RUN_DIR`: report.md, charts and report.html again from report.json."""
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        raise UserError(f"{path}: no report.json (expected a finished run directory, e.g. runs/NAME)")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not JSON ({e})") from None
+    write_outputs(path.parent, report, stage_histories(path.parent, report), log)
+    return [path.parent / n for n in ("report.md", *CHARTS, "report.html") if (path.parent / n).exists()]
