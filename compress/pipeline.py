@@ -192,7 +192,8 @@ class Pipeline:
         return RunContext(data=data, calib=calibration_split(data.train, cfg.data.calib_samples, cfg.seed),
                           teacher=None, device=self.device, run_dir=self.run_dir, log=self.log,
                           seed=cfg.seed, batch_size=cfg.data.batch_size, structure=base,
-                          latency=LatencyService(data.input_shape), model_stats=model_stats, task=self.task)
+                          latency=LatencyService(data.input_shape, cfg.export.opset), model_stats=model_stats,
+                          task=self.task)
 
     def _teachers(self, ctx: RunContext, rows: list, models: dict) -> list[nn.Module]:
         members, hashes = [], []
