@@ -203,7 +203,8 @@ def context(cfg: "RunConfig", data) -> "RunContext":
     return RunContext(data=data, calib=None, teacher=None, device=torch.device("cpu"),
                       run_dir=Path(cfg.output.dir) / cfg.name, log=lambda s: None, seed=cfg.seed,
                       batch_size=cfg.data.batch_size, structure=structure,
-                      latency=LatencyService(data.input_shape, cfg.export.opset), model_stats=model_stats, task=from_config(cfg))
+                      latency=LatencyService(data.input_shape, cfg.export.opset), model_stats=model_stats,
+                      task=from_config(cfg))
 
 
 def preflight(cfg: "RunConfig", data=None, ctx: Optional["RunContext"] = None,
