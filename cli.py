@@ -22,6 +22,12 @@ def _load(config: Path, overrides: Optional[List[str]]):
         raise typer.Exit(2)
 
 
+def _interrupted(what: str):
+    """Ctrl-C in a command that writes nothing: one line and 130 (128 + SIGINT), as shells expect."""
+    typer.echo(f"interrupted: {what} stopped (nothing was written)", err=True)
+    raise typer.Exit(130)
+
+
 def _user_errors():
     from compress.errors import UserError
     return (UserError, FileNotFoundError)
@@ -47,6 +53,8 @@ def validate(config: Path = typer.Argument(..., help="run config YAML"),
     except _user_errors() as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    except KeyboardInterrupt:
+        _interrupted("validate")
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     typer.echo("".join(f"# {line}\n" for line in lines), nl=False)  # a YAML comment: the output stays loadable
 
@@ -114,6 +122,8 @@ def profile_cmd(model: Path = typer.Argument(..., help="an .onnx file or one in 
     except _user_errors() as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    except KeyboardInterrupt:
+        _interrupted("profile")
     if as_json:
         typer.echo(json.dumps(res, indent=2))
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -426,13 +427,14 @@ def _task_name(v):
 
 class RunConfig(Strict):
     name: str = Field(description="run name: the folder under output.dir")
-    seed: int = Field(0, description="seed for init, shuffling, augmentation and sampling")
+    # < 2**63: torch.manual_seed takes a 64-bit integer; a larger one fails mid-run
+    seed: int = Field(0, ge=0, lt=2 ** 63, description="seed for init, shuffling, augmentation and sampling")
     task: Annotated[TaskConfig, BeforeValidator(_task_name)] = Field(default_factory=TaskConfig)
     """classification | regression | segmentation, or {kind, ignore_index}: decides the supervised loss, the teacher
     terms that apply, metrics, agreement on runtimes and the parity defaults (compress/tasks.py)"""
     metric: Optional[str] = Field(None)
     """'pkg.module:fn' scored beside the task's metrics: fn(outputs, labels) (numpy) -> float or {name: float}"""
-    device: str = Field("auto", description="training device: auto | cpu | cuda")
+    device: str = Field("auto", description="training device: auto | cpu | cuda | cuda:N")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: Annotated[list[TeacherConfig], BeforeValidator(lambda v: v if isinstance(v, list) else [v])] = Field(
         description="one teacher, or a list: an ensemble (stages' `ensemble` says how outputs combine)")
@@ -450,9 +452,31 @@ class RunConfig(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v or "/" in v or v.startswith("."):
-            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        if not v or "/" in v or "\\" in v or v.startswith(".") or not v.isprintable():
+            raise ValueError(f"{v!r}: must be a plain folder name (printable, no '/', not starting with '.')")
         return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        # cuda without a GPU is found by compress/preflight.py (validate), not here: a config stays loadable
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError(f"{v!r}: expected auto | cpu | cuda | cuda:N")
+        return v
+
+    @model_validator(mode="after")
+    def _epochs_zero(self):
+        """What epochs: 0 means per stage: quantize: post-training quantization only (no QAT);
+        teacher.train, distill and prune: an error, since the loop would still take one step."""
+        where = [("teacher" if len(self.teacher) == 1 else f"teacher.{i}", t.train)
+                 for i, t in enumerate(self.teacher)]
+        where += [(f"stages.{i}", s) for i, s in enumerate(self.stages) if s.kind in ("distill", "prune")]
+        for loc, c in where:
+            if c is not None and getattr(c, "epochs", None) == 0:
+                path = f"{loc}.train.epochs" if loc.startswith("teacher") else f"{loc}.epochs"
+                raise ValueError(f"{path}: 0 would still train one step; give epochs > 0 (a fraction such as 0.1 "
+                                 f"is a part of one epoch), or remove the stage (quantize: epochs 0 = PTQ only)")
+        return self
 
     @property
     def teachers(self) -> list[TeacherConfig]:
@@ -496,6 +520,28 @@ class RunConfig(Strict):
         return path if path.is_absolute() else Path(self.config_dir) / path
 
 
+def _yaml_value(path: str, value: str):
+    try:
+        return yaml.safe_load(value)  # safe_load: tags that import or call code are refused
+    except yaml.YAMLError as e:
+        why = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"--set {path}={value}: the value is not valid YAML ({why}); "
+                          f"quote it to pass a string: --set '{path}=\"...\"'") from None
+
+
+def non_finite(raw: Any, loc: str = "") -> Optional[str]:
+    """The key path of the first .inf/.nan in the raw config (no field takes one: epochs: .inf
+    would train forever), or None."""
+    if isinstance(raw, float) and not math.isfinite(raw):
+        return loc or "(top level)"
+    items = raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
+    for k, v in items:
+        found = non_finite(v, f"{loc}.{k}" if loc else str(k))
+        if found:
+            return found
+    return None
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply one `a.b.0.c=value` override (value parsed as YAML) to the raw config dict."""
     if "=" not in assignment:
@@ -514,21 +560,42 @@ def apply_override(raw: dict, assignment: str) -> None:
         elif not isinstance(node, dict):
             raise ConfigError(f"--set {path}: {'.'.join(keys[:i])} is not a section")
         if last:
-            node[k] = yaml.safe_load(value)
+            node[k] = _yaml_value(path, value)
         else:
             if isinstance(node, dict) and node.get(k) is None:
                 node[k] = {}
             node = node[k]
 
 
-def format_errors(err: ValidationError, source: str, single_teacher: bool = False) -> str:
+def user_path(loc: tuple, raw: Any) -> list:
+    """pydantic's error location as the user wrote the config, so it pastes back into --set:
+    union tags (`stages.0.distill.epochs`), the list a single teacher became (`teacher.0`) and
+    the `options` a target's flat keys were gathered into are dropped where raw has no such key."""
+    parts, node = [], raw
+    for i, p in enumerate(loc):
+        if isinstance(node, list) and isinstance(p, int) and p < len(node):
+            parts.append(p)
+            node = node[p]
+        elif isinstance(node, dict) and p in node:
+            parts.append(p)
+            node = node[p]
+        elif isinstance(node, dict) and (i < len(loc) - 1 or p == node.get("kind")):
+            continue  # a level pydantic added: not a key of the user's
+        else:
+            parts.append(p)
+            node = None
+    return parts
+
+
+def format_errors(err: ValidationError, source: str, raw: Any = None) -> str:
     lines = [f"{source}: invalid config ({err.error_count()} error"
              f"{'s' if err.error_count() != 1 else ''})"]
     for e in err.errors():
-        parts = list(e["loc"])
-        if single_teacher and parts[:2] == ["teacher", 0]:
-            del parts[1]  # the user wrote one teacher, not a list
+        parts = user_path(e["loc"], raw) if raw is not None else list(e["loc"])
         loc = ".".join(str(p) for p in parts) or "(top level)"
+        if not parts and e["type"] == "value_error":  # a whole-config rule: its message names the keys
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "missing":
@@ -542,23 +609,32 @@ def format_errors(err: ValidationError, source: str, single_teacher: bool = Fals
 def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: config file not found" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        raw = yaml.safe_load(path.read_text())  # safe_load: no tags that import or call code
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))  # safe_load: no tags that import or call code
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): expected a YAML file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        why = " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML ({why})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, found "
+                          f"{'an empty file' if raw is None else type(raw).__name__}")
     for o in overrides:
         apply_override(raw, o)
     if "config_dir" in raw:
         raise ConfigError(f"{path}: config_dir: unknown key")
+    bad = non_finite(raw)
+    if bad:
+        raise ConfigError(f"{path}: {bad}: expected a finite number, not .inf/.nan")
     raw["config_dir"] = str(path.parent.resolve())
     add_import_path(path.parent)  # a 'pkg.module:factory' module beside the config imports
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_errors(e, str(path), isinstance(raw.get("teacher"), dict))) from None
+        raise ConfigError(format_errors(e, str(path), raw)) from None
 
 
 def config_hash(*parts: Any) -> str:
