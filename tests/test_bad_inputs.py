@@ -192,3 +192,42 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path):
         pytest.skip("a GPU is present")
     res = invoke(case.make(tmp_path))
     assert outcome(res, case.expect) == "clear", (res.exit_code, res.output, repr(res.exception))
+
+
+EXTRA_CASES = [
+    Case("epochs-0-distill", config(_set("stages.0.epochs", 0)), "stages.0.epochs"),
+    Case("epochs-0-teacher", config(_set("teacher.train.epochs", 0)), "teacher.train.epochs"),
+    Case("stdlib-factory", config(_set("student.model", "os:system")), "standard library"),
+    Case("builtins-factory", config(_set("data.dataset", "builtins:eval")), "standard library"),
+]
+
+
+@pytest.mark.parametrize("case", EXTRA_CASES, ids=lambda c: c.id)
+def test_more_bad_inputs_exit_2(case, tmp_path):
+    res = invoke(case.make(tmp_path))
+    assert outcome(res, case.expect) == "clear", (res.exit_code, res.output, repr(res.exception))
+
+
+def test_epochs_0_is_post_training_quantization_for_quantize(tmp_path):
+    res = invoke(config(_set("stages", [{"kind": "quantize", "epochs": 0}]))(tmp_path))
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("command", ["validate", "profile"])
+def test_ctrl_c_exits_130_with_one_line(command, tmp_path, monkeypatch):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("compress.preflight.preflight", interrupt)
+    monkeypatch.setattr("compress.profile_cli.profile_file", interrupt)
+    args = config(lambda c, t: None)(tmp_path) if command == "validate" else profile()(tmp_path)
+    res = invoke(args)
+    assert res.exit_code == 130 and res.output.strip().splitlines() == [f"interrupted: {command} stopped "
+                                                                         f"(nothing was written)"], res.output
+
+
+def test_error_key_path_pastes_back_into_set(tmp_path):
+    """The path an error names is one --set accepts: fixing it there makes the config valid."""
+    res = invoke(sets("stages.0.epochs=-1")(tmp_path))
+    path = res.output.strip().splitlines()[-1].split(":")[0].strip()
+    assert path == "stages.0.epochs"
+    assert invoke(sets(f"{path}=2")(tmp_path)).exit_code == 0
