@@ -116,7 +116,7 @@ def profile_cmd(model: Path = typer.Argument(..., help="an .onnx file or one in 
     try:
         options = _options(option, {"performance_hint": hint, "inter_op_threads": inter_op,
                                     "graph_optimization": graph_opt})
-        res = profile_file(model, backend, batch=batch, threads=threads, shape=shape, runs=max(runs, 100),
+        res = profile_file(model, backend, batch=batch, threads=threads, shape=shape, runs=runs,
                            warmup=warmup, throughput_batch=throughput_batch, throughput_runs=throughput_runs,
                            options=options)
     except _user_errors() as e:

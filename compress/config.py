@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -602,8 +603,25 @@ def format_errors(err: ValidationError, source: str, raw: Any = None) -> str:
             msg = "required key is missing"
         else:
             msg = e["msg"].removeprefix("Value error, ")
+            key = re.match(r"([A-Za-z_]\w*): ", msg)
+            if key and parts and e["type"] == "value_error":  # a section's rule naming its key: one path
+                loc, msg = f"{loc}.{key.group(1)}", msg[key.end():]
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key written twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
@@ -611,7 +629,8 @@ def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))  # safe_load: no tags that import or call code
+        # a SafeLoader: no tags that import or call code
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): expected a YAML file") from None
     except yaml.YAMLError as e:
@@ -622,19 +641,29 @@ def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, found "
                           f"{'an empty file' if raw is None else type(raw).__name__}")
-    for o in overrides:
-        apply_override(raw, o)
     if "config_dir" in raw:
         raise ConfigError(f"{path}: config_dir: unknown key")
+    for o in overrides:
+        apply_override(raw, o)
+    add_import_path(path.parent)  # a 'pkg.module:factory' module beside the config imports
+    return from_dict(raw, str(path), path.parent.resolve())
+
+
+def from_dict(raw: Any, source: str = "<config>", config_dir: str | Path = ".") -> RunConfig:
+    """A RunConfig from the loaded YAML, or a ConfigError naming source and every bad key path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, found "
+                          f"{'an empty file' if raw is None else type(raw).__name__}")
+    if "config_dir" in raw:
+        raise ConfigError(f"{source}: config_dir: unknown key")
     bad = non_finite(raw)
     if bad:
-        raise ConfigError(f"{path}: {bad}: expected a finite number, not .inf/.nan")
-    raw["config_dir"] = str(path.parent.resolve())
-    add_import_path(path.parent)  # a 'pkg.module:factory' module beside the config imports
+        raise ConfigError(f"{source}: {bad}: expected a finite number, not .inf/.nan")
+    raw = {**raw, "config_dir": str(config_dir)}
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_errors(e, str(path), raw)) from None
+        raise ConfigError(format_errors(e, source, raw)) from None
 
 
 def config_hash(*parts: Any) -> str:

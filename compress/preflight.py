@@ -198,7 +198,8 @@ def build_all(cfg: "RunConfig", data, errors: list[str], task=None) -> list[Buil
             b.model = build(c.model, data.num_classes, data.input_shape[0], c.kwargs, list(data.input_shape),
                             state, f"{role}.checkpoint={c.checkpoint}").model
         except Exception as e:  # e.g. a factory that takes other arguments: name the field
-            errors.append(str(e) if isinstance(e, UserError) else
+            msg = str(e)
+            errors.append((msg if msg.startswith(role) else f"{role}.model: {msg}") if isinstance(e, UserError) else
                           f"{role}.model={c.model}: cannot build it ({type(e).__name__}: {e})")
             continue
         line = _dry_forward(b, x, data, task)

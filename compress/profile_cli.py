@@ -84,7 +84,7 @@ def check_counts(**given) -> None:
     """Sizes and counts the harness takes: --batch 0 used to time one input and report it, and a
     negative --threads reached the runtime ("-3 threads")."""
     for name, v in given.items():
-        least = 0 if name == "warmup" else 1
+        least = {"warmup": 0, "runs": 100}.get(name, 1)  # runs: >= 100 for a stable p99
         if v is not None and v < least:
             raise UserError(f"--{name.replace('_', '-')} {v}: expected an integer >= {least}")
 
