@@ -610,7 +610,7 @@ def format_errors(err: ValidationError, source: str, raw: Any = None) -> str:
     return "\n".join(lines)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeySafeLoader(yaml.SafeLoader):
     """safe_load that refuses a key written twice in one mapping (PyYAML keeps the last one silently)."""
 
     def construct_mapping(self, node, deep=False):
@@ -630,7 +630,7 @@ def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
         raise ConfigError(f"{path}: config file not found" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         # a SafeLoader: no tags that import or call code
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeySafeLoader)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): expected a YAML file") from None
     except yaml.YAMLError as e:
