@@ -467,16 +467,18 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _epochs_zero(self):
-        """What epochs: 0 means per stage: quantize: post-training quantization only (no QAT);
-        teacher.train, distill and prune: an error, since the loop would still take one step."""
+        """What epochs: 0 means per stage: quantize: post-training quantization only (no QAT); prune:
+        pruned without recovery training; teacher.train and distill: an error (the loop would still
+        take one step, and a stage that trains nothing has no use)."""
         where = [("teacher" if len(self.teacher) == 1 else f"teacher.{i}", t.train)
                  for i, t in enumerate(self.teacher)]
-        where += [(f"stages.{i}", s) for i, s in enumerate(self.stages) if s.kind in ("distill", "prune")]
+        where += [(f"stages.{i}", s) for i, s in enumerate(self.stages) if s.kind == "distill"]
         for loc, c in where:
             if c is not None and getattr(c, "epochs", None) == 0:
                 path = f"{loc}.train.epochs" if loc.startswith("teacher") else f"{loc}.epochs"
-                raise ValueError(f"{path}: 0 would still train one step; give epochs > 0 (a fraction such as 0.1 "
-                                 f"is a part of one epoch), or remove the stage (quantize: epochs 0 = PTQ only)")
+                raise ValueError(f"{path}: 0 would still train one step; give epochs > 0 (0.1 is a tenth of an "
+                                 f"epoch), or remove the stage (epochs 0 means PTQ only for quantize, no "
+                                 f"recovery training for prune)")
         return self
 
     @property

@@ -208,9 +208,16 @@ def test_more_bad_inputs_exit_2(case, tmp_path):
     assert outcome(res, case.expect) == "clear", (res.exit_code, res.output, repr(res.exception))
 
 
-def test_epochs_0_is_post_training_quantization_for_quantize(tmp_path):
-    res = invoke(config(_set("stages", [{"kind": "quantize", "epochs": 0}]))(tmp_path))
+@pytest.mark.parametrize("kind", ["quantize", "prune"])
+def test_epochs_0_is_ptq_for_quantize_and_no_recovery_for_prune(kind, tmp_path):
+    res = invoke(config(_set("stages", [{"kind": kind, "epochs": 0}]))(tmp_path))
     assert res.exit_code == 0, res.output
+
+
+def test_config_named_modules_are_recorded_for_the_report():
+    from calib.datasets import IMPORTED, resolve_factory
+    resolve_factory("compress.models:build", "model")
+    assert "compress.models" in IMPORTED
 
 
 @pytest.mark.parametrize("command", ["validate", "profile"])
