@@ -127,3 +127,15 @@ def test_random_files_and_set_overrides(tmp_path_factory, raw, sets):
         load_config(p, [f"{k}={v}" for k, v in sets])
     except UserError:
         pass
+
+
+@settings(max_examples=60, derandomize=True, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(st.one_of(st.binary(max_size=40), st.text(alphabet="{}[]:,-!&*?|>'\"#%@ \n\tab01.", max_size=40)))
+def test_random_bytes_as_a_config_file(tmp_path_factory, data):
+    p = tmp_path_factory.mktemp("fuzz") / "c.yaml"
+    p.write_bytes(data if isinstance(data, bytes) else data.encode())
+    try:
+        load_config(p)
+    except UserError:
+        pass
