@@ -22,6 +22,12 @@ def _load(config: Path, overrides: Optional[List[str]]):
         raise typer.Exit(2)
 
 
+def _interrupted(what: str):
+    """Ctrl-C in a command that writes nothing: one line and 130 (128 + SIGINT), as shells expect."""
+    typer.echo(f"interrupted: {what} stopped (nothing was written)", err=True)
+    raise typer.Exit(130)
+
+
 def _user_errors():
     from compress.errors import UserError
     return (UserError, FileNotFoundError)
@@ -47,6 +53,8 @@ def validate(config: Path = typer.Argument(..., help="run config YAML"),
     except _user_errors() as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    except KeyboardInterrupt:
+        _interrupted("validate")
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     typer.echo("".join(f"# {line}\n" for line in lines), nl=False)  # a YAML comment: the output stays loadable
 
@@ -108,12 +116,14 @@ def profile_cmd(model: Path = typer.Argument(..., help="an .onnx file or one in 
     try:
         options = _options(option, {"performance_hint": hint, "inter_op_threads": inter_op,
                                     "graph_optimization": graph_opt})
-        res = profile_file(model, backend, batch=batch, threads=threads, shape=shape, runs=max(runs, 100),
+        res = profile_file(model, backend, batch=batch, threads=threads, shape=shape, runs=runs,
                            warmup=warmup, throughput_batch=throughput_batch, throughput_runs=throughput_runs,
                            options=options)
     except _user_errors() as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    except KeyboardInterrupt:
+        _interrupted("profile")
     if as_json:
         typer.echo(json.dumps(res, indent=2))
         return

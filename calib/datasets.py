@@ -136,6 +136,14 @@ def idx_length(path: Path) -> int:
     return struct.unpack(">I", head[4:8])[0]
 
 
+def check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
+    """IDX labels must be class indices 0..num_classes-1 (a larger one fails mid-training)."""
+    bad = np.flatnonzero(labels >= num_classes)
+    if bad.size:
+        raise DataError(f"{path}: label {int(labels[bad[0]])} at index {int(bad[0])} ({bad.size} such), "
+                        f"expected class indices 0-{num_classes - 1}")
+
+
 def check_fashion_mnist_root(root: str | Path) -> Path:
     """Fail early, naming the missing files, before any work starts."""
     root = Path(root)
@@ -157,6 +165,8 @@ def fashion_mnist(root: str | Path = FASHION_MNIST_DEFAULT_ROOT) -> Dataset:
         if n_img != n_lab or arrays[f"{part}_images"].ndim != 3:
             raise DataError(f"{root}: {part} split has {n_img} images (rank "
                             f"{arrays[f'{part}_images'].ndim}) but {n_lab} labels")
+
+        check_labels(arrays[f"{part}_labels"], 10, root / FASHION_MNIST_FILES[f"{part}_labels"])
 
     def split(part: str) -> Split:
         imgs = torch.from_numpy(arrays[f"{part}_images"].copy()).unsqueeze(1)
@@ -206,6 +216,12 @@ def add_import_path(folder: Path) -> None:
         sys.path.append(folder)
 
 
+# builtins and the standard library are never factories: a config naming os:system or
+# builtins:eval would run arbitrary calls through a field that looks like data
+STDLIB = frozenset(sys.stdlib_module_names) | {"builtins", "__main__"}
+IMPORTED: list[str] = []  # modules configs named, in order (report.json's imported_modules)
+
+
 def resolve_factory(spec: str, what: str, search: Optional[Path] = None) -> Callable:
     """Resolve a "pkg.module:factory" string; the one place configs name code. `search`: a
     folder put on the import path first (the config's), named when the import fails."""
@@ -214,6 +230,11 @@ def resolve_factory(spec: str, what: str, search: Optional[Path] = None) -> Call
     if search is not None:
         add_import_path(search)
     mod_name, attr = spec.split(":", 1)
+    if not mod_name or mod_name.startswith(".") or not all(p.isidentifier() for p in mod_name.split(".")):
+        raise UserError(f"{what}={spec!r}: {mod_name!r} is not an absolute module name (expected 'pkg.module:factory')")
+    if mod_name.split(".")[0] in STDLIB:
+        raise UserError(f"{what}={spec!r}: {mod_name!r} is a module of the Python standard library; a factory "
+                        f"must come from your own code or an installed model package")
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
@@ -221,6 +242,8 @@ def resolve_factory(spec: str, what: str, search: Optional[Path] = None) -> Call
         where = (f"; the config's folder {Path(search).resolve()} is on the import path, so {file} "
                  f"beside the config imports" if search is not None else "")
         raise UserError(f"{what}={spec!r}: cannot import module {mod_name!r} ({e}{where})") from e
+    if mod_name not in IMPORTED:
+        IMPORTED.append(mod_name)
     fn = getattr(mod, attr, None)
     if not callable(fn):
         raise UserError(f"{what}={spec!r}: module {mod_name!r} has no callable {attr!r}")

@@ -53,20 +53,38 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, refused at load (naming the file, and the tensor) when the file is
+    empty, unreadable, not a state_dict, or holds NaN/inf weights (they would train on `loss nan`)."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+        raise CheckpointError(f"{path}: checkpoint file not found" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the checkpoint file is empty (0 bytes)")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            obj = load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    else:
+        obj = _torch_state(path)
+    bad = next((k for k, v in obj.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad!r} holds NaN or inf values; expected finite weights "
+                              f"(a diverged training run?)")
+    return obj
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def _torch_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(
-            f"{path}: cannot load with weights_only=True ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}). Expected a state_dict of tensors; save one "
-            f"with torch.save(model.state_dict(), path) or safetensors.") from e
+            f"{path}: cannot load with weights_only=True ({_first_line(e)}). Expected a state_dict of "
+            f"tensors; save one with torch.save(model.state_dict(), path) or safetensors.") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

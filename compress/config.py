@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -426,13 +428,14 @@ def _task_name(v):
 
 class RunConfig(Strict):
     name: str = Field(description="run name: the folder under output.dir")
-    seed: int = Field(0, description="seed for init, shuffling, augmentation and sampling")
+    # < 2**63: torch.manual_seed takes a 64-bit integer; a larger one fails mid-run
+    seed: int = Field(0, ge=0, lt=2 ** 63, description="seed for init, shuffling, augmentation and sampling")
     task: Annotated[TaskConfig, BeforeValidator(_task_name)] = Field(default_factory=TaskConfig)
     """classification | regression | segmentation, or {kind, ignore_index}: decides the supervised loss, the teacher
     terms that apply, metrics, agreement on runtimes and the parity defaults (compress/tasks.py)"""
     metric: Optional[str] = Field(None)
     """'pkg.module:fn' scored beside the task's metrics: fn(outputs, labels) (numpy) -> float or {name: float}"""
-    device: str = Field("auto", description="training device: auto | cpu | cuda")
+    device: str = Field("auto", description="training device: auto | cpu | cuda | cuda:N")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: Annotated[list[TeacherConfig], BeforeValidator(lambda v: v if isinstance(v, list) else [v])] = Field(
         description="one teacher, or a list: an ensemble (stages' `ensemble` says how outputs combine)")
@@ -450,9 +453,33 @@ class RunConfig(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v or "/" in v or v.startswith("."):
-            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        if not v or "/" in v or "\\" in v or v.startswith(".") or not v.isprintable():
+            raise ValueError(f"{v!r}: must be a plain folder name (printable, no '/', not starting with '.')")
         return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        # cuda without a GPU is found by compress/preflight.py (validate), not here: a config stays loadable
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError(f"{v!r}: expected auto | cpu | cuda | cuda:N")
+        return v
+
+    @model_validator(mode="after")
+    def _epochs_zero(self):
+        """What epochs: 0 means per stage: quantize: post-training quantization only (no QAT); prune:
+        pruned without recovery training; teacher.train and distill: an error (the loop would still
+        take one step, and a stage that trains nothing has no use)."""
+        where = [("teacher" if len(self.teacher) == 1 else f"teacher.{i}", t.train)
+                 for i, t in enumerate(self.teacher)]
+        where += [(f"stages.{i}", s) for i, s in enumerate(self.stages) if s.kind == "distill"]
+        for loc, c in where:
+            if c is not None and getattr(c, "epochs", None) == 0:
+                path = f"{loc}.train.epochs" if loc.startswith("teacher") else f"{loc}.epochs"
+                raise ValueError(f"{path}: 0 would still train one step; give epochs > 0 (0.1 is a tenth of an "
+                                 f"epoch), or remove the stage (epochs 0 means PTQ only for quantize, no "
+                                 f"recovery training for prune)")
+        return self
 
     @property
     def teachers(self) -> list[TeacherConfig]:
@@ -496,6 +523,28 @@ class RunConfig(Strict):
         return path if path.is_absolute() else Path(self.config_dir) / path
 
 
+def _yaml_value(path: str, value: str):
+    try:
+        return yaml.safe_load(value)  # safe_load: tags that import or call code are refused
+    except yaml.YAMLError as e:
+        why = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"--set {path}={value}: the value is not valid YAML ({why}); "
+                          f"quote it to pass a string: --set '{path}=\"...\"'") from None
+
+
+def non_finite(raw: Any, loc: str = "") -> Optional[str]:
+    """The key path of the first .inf/.nan in the raw config (no field takes one: epochs: .inf
+    would train forever), or None."""
+    if isinstance(raw, float) and not math.isfinite(raw):
+        return loc or "(top level)"
+    items = raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
+    for k, v in items:
+        found = non_finite(v, f"{loc}.{k}" if loc else str(k))
+        if found:
+            return found
+    return None
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply one `a.b.0.c=value` override (value parsed as YAML) to the raw config dict."""
     if "=" not in assignment:
@@ -514,51 +563,109 @@ def apply_override(raw: dict, assignment: str) -> None:
         elif not isinstance(node, dict):
             raise ConfigError(f"--set {path}: {'.'.join(keys[:i])} is not a section")
         if last:
-            node[k] = yaml.safe_load(value)
+            node[k] = _yaml_value(path, value)
         else:
             if isinstance(node, dict) and node.get(k) is None:
                 node[k] = {}
             node = node[k]
 
 
-def format_errors(err: ValidationError, source: str, single_teacher: bool = False) -> str:
+def user_path(loc: tuple, raw: Any) -> list:
+    """pydantic's error location as the user wrote the config, so it pastes back into --set:
+    union tags (`stages.0.distill.epochs`), the list a single teacher became (`teacher.0`) and
+    the `options` a target's flat keys were gathered into are dropped where raw has no such key."""
+    parts, node = [], raw
+    for i, p in enumerate(loc):
+        if isinstance(node, list) and isinstance(p, int) and p < len(node):
+            parts.append(p)
+            node = node[p]
+        elif isinstance(node, dict) and p in node:
+            parts.append(p)
+            node = node[p]
+        elif isinstance(node, dict) and (i < len(loc) - 1 or p == node.get("kind")):
+            continue  # a level pydantic added: not a key of the user's
+        else:
+            parts.append(p)
+            node = None
+    return parts
+
+
+def format_errors(err: ValidationError, source: str, raw: Any = None) -> str:
     lines = [f"{source}: invalid config ({err.error_count()} error"
              f"{'s' if err.error_count() != 1 else ''})"]
     for e in err.errors():
-        parts = list(e["loc"])
-        if single_teacher and parts[:2] == ["teacher", 0]:
-            del parts[1]  # the user wrote one teacher, not a list
+        parts = user_path(e["loc"], raw) if raw is not None else list(e["loc"])
         loc = ".".join(str(p) for p in parts) or "(top level)"
+        if not parts and e["type"] == "value_error":  # a whole-config rule: its message names the keys
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
         else:
             msg = e["msg"].removeprefix("Value error, ")
+            key = re.match(r"([A-Za-z_]\w*): ", msg)
+            if key and parts and e["type"] == "value_error":  # a section's rule naming its key: one path
+                loc, msg = f"{loc}.{key.group(1)}", msg[key.end():]
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
+
+
+class _UniqueKeySafeLoader(yaml.SafeLoader):
+    """safe_load that refuses a key written twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: config file not found" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        raw = yaml.safe_load(path.read_text())  # safe_load: no tags that import or call code
+        # a SafeLoader: no tags that import or call code
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeySafeLoader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): expected a YAML file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        why = " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML ({why})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    for o in overrides:
-        apply_override(raw, o)
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, found "
+                          f"{'an empty file' if raw is None else type(raw).__name__}")
     if "config_dir" in raw:
         raise ConfigError(f"{path}: config_dir: unknown key")
-    raw["config_dir"] = str(path.parent.resolve())
+    for o in overrides:
+        apply_override(raw, o)
     add_import_path(path.parent)  # a 'pkg.module:factory' module beside the config imports
+    return from_dict(raw, str(path), path.parent.resolve())
+
+
+def from_dict(raw: Any, source: str = "<config>", config_dir: str | Path = ".") -> RunConfig:
+    """A RunConfig from the loaded YAML, or a ConfigError naming source and every bad key path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, found "
+                          f"{'an empty file' if raw is None else type(raw).__name__}")
+    if "config_dir" in raw:
+        raise ConfigError(f"{source}: config_dir: unknown key")
+    bad = non_finite(raw)
+    if bad:
+        raise ConfigError(f"{source}: {bad}: expected a finite number, not .inf/.nan")
+    raw = {**raw, "config_dir": str(config_dir)}
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_errors(e, str(path), isinstance(raw.get("teacher"), dict))) from None
+        raise ConfigError(format_errors(e, source, raw)) from None
 
 
 def config_hash(*parts: Any) -> str:

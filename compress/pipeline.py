@@ -297,4 +297,8 @@ class Pipeline:
         from compress.plan import deployment_plan
         from compress.report import write_report
         plan = deployment_plan(self.cfg, rows, models, ctx.data, self.run_dir, self.log, ctx.task)
-        return write_report(plan.run, rows, deploy_all(plan), self.log, ctx.task)
+        from calib.datasets import IMPORTED  # the code its config named (issue 14 item 6), kept with the report
+        report = {**write_report(plan.run, rows, deploy_all(plan), self.log, ctx.task),
+                  "imported_modules": sorted(IMPORTED)}
+        write_json(self.run_dir / "report.json", report)
+        return report

@@ -61,7 +61,10 @@ def data_info(cfg: "RunConfig", log: Callable[[str], None] = lambda s: None):
     if d.dataset in ("fashion_mnist", "synthetic"):
         if d.dataset == "fashion_mnist":
             root = ds.check_fashion_mnist_root(cfg.resolve_path(d.root))
-            sizes = tuple(ds.idx_length(root / ds.FASHION_MNIST_FILES[f"{p}_labels"]) for p in ("train", "test"))
+            labels = [root / ds.FASHION_MNIST_FILES[f"{p}_labels"] for p in ("train", "test")]
+            for f in labels:  # labels only (70 kB): a label >= 10 would fail mid-training
+                ds.check_labels(ds.read_idx(f), 10, f)
+            sizes = tuple(ds.idx_length(f) for f in labels)
             info = DataInfo("fashion_mnist", 10, (1, 28, 28), tuple(ds.FASHION_MNIST_CLASSES), sizes)
         else:
             s = d.synthetic
@@ -80,6 +83,47 @@ def stage_names(cfg: "RunConfig") -> list[str]:
     teachers = ["teacher" if i == 0 else f"teacher-{i + 1}" for i in range(len(cfg.teachers))]
     kinds = [s.kind for s in cfg.stages]
     return teachers + [k if kinds.count(k) == 1 else f"{k}-{i}" for i, k in enumerate(kinds, start=1)]
+
+
+def check_device(spec: str) -> list[str]:
+    """device: cuda asked for where torch sees no GPU (found at validate, not after the teacher)."""
+    if not spec.startswith("cuda"):
+        return []
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(spec[5:]) if spec.startswith("cuda:") else 0
+    if index < n:
+        return []
+    have = f"{n} GPU{'s' if n != 1 else ''}" if n else "no GPU (or a CPU-only torch build)"
+    return [f"device: {spec}: torch sees {have} here; use device: auto or cpu"]
+
+
+MIN_FREE = 64 << 20  # bytes: below this a run fails writing its first stage's weights and exports
+
+
+def check_output_dir(cfg: "RunConfig") -> list[str]:
+    """output.dir must be a folder this process can write, with room: found before training, not
+    after it. Creates nothing: probes the nearest folder that exists with a temp file."""
+    import os
+    import shutil
+    import tempfile
+    target = Path(cfg.output.dir).expanduser() / cfg.name
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    where = f"output.dir={cfg.output.dir}"
+    if not probe.is_dir():
+        return [f"{where}: {probe} is not a folder; expected a folder (or a path that can be created)"]
+    try:
+        with tempfile.TemporaryFile(dir=probe) as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return [f"{where}: cannot write in {probe} ({e.strerror}); expected a writable folder"]
+    free = shutil.disk_usage(probe).free
+    if free < MIN_FREE:
+        return [f"{where}: {free >> 20} MB free on {probe}'s disk; a run needs at least {MIN_FREE >> 20} MB"]
+    return []
 
 
 def check_plan(cfg: "RunConfig") -> list[str]:
@@ -154,7 +198,8 @@ def build_all(cfg: "RunConfig", data, errors: list[str], task=None) -> list[Buil
             b.model = build(c.model, data.num_classes, data.input_shape[0], c.kwargs, list(data.input_shape),
                             state, f"{role}.checkpoint={c.checkpoint}").model
         except Exception as e:  # e.g. a factory that takes other arguments: name the field
-            errors.append(str(e) if isinstance(e, UserError) else
+            msg = str(e)
+            errors.append((msg if msg.startswith(role) else f"{role}.model: {msg}") if isinstance(e, UserError) else
                           f"{role}.model={c.model}: cannot build it ({type(e).__name__}: {e})")
             continue
         line = _dry_forward(b, x, data, task)
@@ -215,7 +260,7 @@ def preflight(cfg: "RunConfig", data=None, ctx: Optional["RunContext"] = None,
     t0 = time.perf_counter()
     data = data if data is not None else (ctx.data if ctx is not None else data_info(cfg, log or (lambda s: None)))
     ctx = ctx if ctx is not None else context(cfg, data)
-    errors = check_plan(cfg)
+    errors = check_plan(cfg) + check_device(cfg.device) + check_output_dir(cfg)
     from compress.tasks import get_task
     task = get_task(ctx.task)
     if task.name != "classification" and hasattr(data, "train"):  # a loaded Dataset: its labels

@@ -80,6 +80,15 @@ def usable_target(path: Path, backend: str):
     return target
 
 
+def check_counts(**given) -> None:
+    """Sizes and counts the harness takes: --batch 0 used to time one input and report it, and a
+    negative --threads reached the runtime ("-3 threads")."""
+    for name, v in given.items():
+        least = {"warmup": 0, "runs": 100}.get(name, 1)  # runs: >= 100 for a stable p99
+        if v is not None and v < least:
+            raise UserError(f"--{name.replace('_', '-')} {v}: expected an integer >= {least}")
+
+
 def sample_input(shp: tuple, dtype: str, batch: int) -> np.ndarray:
     rng = np.random.default_rng(0)
     n = max(batch, 1)
@@ -93,6 +102,8 @@ def profile_file(path: Path, backend: str, batch: int = 1, threads: Optional[int
                  shape: Optional[str] = None, runs: int = 200, warmup: int = 20,
                  throughput_batch: int = 64, throughput_runs: int = 30,
                  options: Optional[dict] = None) -> dict:
+    check_counts(batch=batch, threads=threads, runs=runs, warmup=warmup, throughput_batch=throughput_batch,
+                 throughput_runs=throughput_runs)
     target = usable_target(path, backend)
     opts = backend_options(target, options)
     dims, dtype = file_input(path, target)

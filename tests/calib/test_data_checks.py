@@ -95,7 +95,7 @@ def test_a_folder_path_as_dataset_is_a_config_error_with_the_fix(tmp_path):
                                      "train: {epochs: 1}}\n")
     with pytest.raises(ConfigError) as e:
         load_config(tmp_path / "c.yaml")
-    assert ("data: dataset: './my_images': expected fashion_mnist, synthetic, image_folder or 'pkg.module:factory' "
+    assert ("data.dataset: './my_images': expected fashion_mnist, synthetic, image_folder or 'pkg.module:factory' "
             "(a folder of images: dataset: image_folder, root: ./my_images)") in str(e.value)
 
 

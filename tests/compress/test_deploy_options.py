@@ -112,12 +112,12 @@ def test_batch_profile_must_be_ordered():
 
 
 def test_another_backends_option_says_whose_it_is():
-    with pytest.raises(ConfigError, match=r"targets\.0: performance_hint: an option of backend openvino, "
+    with pytest.raises(ConfigError, match=r"targets\.0\.performance_hint: an option of backend openvino, "
                                           r"not of onnxruntime \(its options: graph_optimization, inter_op_threads\)"):
         load_config(ROOT / "examples" / "tiny.yaml", ["targets=[{backend: onnxruntime, performance_hint: LATENCY}]"])
-    with pytest.raises(ConfigError, match=r"targets\.0: backend: unknown backend 'tflite': expected one of "):
+    with pytest.raises(ConfigError, match=r"targets\.0\.backend: unknown backend 'tflite': expected one of "):
         load_config(ROOT / "examples" / "tiny.yaml", ["targets=[{backend: tflite}]"])
-    with pytest.raises(ConfigError, match=r"export: openvino_ir: moved: each target converts the ONNX"):
+    with pytest.raises(ConfigError, match=r"export.openvino_ir: moved: each target converts the ONNX"):
         load_config(ROOT / "examples" / "tiny.yaml", ["export.openvino_ir=false"])
 
 

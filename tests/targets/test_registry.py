@@ -96,4 +96,4 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path):
     res = CliRunner().invoke(app, ["run", str(tmp_path / "missing.yaml")])
     assert res.exit_code == 2 and res.output.strip() == f"{tmp_path / 'missing.yaml'}: config file not found"
     res = CliRunner().invoke(app, ["run", TINY, "--set", "targets=[{backend: tflite}]"])
-    assert res.exit_code == 2 and "targets.0: backend: unknown backend 'tflite'" in res.output
+    assert res.exit_code == 2 and "targets.0.backend: unknown backend 'tflite'" in res.output
