@@ -63,7 +63,11 @@ def init(device: torch.device) -> torch.device:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a rank tearing down gloo while another still
+    completes its last collective aborts both ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # a rank that failed: torchrun ends the others anyway
+            dist.barrier()
         dist.destroy_process_group()
 
 
