@@ -90,10 +90,12 @@ class History:
         from compress import distributed
         if not distributed.active():
             return
+        # every rank made the same self.n steps (equal shards): the loss sums' mean over the
+        # ranks, divided by n, is the mean over every batch; n stays the optimizer's steps
         tot = distributed.all_reduce_sums({**{f"sum/{k}": v for k, v in self.sums.items()},
-                                           "n": self.n, "correct": self.correct, "seen": self.seen})
-        self.sums = {k: tot[f"sum/{k}"] for k in self.sums}
-        self.n, self.correct, self.seen = int(tot["n"]), tot["correct"], tot["seen"]
+                                           "correct": self.correct, "seen": self.seen})
+        self.sums = {k: tot[f"sum/{k}"] / distributed.world_size() for k in self.sums}
+        self.correct, self.seen = tot["correct"], tot["seen"]
 
     def means(self) -> dict[str, float]:
         return {k: v / max(1, self.n) for k, v in self.sums.items()}
