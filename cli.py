@@ -61,8 +61,14 @@ def validate(config: Path = typer.Argument(..., help="run config YAML"),
 
 @app.command()
 def run(config: Path = typer.Argument(..., help="run config YAML"),
-        set_: Optional[List[str]] = SetOpt):
+        set_: Optional[List[str]] = SetOpt,
+        nproc: int = typer.Option(1, "--nproc", min=1, help=(
+            "training processes on this machine: starts `torchrun --standalone --nproc_per_node N` "
+            "(DDP; gloo on CPU, nccl on GPU); for several machines call torchrun yourself (README)"))):
     """Run the whole chain: teacher, stages, export, deploy on each backend, report."""
+    from compress import distributed
+    if nproc > 1 and not distributed.launched():
+        raise typer.Exit(_torchrun(nproc, config, set_))
     cfg = _load(config, set_)
     from compress.pipeline import Pipeline
     try:
@@ -70,9 +76,21 @@ def run(config: Path = typer.Argument(..., help="run config YAML"),
     except _user_errors() as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    finally:
+        distributed.shutdown()
     if any(d["status"] == "failed" for d in report["deployments"]):
         typer.echo("error: at least one deployment failed (see the status/reason columns)", err=True)
         raise typer.Exit(1)
+
+
+def _torchrun(nproc: int, config: Path, set_: Optional[List[str]]) -> int:
+    """`compress run` again under torch.distributed.run, one process per rank; its exit code."""
+    import subprocess
+    import sys
+    sets = [a for v in set_ or [] for a in ("--set", v)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "compress", "run", str(config), *sets]
+    return subprocess.run(cmd).returncode
 
 
 def _backends() -> list[str]:

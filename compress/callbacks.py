@@ -85,10 +85,23 @@ class History:
         self.correct += num
         self.seen += den
 
+    def _reduce(self) -> None:
+        """Under torchrun: the epoch's sums over every rank's shard (a no-op in one process)."""
+        from compress import distributed
+        if not distributed.active():
+            return
+        # every rank made the same self.n steps (equal shards): the loss sums' mean over the
+        # ranks, divided by n, is the mean over every batch; n stays the optimizer's steps
+        tot = distributed.all_reduce_sums({**{f"sum/{k}": v for k, v in self.sums.items()},
+                                           "correct": self.correct, "seen": self.seen})
+        self.sums = {k: tot[f"sum/{k}"] / distributed.world_size() for k in self.sums}
+        self.correct, self.seen = tot["correct"], tot["seen"]
+
     def means(self) -> dict[str, float]:
         return {k: v / max(1, self.n) for k, v in self.sums.items()}
 
     def on_epoch_end(self, state: LoopState) -> None:
+        self._reduce()
         state.row = {"epoch": state.epoch + 1, "steps": self.n, **self.means(),
                      self.task.train_key: self.train_value(), "seconds": time.time() - self.t0}
         self.rows.append(state.row)
@@ -102,7 +115,8 @@ class Evaluate:
         self.score, self.key = score, key
 
     def on_epoch_end(self, state: LoopState) -> None:
-        state.row[self.key] = self.score(state.model)
+        from compress import distributed  # every rank holds the same model: rank 0 scores it
+        state.row[self.key] = distributed.on_main(lambda: self.score(state.model))
 
 
 class EpochLog:
@@ -133,7 +147,7 @@ class ProgressBar:
         console = Console(stderr=True)
         self.bar = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                            console=console, transient=True, disable=not console.is_terminal)
+                            console=console, transient=True, disable=not console.is_terminal or not _main())
         self.bar.start()
         self.task = self.bar.add_task(self.desc, total=state.total, info="")
 
@@ -146,6 +160,11 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def _main() -> bool:
+    from compress import distributed
+    return distributed.is_main()
 
 
 class SamplerEpoch:

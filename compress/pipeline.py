@@ -22,7 +22,7 @@ from torch import nn
 from calib.checks import data_digest
 from calib.datasets import Dataset
 from calib.sampling import calibration_split, stratified_indices
-from compress import stages
+from compress import distributed, stages
 from compress.checkpoint import read_state_dict, save_weights, write_json
 from compress.config import RunConfig, config_hash
 from compress.errors import UserError
@@ -130,11 +130,22 @@ class Pipeline:
     def __init__(self, cfg: RunConfig, log: Callable[[str], None] = print):
         self.cfg, self.log = cfg, log
         self.run_dir = Path(cfg.output.dir) / cfg.name
-        self.device = pick_device(cfg.device)
+        # under torchrun: join the process group; rank 0 alone logs and writes
+        self.device = distributed.init(pick_device(cfg.device))
+        if not distributed.is_main():
+            self.log = lambda s: None
         self.task = from_config(cfg)
         self.data_digest: Optional[str] = None  # of the data as loaded (calib.checks.data_digest), hashed for resume
 
     def _save(self, sdir: Path, name: str, res: StageResult, h: str, t0: float, ctx: RunContext, scfg) -> dict:
+        """Rank 0 writes and scores the stage; every rank gets its metrics, after checking that
+        all hold the same structure."""
+        if distributed.active():
+            digest = distributed.assert_same_structure(res.model, res.structure, name)
+            self.log(f"[{name}] structure checksum {digest}, the same on all {distributed.world_size()} ranks")
+        return distributed.on_main(lambda: self._write(sdir, name, res, h, t0, ctx, scfg))
+
+    def _write(self, sdir: Path, name: str, res: StageResult, h: str, t0: float, ctx: RunContext, scfg) -> dict:
         # the class order travels with the weights: a later run using them as a teacher checks it
         save_weights(res.model, sdir / "model.safetensors", {"stage": name, "config_hash": h,
                                                              "classes": json.dumps(ctx.data.classes)})
@@ -235,9 +246,10 @@ class Pipeline:
         key = ctx.teacher_key if d.synthesis.source == "teacher" else chain_h
         self.log(f"  data.calibration: synthetic: fitting {d.calib_samples} images to the "
                  f"{d.synthesis.source}'s BatchNorm statistics")
-        return load_or_synthesize(self.run_dir / "cache", [d.synthesis.source, key], copy.deepcopy(source),
-                                  d.calib_samples, ctx.data.input_shape, ctx.data.normalize,
-                                  d.synthesis, self.cfg.seed, self.log)
+        with distributed.main_first():  # rank 0 synthesizes and caches them; the others read the cache
+            return load_or_synthesize(self.run_dir / "cache", [d.synthesis.source, key], copy.deepcopy(source),
+                                      d.calib_samples, ctx.data.input_shape, ctx.data.normalize,
+                                      d.synthesis, self.cfg.seed, self.log)
 
     def _stage(self, i: int, scfg, model: nn.Module, structure: Structure, ctx: RunContext,
                teacher0: nn.Module, prev_h: str, float_model: nn.Module):
@@ -269,11 +281,13 @@ class Pipeline:
         """Train/prune/quantize as configured. Returns the stage rows and, per stage name,
         (model, stage dir, structure) for export."""
         torch.manual_seed(self.cfg.seed)
-        data = load_data(self.cfg, self.log)
+        with distributed.main_first():  # rank 0 fills the decode cache (output.dir/.cache) first
+            data = load_data(self.cfg, self.log)
         self.data_digest = data_digest(data)
         ctx = self._context(data)
         preflight(self.cfg, ctx)
-        record_data(self.run_dir, data, self.data_digest)
+        if distributed.is_main():
+            record_data(self.run_dir, data, self.data_digest)
         self.log(f"data: {data.name}, {len(data.train)} train / {len(data.test)} test, "
                  f"input {data.input_shape}, {data.num_classes} classes")
         rows, models = [], {}
@@ -290,7 +304,12 @@ class Pipeline:
         return rows, models, ctx
 
     def run(self) -> dict:
+        """Every stage, then export, deployment and the report: those on rank 0 alone, while
+        the other ranks wait for its report."""
         rows, models, ctx = self.run_stages()
+        return distributed.on_main(lambda: self._deliver(rows, models, ctx))
+
+    def _deliver(self, rows: list[dict], models: dict, ctx: RunContext) -> dict:
         from compress.bench_config import save_config  # `compress bench RUN_DIR` re-reads the run's config
         save_config(self.cfg, self.run_dir)
         from compress.deploy import deploy_all

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from calib.datasets import Dataset, Split
+from compress import distributed
 from compress.callbacks import EpochLog, Evaluate, History, LoopState, ProgressBar, SamplerEpoch, StepResult, notify
 from compress.distill.features import FeatureTerm
 from compress.distill.objectives import CE, NEEDS_TEACHER, LogitTerm, Objective
@@ -177,6 +178,9 @@ class TrainStep:
     amp: Optional[torch.dtype]
     lr: Callable[[int], float]
     total: int
+    shared: list = field(default_factory=list)
+    """trained parameters outside `model` (feature adapters): their gradients are averaged
+    over the ranks by hand, as DDP averages the model's"""
 
     def __call__(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], step: int) -> StepResult:
         xb, yb, idx = batch
@@ -190,6 +194,7 @@ class TrainStep:
             loss, parts = self.objective(out.float(), t_out, y, step / self.total)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_grads(self.shared)
         self.optimizer.step()
         return StepResult(loss.detach(), parts, out.detach(), y)
 
@@ -228,9 +233,13 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, env: TrainEnv) -> lis
         raise UserError(f"{env.desc}: the loss uses a teacher ({[t.kind for t in cfg.loss]}, "
                         f"{len(cfg.features)} feature terms) but none is available")
     torch.manual_seed(env.seed)
-    g = torch.Generator().manual_seed(env.seed)  # shuffling, then each batch's augmentation
-    sampler = env.sampler(len(data.train), g)
-    loader = train_loader(data.train, env.batch_size, sampler, partial(augment_batch, g=g) if cfg.augment else None)
+    # shuffling, then each batch's augmentation; under torchrun each rank augments its own shard
+    g = torch.Generator().manual_seed(env.seed + distributed.rank())
+    batch_size, make_sampler = env.batch_size, env.sampler
+    if distributed.active():  # each rank: its shard of the epoch, its share of the (global) batch
+        batch_size, make_sampler = distributed.local_batch(batch_size, env.desc), distributed.sampler_factory(env.seed)
+    sampler = make_sampler(len(data.train), g)
+    loader = train_loader(data.train, batch_size, sampler, partial(augment_batch, g=g) if cfg.augment else None)
     if len(loader) == 0:
         raise UserError(f"{env.desc}: batch_size={env.batch_size} exceeds the {len(data.train)} training examples")
     total = max(1, round(cfg.epochs * len(loader)))
@@ -250,6 +259,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, env: TrainEnv) -> lis
                  *_reporting(data, env, history)]
     state, t0 = LoopState(model, total, len(loader)), time.time()
     model.to(device=env.device, memory_format=fmt)
+    step.model = distributed.wrap_ddp(model, env.device)  # the callbacks keep the bare model
+    step.shared = list(features.adapters.parameters()) if features is not None else []
     try:
         run_loop(state, loader, step, callbacks)
     finally:

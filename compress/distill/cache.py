@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from compress import distributed
 from compress.checkpoint import atomic_write
 
 
@@ -62,6 +63,13 @@ def build_or_load(kind: str, k: int, temperature: float, forward, teacher_key: s
         return None
     suffix = "" if kind == "full" else f"-k{k}-T{temperature:g}" + (f"-s{seed}" if kind == "sampled" else "")
     path = cache_dir / f"teacher-{teacher_key}-{data_key}-{kind}{suffix}.safetensors"
+    # under torchrun rank 0 builds and writes the cache; the other ranks wait, then read it
+    with distributed.main_first():
+        return _build_or_read(path, kind, k, temperature, forward, data, seed, device, log)
+
+
+def _build_or_read(path: Path, kind: str, k: int, temperature: float, forward, data, seed: int, device,
+                   log) -> TeacherCache:
     if path.is_file():
         log(f"  teacher cache: reusing {path.name}")
         return TeacherCache(kind, load_file(str(path)))

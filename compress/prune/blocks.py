@@ -85,6 +85,11 @@ def remove(model: nn.Module, ctx, cfg) -> tuple[list[str], dict[str, float]]:
     scores = distortion(model, names, xs)
     # LAPTOP-Diff: the one-shot scores are close to additive, so the k smallest are removed
     removed = sorted(names, key=scores.get)[:cfg.remove_blocks]
+    apply(model, removed)
+    return removed, scores
+
+
+def apply(model: nn.Module, removed: list[str]) -> None:
+    """Replace the named blocks by identities (under torchrun: rank 0's choice on the others)."""
     for n in removed:
         set_module(model, n, nn.Identity())
-    return removed, scores

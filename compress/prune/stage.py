@@ -11,6 +11,7 @@ import hashlib
 import torch
 from torch import nn
 
+from compress import distributed
 from compress.models import count_params
 from compress.prune import blocks, budget, channels, sparse
 from compress.prune.channels import GRADIENT_CRITERIA, importance, make_pruner, score_gradients, sync_heads
@@ -47,13 +48,15 @@ class PruneStage:
             structure = self._remove_blocks(model, ctx, cfg, metrics)
         ratio = cfg.ratio
         if cfg.target is not None:
-            ratio, metrics["latency_search"] = budget.search(model, unpruned, ctx, cfg)
+            # timings differ between processes: rank 0 measures, every rank gets its choice
+            ratio, metrics["latency_search"] = distributed.on_main(lambda: budget.search(model, unpruned, ctx, cfg))
         cfg = cfg.model_copy(update={"ratio": ratio})
         ctx = dataclasses.replace(ctx, structure=structure)
         history, structure = self._steps(model, unpruned, ctx, cfg, metrics)
         ctx.log(f"  pruned {before:,} -> {count_params(model):,} params (ratio {ratio:g}, round_to {cfg.round_to})")
         if cfg.target is not None:
-            final = metrics["latency_search"]["final"] = budget.measure_final(unpruned, model, ctx, cfg)
+            final = distributed.on_main(lambda: budget.measure_final(unpruned, model, ctx, cfg))
+            metrics["latency_search"]["final"] = final
             ctx.log(f"  achieved latency ratio {final['latency_ratio']:.2f}x of the unpruned model "
                     f"on {cfg.target.backend}")
         metrics.update(params_before=before, importance=cfg.importance, steps=cfg.steps, ratio=ratio,
@@ -63,7 +66,9 @@ class PruneStage:
 
     @staticmethod
     def _remove_blocks(model: nn.Module, ctx: RunContext, cfg: PruneConfig, metrics: dict):
-        removed, scores = blocks.remove(model, ctx, cfg)
+        removed, scores = distributed.on_main(lambda: blocks.remove(model, ctx, cfg))
+        if not distributed.is_main():  # rank 0's choice, applied here
+            blocks.apply(model, removed)
         metrics.update(block_distortion=scores, removed_blocks=removed)
         ctx.log(f"  removed blocks {', '.join(removed)} (output distortion "
                 f"{', '.join(f'{scores[n]:.3g}' for n in removed)})")
@@ -76,7 +81,7 @@ class PruneStage:
         teacher = unpruned if cfg.recovery_teacher == "unpruned" else ctx.teacher
         key = _weights_key(unpruned) if cfg.recovery_teacher == "unpruned" else None
         sparse_names = sparse.select(model, cfg.semi_structured) if cfg.semi_structured else []
-        imp = importance(cfg.importance)
+        imp = distributed.broadcast_importance(importance(cfg.importance))  # rank 0's scores everywhere
         pruner = make_pruner(model, cfg, torch.zeros(1, *ctx.data.input_shape), imp) if cfg.ratio > 0 else None
         per_step = cfg.epochs / cfg.steps
         history = []

@@ -71,7 +71,14 @@ def assign(weights: dict[str, int], bits: dict[str, int], delta: dict[str, float
 
 def mixed_precision(graph: nn.Module, qsettings: dict, bits: dict[str, int], fixed: set[str],
                     weights: dict[str, int], ctx, cfg) -> tuple[dict[str, int], dict]:
-    """Pick bit widths for the layers not fixed by the config. Returns (bits, metrics)."""
+    """Pick bit widths for the layers not fixed by the config. Returns (bits, metrics).
+    Under torchrun rank 0 measures and chooses; every rank gets its choice."""
+    from compress import distributed
+    return distributed.on_main(lambda: _choose(graph, qsettings, bits, fixed, weights, ctx, cfg))
+
+
+def _choose(graph: nn.Module, qsettings: dict, bits: dict[str, int], fixed: set[str],
+            weights: dict[str, int], ctx, cfg) -> tuple[dict[str, int], dict]:
     mp = cfg.mixed_precision
     target = mp.avg_bits if mp.avg_bits is not None else 8.0 * mp.weight_bytes / sum(weights.values())
     candidates = [n for n in bits if n not in fixed and bits[n] > mp.low_bits]
