@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from calib.datasets import Dataset, Split
-from compress import distributed
+from compress import batchnorm, distributed
 from compress.callbacks import EpochLog, Evaluate, History, LoopState, ProgressBar, SamplerEpoch, StepResult, notify
 from compress.distill.features import FeatureTerm
 from compress.distill.objectives import CE, NEEDS_TEACHER, LogitTerm, Objective
@@ -58,6 +58,9 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="autocast dtype; auto = bf16 where the CPU/GPU has native bf16")
     channels_last: bool = Field(True, description="NHWC memory format while training (faster with bf16 on CPU)")
+    bn_refresh: Literal["auto", "always", "never"] = "auto"
+    """re-estimate BatchNorm running statistics on 32 fixed training batches after each epoch; auto: only
+    where a BatchNorm's momentum is below 0.1 (torchvision MobileNetV3: 0.01), whose statistics lag the weights"""
 
     @model_validator(mode="after")
     def _cache_rules(self):
@@ -216,6 +219,14 @@ def run_loop(state: LoopState, loader: Iterable, step: Callable[..., StepResult]
         notify(callbacks, "on_train_end", state)
 
 
+def _bn_refresh(model: nn.Module, data: Dataset, cfg: TrainConfig, env: TrainEnv) -> list:
+    """After the masks are applied and before evaluation (compress/batchnorm.py says why)."""
+    if cfg.bn_refresh == "never" or (cfg.bn_refresh == "auto" and not batchnorm.slow(model)):
+        return []
+    return [batchnorm.BatchNormRefresh(batchnorm.refresh_batches(
+        data.train.images, data.normalize, env.batch_size, 32, env.seed), env.device)]
+
+
 def _reporting(data: Dataset, env: TrainEnv, history: History) -> list:
     """Progress bar, per-epoch evaluation (the task's primary metric), the epoch log line:
     after the run's callbacks, so they report the model as those left it (2:4 masks applied)."""
@@ -256,7 +267,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, env: TrainEnv) -> lis
     history = History(get_task(env.task))
     # history first: it records each step as computed, and starts the epoch's row
     callbacks = [history, *env.callbacks, teacher, *([SamplerEpoch(sampler)] if hasattr(sampler, "set_epoch") else []),
-                 *_reporting(data, env, history)]
+                 *_bn_refresh(model, data, cfg, env), *_reporting(data, env, history)]
     state, t0 = LoopState(model, total, len(loader)), time.time()
     model.to(device=env.device, memory_format=fmt)
     step.model = distributed.wrap_ddp(model, env.device)  # the callbacks keep the bare model
