@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from calib.datasets import Dataset, Split
+from compress import train_state
 from compress.callbacks import EpochLog, Evaluate, History, LoopState, ProgressBar, SamplerEpoch, StepResult, notify
 from compress.distill.features import FeatureTerm
 from compress.distill.objectives import CE, NEEDS_TEACHER, LogitTerm, Objective
@@ -229,7 +230,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, env: TrainEnv) -> lis
                         f"{len(cfg.features)} feature terms) but none is available")
     torch.manual_seed(env.seed)
     g = torch.Generator().manual_seed(env.seed)  # shuffling, then each batch's augmentation
-    sampler = env.sampler(len(data.train), g)
+    sampler = train_state.ResumableSampler(env.sampler(len(data.train), g))  # its position goes into checkpoints
     loader = train_loader(data.train, env.batch_size, sampler, partial(augment_batch, g=g) if cfg.augment else None)
     if len(loader) == 0:
         raise UserError(f"{env.desc}: batch_size={env.batch_size} exceeds the {len(data.train)} training examples")
@@ -248,6 +249,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, env: TrainEnv) -> lis
     # history first: it records each step as computed, and starts the epoch's row
     callbacks = [history, *env.callbacks, teacher, *([SamplerEpoch(sampler)] if hasattr(sampler, "set_epoch") else []),
                  *_reporting(data, env, history)]
+    callbacks += train_state.callbacks(step, g, sampler, history, callbacks)  # resume inside a stage
     state, t0 = LoopState(model, total, len(loader)), time.time()
     model.to(device=env.device, memory_format=fmt)
     try:
