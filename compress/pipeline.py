@@ -24,7 +24,7 @@ from calib.datasets import Dataset
 from calib.sampling import calibration_split, stratified_indices
 from compress import stages, train_state
 from compress.checkpoint import read_sealed, read_state_dict, save_weights, write_json, write_sealed
-from compress.config import RunConfig, config_hash
+from compress.config import RunConfig, config_hash, hashable
 from compress.errors import UserError
 from compress.measure import LatencyService, model_stats
 from compress.models import build
@@ -185,8 +185,9 @@ class Pipeline:
     def _teacher(self, ctx: RunContext, i: int, tc) -> tuple[nn.Module, dict, str, str, Path, Structure]:
         name, sdir, source = self._teacher_id(i, tc)
         # the task only where it is not classification: finished classification runs stay finished
-        task = [self.cfg.task.model_dump()] if self.cfg.task.kind != "classification" else []
-        h = config_hash(tc.model_dump(exclude={"weight"}), self.cfg.data.identity(self.data_digest),
+        task = [self.cfg.task] if self.cfg.task.kind != "classification" else []
+        teacher = {k: v for k, v in hashable(tc).items() if k != "weight"}
+        h = config_hash(teacher, self.cfg.data.identity(self.data_digest),
                         self.cfg.data.batch_size, self.cfg.seed + i, source, *task)
         done = load_done(sdir, h, name, self.log)
         if done:
