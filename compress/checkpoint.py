@@ -36,16 +36,16 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
-        _fsync(tmp)  # on disk before the rename: a power loss leaves the old file or the whole new one
+        fsync(tmp)  # on disk before the rename: a power loss leaves the old file or the whole new one
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual mode
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _fsync(path) -> None:
+def fsync(path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -418,6 +418,8 @@ class ProfileConfig(Strict):
 class OutputConfig(Strict):
     """Where runs are written."""
     dir: str = Field("runs", description="runs land in <dir>/<name>/")
+    checkpoint_every_steps: int = Field(0, ge=0, description="training checkpoints every N optimizer steps "
+                                        "as well as at every epoch's end (0: epochs only); see README")
 
 
 def _task_name(v):

@@ -204,7 +204,7 @@ class Pipeline:
             self.log(f"[{name}] training {tc.model} for {tc.train.epochs} epochs")
             env = TrainEnv(ctx.batch_size, desc=name, seed=self.cfg.seed + i, device=self.device, log=self.log,
                            eval_split=ctx.data.test, task=ctx.task)
-            with train_state.stage_checkpoints(sdir, h, name, self.log):
+            with train_state.stage_checkpoints(sdir, h, name, self.log, self.cfg.output.checkpoint_every_steps):
                 history = fit(model, ctx.data, tc.train, env)
         res = StageResult(model.cpu().eval(), structure, history, extra)
         return res.model, self._save(sdir, name, res, h, t0, ctx, tc), h, name, sdir, structure
@@ -283,7 +283,7 @@ class Pipeline:
         sctx = dataclasses.replace(ctx, structure=structure, calib=calib, where=f"stages.{i - 1}")
         t0 = time.time()
         # a copy: stages change modules in place, and every stage's model is kept for export
-        with train_state.stage_checkpoints(sdir, h, name, self.log):
+        with train_state.stage_checkpoints(sdir, h, name, self.log, self.cfg.output.checkpoint_every_steps):
             res = stage.run(copy.deepcopy(model), sctx, scfg)
         res.model = res.model.cpu().eval()
         if res.float_model is None and res.structure.quantize is not None:

@@ -95,16 +95,18 @@ def test_sigkill_mid_stage_resumes_from_the_last_epoch_and_matches_an_uninterrup
 
 
 @pytest.mark.slow
-def test_sigint_stops_after_the_step_writes_a_checkpoint_and_exits_130(uninterrupted, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_or_sigterm_stops_after_the_step_writes_a_checkpoint_and_exits_130_143(uninterrupted, tmp_path,
+                                                                                     sig, code):
     cfg = write(tmp_path)
     ck = tmp_path / "kr" / "01-distill" / ".resume" / "fit-0.pt"
     proc = start(cfg, tmp_path / "first.log")
     wait_for(ck, proc)
     time.sleep(0.3)  # inside the next epoch: the checkpoint holds the rest of its example order
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == code
     log = (tmp_path / "first.log").read_text()
-    assert "stopped by SIGINT after step" in log and "Run the same `compress run` command again" in log
+    assert f"stopped by {sig.name} after step" in log and "Run the same `compress run` command again" in log
     assert "Traceback" not in log
     saved = torch.load(ck, weights_only=True)
     assert saved["order"] is not None and 0 < saved["step"] < saved["total"]  # stopped inside an epoch
@@ -114,3 +116,19 @@ def test_sigint_stops_after_the_step_writes_a_checkpoint_and_exits_130(uninterru
     assert same_weights(tmp_path / "kr", uninterrupted)
     rows, whole = finished(tmp_path / "kr")["history"], finished(uninterrupted)["history"]
     assert [round(r["loss"], 6) for r in rows] == [round(r["loss"], 6) for r in whole]
+
+
+def test_checkpoints_every_n_steps_as_well_as_at_each_epoch_end(tmp_path, monkeypatch):
+    from compress import train_state
+    saved = []
+    monkeypatch.setattr(train_state.TrainCheckpoint, "save",
+                        lambda self, loop, ended=False: saved.append((loop.step, ended)))
+    cfg = write(tmp_path)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["stages"][0]["epochs"] = 2
+    raw["output"]["checkpoint_every_steps"] = 5
+    cfg.write_text(yaml.safe_dump(raw))
+    Pipeline(load_config(cfg), log=lambda s: None).run_stages()
+    distill = saved[-8:]  # 16 steps an epoch: the teacher's one epoch, then the distill stage's two
+    assert distill == [(5, False), (10, False), (15, False), (16, True), (20, False), (25, False), (30, False),
+                       (32, True)]
