@@ -125,6 +125,40 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
     atomic_write(path, lambda p: save_file(state, str(p), metadata=metadata))
 
 
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}\0{v.dtype}\0{list(v.shape)}\0".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_sealed_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A cache file (safetensors) carrying the sha256 of its tensors in its metadata."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    meta = {**(metadata or {}), "sha256": _tensor_digest(tensors)}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def load_sealed_tensors(path: Path, log, what: str) -> Optional[dict[str, torch.Tensor]]:
+    """A cache file's tensors, or None (the file removed, one line why) when it is unreadable or
+    its tensors are not those it was written with: the caller builds it again."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        why = "" if meta.get("sha256", _tensor_digest(tensors)) == _tensor_digest(tensors) else "its digest differs"
+    except Exception as e:  # safetensors raises its own error types
+        why = f"unreadable ({type(e).__name__})"
+    if why:
+        log(f"  {what}: {path.name} is {why}: building it again")
+        path.unlink(missing_ok=True)
+        return None
+    return tensors
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")

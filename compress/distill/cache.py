@@ -18,9 +18,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from compress.checkpoint import atomic_write
+from compress.checkpoint import load_sealed_tensors, save_sealed_tensors
 
 
 @dataclass
@@ -62,9 +61,10 @@ def build_or_load(kind: str, k: int, temperature: float, forward, teacher_key: s
         return None
     suffix = "" if kind == "full" else f"-k{k}-T{temperature:g}" + (f"-s{seed}" if kind == "sampled" else "")
     path = cache_dir / f"teacher-{teacher_key}-{data_key}-{kind}{suffix}.safetensors"
-    if path.is_file():
+    cached = load_sealed_tensors(path, log, "teacher cache") if path.is_file() else None
+    if cached is not None:
         log(f"  teacher cache: reusing {path.name}")
-        return TeacherCache(kind, load_file(str(path)))
+        return TeacherCache(kind, cached)
     logits = _teacher_logits(forward, data, 512, device)
     if kind == "full":
         tensors = {"logits": logits.half()}
@@ -78,6 +78,6 @@ def build_or_load(kind: str, k: int, temperature: float, forward, teacher_key: s
             index = torch.multinomial(p, k, replacement=True, generator=g)
             prob = torch.full(index.shape, 1.0 / k)  # each draw carries weight 1/k
         tensors = {"index": index.to(torch.int16), "prob": prob.half()}
-    atomic_write(path, lambda p_: save_file({n: v.contiguous() for n, v in tensors.items()}, str(p_)))
+    save_sealed_tensors(path, tensors)
     log(f"  teacher cache: wrote {path.name} ({path.stat().st_size / 1e6:.1f} MB)")
     return TeacherCache(kind, tensors)

@@ -176,3 +176,30 @@ def test_a_new_field_with_its_default_keeps_the_hash():
 def test_setting_a_field_to_its_default_keeps_finished_stages(out):
     logs = run(out, warmup_epochs=0.0, channels_last=True)
     assert "[distill] up to date, skipped" in logs
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_teacher_cache_is_built_again_with_one_line(tmp_path, damage):
+    from types import SimpleNamespace
+
+    from calib.datasets import Split
+    from compress.distill.cache import build_or_load
+    data = SimpleNamespace(train=Split(torch.arange(40, dtype=torch.uint8).reshape(10, 1, 2, 2), torch.zeros(10)),
+                           normalize=lambda x: x.float())
+    forward = lambda x: x.flatten(1) * 2  # noqa: E731
+    args = ("full", 8, 1.0, forward, "t", "d", data, tmp_path, 0, "cpu")
+    first = build_or_load(*args, log=lambda s: None).t["logits"]
+    path = next(tmp_path.glob("teacher-*.safetensors"))
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[:-7]
+    else:
+        raw[-3] ^= 0xFF  # a flipped bit in the tensor data: safetensors itself reads it fine
+    path.write_bytes(bytes(raw))
+    logs = []
+    again = build_or_load(*args, log=logs.append).t["logits"]
+    assert torch.equal(first, again)
+    assert len([s for s in logs if "teacher cache: teacher-" in s and "building it again" in s]) == 1, logs
+    logs = []
+    build_or_load(*args, log=logs.append)
+    assert logs == [f"  teacher cache: reusing {path.name}"]
