@@ -166,8 +166,8 @@ class TrainCheckpoint:
             mine.update(saved)
         if ck["adapters"] is not None and self._adapters() is not None:
             self._adapters().load_state_dict(ck["adapters"])
-        for keeper, masks in zip(self.keepers, ck["masks"]):
-            keeper.masks.update(masks)
+        for keeper, masks in zip(self.keepers, ck["masks"]):  # on the device the loop placed them
+            keeper.masks.update({n: m.to(keeper.masks[n].device) for n, m in masks.items() if n in keeper.masks})
         self.g.set_state(ck["generator"])
         _set_rng_state(ck["rng"])
         self.history.rows[:] = ck["rows"]
