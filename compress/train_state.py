@@ -7,6 +7,8 @@ bit for bit: model, optimizer, the objective's state (TAID's t, CAKLD's gamma), 
 the 2:4 masks, the generator of shuffling and augmentation, torch/numpy/python RNGs, the history
 rows, and the rest of the epoch's example order (`ResumableSampler`). The learning rate is a pure
 function of the step (train.lr_at) and bf16 autocast needs no grad scaler, so neither is stored.
+Quantization-aware training (brevitas layers) is not checkpointed: its quantizers keep state
+outside state_dict, and a restored run was measured to diverge (see `callbacks`).
 A fit that finished keeps its last checkpoint: a stage with several fits (pruning recovery
 rounds) replays the finished ones from their final state. Files are torch.save'd tensors and
 plain containers, loaded with weights_only=True; a checkpoint that cannot be read or does not fit
@@ -204,6 +206,13 @@ def callbacks(step, generator: torch.Generator, sampler, history, others: list) 
     """The checkpoint callback of the fit that calls this, when a stage scope is open (else none).
     Last in the loop's list: it saves the row the reporting callbacks completed."""
     if _scope is None or not isinstance(sampler, ResumableSampler):
+        return []
+    if any(type(m).__module__.startswith("brevitas") for m in step.model.modules()):
+        # brevitas' quantizers keep state outside state_dict (runtime-statistics counters, scales
+        # aligned at an add): restored QAT diverged from the uninterrupted run, or failed. Such a
+        # fit is not checkpointed; its stage reruns whole after an interruption.
+        _scope.log(f"[{_scope.name}] no training checkpoints for quantization-aware training: "
+                   f"an interrupted {_scope.name} stage reruns whole")
         return []
     _scope.fits += 1
     return [TrainCheckpoint(_scope, _scope.fits - 1, step, generator, sampler, history, others)]
