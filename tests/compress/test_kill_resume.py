@@ -132,3 +132,32 @@ def test_checkpoints_every_n_steps_as_well_as_at_each_epoch_end(tmp_path, monkey
     distill = saved[-8:]  # 16 steps an epoch: the teacher's one epoch, then the distill stage's two
     assert distill == [(5, False), (10, False), (15, False), (16, True), (20, False), (25, False), (30, False),
                        (32, True)]
+
+
+def test_quantization_aware_training_is_not_checkpointed(tmp_path):
+    from types import SimpleNamespace
+
+    from brevitas.nn import QuantLinear
+
+    from compress import train_state
+    logs = []
+    with train_state.stage_checkpoints(tmp_path, "h", "quantize", logs.append):
+        step = SimpleNamespace(model=torch.nn.Sequential(QuantLinear(2, 2, bias=True)))
+        sampler = train_state.ResumableSampler(range(4))
+        assert train_state.callbacks(step, torch.Generator(), sampler, None, []) == []
+    assert logs == ["[quantize] no training checkpoints for quantization-aware training: an interrupted "
+                    "quantize stage reruns whole"]
+
+
+def test_the_sampler_hands_out_the_saved_rest_of_an_epoch_then_draws_again():
+    from compress.loader import SeededPermutation
+    from compress.train_state import ResumableSampler
+    a = ResumableSampler(SeededPermutation(10, torch.Generator().manual_seed(0)))
+    it = iter(a)
+    head = [next(it) for _ in range(4)]
+    rest, state = a.rest(), a.inner.generator.get_state()
+    b = ResumableSampler(SeededPermutation(10, torch.Generator()))
+    b.inner.generator.set_state(state)
+    b.pending = rest
+    assert head + list(b) == a.order  # the interrupted epoch, completed
+    assert list(b) == list(a)  # the next epoch: drawn from the same generator state
