@@ -128,20 +128,18 @@ def synthesize(model: nn.Module, n: int, input_shape, normalize: Callable[[torch
 def load_or_synthesize(path: Optional[Path], key_parts: list, model: nn.Module, n: int, input_shape,
                        normalize, cfg: SynthesisConfig, seed: int, log=print) -> SyntheticSplit:
     """synthesize(), cached as safetensors under `path` (a folder) by a hash of what made it."""
-    from safetensors.torch import load_file, save_file
     key = hashlib.sha256(repr([*key_parts, n, list(input_shape), cfg.model_dump(), seed]).encode()
                          ).hexdigest()[:16]
     f = path / f"synthetic-calib-{key}.safetensors" if path is not None else None
-    if f is not None and f.is_file():
-        t = load_file(str(f))
+    from compress.checkpoint import load_sealed_tensors, save_sealed_tensors
+    t = load_sealed_tensors(f, log, "synthetic calibration") if f is not None and f.is_file() else None
+    if t is not None:
         log(f"  synthetic calibration: {len(t['labels'])} images from {f.name}")
         return SyntheticSplit(t["images"], t["labels"], key=key,
                               bn_distance=tuple(t["bn_distance"].tolist()))
     split = synthesize(model, n, input_shape, normalize, cfg, seed, log)
     split.key = key
     if f is not None:
-        from compress.checkpoint import atomic_write
-        tensors = {"images": split.images.contiguous(), "labels": split.labels.contiguous(),
-                   "bn_distance": torch.tensor(split.bn_distance)}
-        atomic_write(f, lambda p: save_file(tensors, str(p)))
+        save_sealed_tensors(f, {"images": split.images, "labels": split.labels,
+                                "bn_distance": torch.tensor(split.bn_distance)})
     return split

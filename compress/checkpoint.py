@@ -7,11 +7,12 @@ a module (the failure mode of Torch-Pruning #139).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,11 +36,83 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        fsync(tmp)  # on disk before the rename: a power loss leaves the old file or the whole new one
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual mode
         os.replace(tmp, path)
+        fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fsync(path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _self_digest(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _covered(folder: Path, files) -> list[str]:
+    """The files and, for an OpenVINO .xml, the .bin that holds its weights."""
+    out = []
+    for f in files:
+        out.append(f)
+        if f.endswith(".xml") and (folder / f).with_suffix(".bin").is_file():
+            out.append(str(Path(f).with_suffix(".bin")))
+    return out
+
+
+def write_sealed(path: Path, record: dict, files=()) -> dict:
+    """Write a JSON record (metrics.json, manifest.json) that carries the sha256 of `files` (names
+    in its folder) and of its own content: written last, it vouches for what it describes."""
+    record = json.loads(json.dumps(record, default=str))  # the form it is read back in
+    record["digests"] = {f: file_sha256(path.parent / f) for f in _covered(path.parent, files)}
+    record["digest"] = _self_digest(record)
+    write_json(path, record)
+    return record
+
+
+def read_sealed(path: Path) -> tuple[Optional[dict], str]:
+    """(record, "") when `path` and every file it vouches for are intact, else (None, why).
+    Records written before digests existed carry none and are returned as they are."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, f"{path.name} is missing"
+    except (OSError, ValueError) as e:
+        return None, f"{path.name} is unreadable (truncated or edited by hand: {type(e).__name__})"
+    if not isinstance(record, dict):
+        return None, f"{path.name} is not a JSON object"
+    if "digest" not in record:
+        return record, ""
+    if record["digest"] != _self_digest(record):
+        return None, f"{path.name} was changed after it was written (its digest does not match)"
+    for f, digest in (record.get("digests") or {}).items():
+        p = path.parent / f
+        if not p.is_file():
+            return None, f"{f} is missing"
+        if file_sha256(p) != digest:
+            return None, f"{f} is not the file {path.name} was written for (sha256 differs)"
+    return record, ""
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -50,6 +123,40 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
     # clone(): safetensors refuses tensors that share storage (e.g. tied or viewed params)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write(path, lambda p: save_file(state, str(p), metadata=metadata))
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}\0{v.dtype}\0{list(v.shape)}\0".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_sealed_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A cache file (safetensors) carrying the sha256 of its tensors in its metadata."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    meta = {**(metadata or {}), "sha256": _tensor_digest(tensors)}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def load_sealed_tensors(path: Path, log, what: str) -> Optional[dict[str, torch.Tensor]]:
+    """A cache file's tensors, or None (the file removed, one line why) when it is unreadable or
+    its tensors are not those it was written with: the caller builds it again."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        why = "" if meta.get("sha256", _tensor_digest(tensors)) == _tensor_digest(tensors) else "its digest differs"
+    except Exception as e:  # safetensors raises its own error types
+        why = f"unreadable ({type(e).__name__})"
+    if why:
+        log(f"  {what}: {path.name} is {why}: building it again")
+        path.unlink(missing_ok=True)
+        return None
+    return tensors
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -173,7 +173,7 @@ class DataConfig(Strict):
         keep = {"dataset": self.dataset, "limit_train": self.limit_train,
                 "limit_test": self.limit_test}
         if self.dataset == "synthetic":
-            keep["synthetic"] = self.synthetic.model_dump()
+            keep["synthetic"] = hashable(self.synthetic)
         if digest is not None:
             keep["digest"] = digest
         return keep
@@ -420,6 +420,8 @@ class ProfileConfig(Strict):
 class OutputConfig(Strict):
     """Where runs are written."""
     dir: str = Field("runs", description="runs land in <dir>/<name>/")
+    checkpoint_every_steps: int = Field(0, ge=0, description="training checkpoints every N optimizer steps "
+                                        "as well as at every epoch's end (0: epochs only); see README")
 
 
 def _task_name(v):
@@ -668,9 +670,25 @@ def from_dict(raw: Any, source: str = "<config>", config_dir: str | Path = ".") 
         raise ConfigError(format_errors(e, source, raw)) from None
 
 
+HASH_VERSION = 2  # bump when a release changes what a default does: finished stages then rerun
+
+
+def hashable(v: Any) -> Any:
+    """Plain data of a config for hashing: fields left at their default are left out (a `kind`
+    always stays: it says which config a dict is), so a release that adds a field whose default
+    keeps today's behaviour leaves finished stages finished."""
+    if isinstance(v, BaseModel):
+        return {name: hashable(getattr(v, name)) for name, f in type(v).model_fields.items()
+                if name == "kind" or getattr(v, name) != f.get_default(call_default_factory=True)}
+    if isinstance(v, (list, tuple)):
+        return [hashable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: hashable(x) for k, x in v.items()}
+    return v
+
+
 def config_hash(*parts: Any) -> str:
-    """Stable hash of config pieces (pydantic models or plain data)."""
-    def plain(p):
-        return p.model_dump(mode="json") if isinstance(p, BaseModel) else p
-    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    """Stable hash of config pieces (pydantic models or plain data), see `hashable`; a default
+    whose behaviour changes bumps HASH_VERSION."""
+    blob = json.dumps([HASH_VERSION, *(hashable(p) for p in parts)], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

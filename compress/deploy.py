@@ -4,14 +4,13 @@ with torch, executed precision, latency and throughput. Nothing here knows about
 the run config or any backend by name: a target's behaviour is its own (targets/)."""
 from __future__ import annotations
 
-import json
 import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 
-from compress.checkpoint import write_json
+from compress.checkpoint import read_sealed, write_sealed
 from compress.evaluate import compare, logits_of, preprocess
 from compress.export import EXPORT_FORMAT, export_model
 from compress.parity import diverging_layers
@@ -30,8 +29,10 @@ def export_stage(plan: DeploymentPlan, stage: StageArtifact) -> dict:
     """The stage's ONNX, each usable target's artifact and the manifest; reused when the
     manifest was made from the same model and settings and lists every artifact wanted."""
     mpath, backends = stage.dir / "manifest.json", _usable(plan)
-    if mpath.is_file():
-        manifest = json.loads(mpath.read_text())
+    manifest, why = read_sealed(mpath) if mpath.is_file() else (None, "")  # digests of the files it lists
+    if why:
+        plan.log(f"[{stage.name}] exporting again: {why}")
+    if manifest is not None:
         files = manifest.get("files", {})
         if manifest.get("source_hash") == stage.export_hash and all(
                 (stage.dir / f).is_file() for f in files.values()) and all(
@@ -49,7 +50,7 @@ def export_stage(plan: DeploymentPlan, stage: StageArtifact) -> dict:
         manifest["task"] = task.name
         manifest["output"].update(task.manifest_output(plan.data.dataset))
     manifest["source_hash"] = stage.export_hash
-    write_json(mpath, manifest)
+    manifest = write_sealed(mpath, manifest, list(manifest["files"].values()))
     plan.log(f"[{stage.name}] exported {', '.join(manifest['files'].values())} ({time.time() - t0:.1f}s)")
     return manifest
 

@@ -22,9 +22,9 @@ from torch import nn
 from calib.checks import data_digest
 from calib.datasets import Dataset
 from calib.sampling import calibration_split, stratified_indices
-from compress import distributed, stages
-from compress.checkpoint import read_state_dict, save_weights, write_json
-from compress.config import RunConfig, config_hash
+from compress import distributed, stages, train_state
+from compress.checkpoint import read_sealed, read_state_dict, save_weights, write_json, write_sealed
+from compress.config import RunConfig, config_hash, hashable
 from compress.errors import UserError
 from compress.measure import LatencyService, model_stats
 from compress.models import build
@@ -102,22 +102,44 @@ def pick_device(spec: str) -> torch.device:
 
 def load_done(sdir: Path, h: str, name: str, log) -> Optional[tuple[nn.Module, Structure, dict]]:
     """A finished stage's (model, structure, metrics), or None when it must run: not
-    finished, another config, or a structure.json this release cannot read (one line why)."""
+    finished, another config, or artifacts that are not the ones its metrics.json was
+    written for (truncated, edited, replaced by a killed re-run): one line why."""
     m = sdir / "metrics.json"
-    if not (m.is_file() and (sdir / "model.safetensors").is_file()):
+    if not m.is_file():
         return None
-    metrics = json.loads(m.read_text())
-    if metrics.get("config_hash") != h:
+    metrics, why = read_sealed(m)
+    if metrics is not None and metrics.get("config_hash") != h:
         log(f"[{name}] rerunning: its settings, or an earlier stage's, differ from the saved run "
             f"(config hash {metrics.get('config_hash')} -> {h})")
         return None
+    why = why or legacy_weights_problem(sdir, metrics)
     try:
-        structure = Structure.read(sdir / "structure.json")
-    except StructureError as e:
-        log(f"[{name}] rerunning: {e}")
+        structure = None if why else Structure.read(sdir / "structure.json")
+        model = None if why else rebuild(structure, sdir / "model.safetensors")
+    except (StructureError, UserError, OSError, ValueError) as e:
+        why = str(e).splitlines()[0]
+    if why:
+        log(f"[{name}] rerunning: {why}")
         return None
     log(f"[{name}] up to date, skipped")
-    return rebuild(structure, sdir / "model.safetensors"), structure, metrics
+    # the row as a fresh run returns it: the digests vouch for the files, they are not results
+    return model, structure, {k: v for k, v in metrics.items() if k not in ("digest", "digests")}
+
+
+def legacy_weights_problem(sdir: Path, metrics: dict) -> str:
+    """For metrics.json written before digests: the weights must carry the same config hash
+    in their safetensors metadata (a killed re-run leaves new weights beside old metrics)."""
+    if "digest" in metrics:
+        return ""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(sdir / "model.safetensors"), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types
+        return f"model.safetensors is unreadable ({type(e).__name__})"
+    if meta.get("config_hash") != metrics.get("config_hash"):
+        return "model.safetensors was written by another run than its metrics.json"
+    return ""
 
 
 def calibration_identity(cfg: RunConfig):
@@ -158,7 +180,9 @@ class Pipeline:
                    "size_bytes": (sdir / "model.safetensors").stat().st_size,
                    "seconds": round(seconds, 2), "history": res.history, **res.metrics,
                    "config": scfg.model_dump(mode="json")}
-        write_json(sdir / "metrics.json", metrics)  # written last: marks the stage complete
+        # written last, with the digests of the weights and structure: marks the stage complete
+        write_sealed(sdir / "metrics.json", metrics, ["model.safetensors", "structure.json"])
+        train_state.clear(sdir)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
         self.log(f"[{name}] torch {shown}, params {metrics['params']:,}, "
                  f"MACs {metrics['macs']:,} ({seconds:.0f}s)")
@@ -173,8 +197,9 @@ class Pipeline:
     def _teacher(self, ctx: RunContext, i: int, tc) -> tuple[nn.Module, dict, str, str, Path, Structure]:
         name, sdir, source = self._teacher_id(i, tc)
         # the task only where it is not classification: finished classification runs stay finished
-        task = [self.cfg.task.model_dump()] if self.cfg.task.kind != "classification" else []
-        h = config_hash(tc.model_dump(exclude={"weight"}), self.cfg.data.identity(self.data_digest),
+        task = [self.cfg.task] if self.cfg.task.kind != "classification" else []
+        teacher = {k: v for k, v in hashable(tc).items() if k != "weight"}
+        h = config_hash(teacher, self.cfg.data.identity(self.data_digest),
                         self.cfg.data.batch_size, self.cfg.seed + i, source, *task)
         done = load_done(sdir, h, name, self.log)
         if done:
@@ -191,7 +216,8 @@ class Pipeline:
             self.log(f"[{name}] training {tc.model} for {tc.train.epochs} epochs")
             env = TrainEnv(ctx.batch_size, desc=name, seed=self.cfg.seed + i, device=self.device, log=self.log,
                            eval_split=ctx.data.test, task=ctx.task)
-            history = fit(model, ctx.data, tc.train, env)
+            with train_state.stage_checkpoints(sdir, h, name, self.log, self.cfg.output.checkpoint_every_steps):
+                history = fit(model, ctx.data, tc.train, env)
         res = StageResult(model.cpu().eval(), structure, history, extra)
         return res.model, self._save(sdir, name, res, h, t0, ctx, tc), h, name, sdir, structure
 
@@ -271,7 +297,8 @@ class Pipeline:
         sctx = dataclasses.replace(ctx, structure=structure, calib=calib, where=f"stages.{i - 1}")
         t0 = time.time()
         # a copy: stages change modules in place, and every stage's model is kept for export
-        res = stage.run(copy.deepcopy(model), sctx, scfg)
+        with train_state.stage_checkpoints(sdir, h, name, self.log, self.cfg.output.checkpoint_every_steps):
+            res = stage.run(copy.deepcopy(model), sctx, scfg)
         res.model = res.model.cpu().eval()
         if res.float_model is None and res.structure.quantize is not None:
             res.float_model = float_model  # a stage after quantize: the op counter cannot see brevitas layers

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from calib.datasets import Dataset, Split
-from compress import batchnorm, distributed
+from compress import batchnorm, distributed, train_state
 from compress.callbacks import EpochLog, Evaluate, History, LoopState, ProgressBar, SamplerEpoch, StepResult, notify
 from compress.distill.features import FeatureTerm
 from compress.distill.objectives import CE, NEEDS_TEACHER, LogitTerm, Objective
@@ -249,7 +249,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, env: TrainEnv) -> lis
     batch_size, make_sampler = env.batch_size, env.sampler
     if distributed.active():  # each rank: its shard of the epoch, its share of the (global) batch
         batch_size, make_sampler = distributed.local_batch(batch_size, env.desc), distributed.sampler_factory(env.seed)
-    sampler = make_sampler(len(data.train), g)
+    sampler = train_state.ResumableSampler(make_sampler(len(data.train), g))  # its position goes into checkpoints
     loader = train_loader(data.train, batch_size, sampler, partial(augment_batch, g=g) if cfg.augment else None)
     if len(loader) == 0:
         raise UserError(f"{env.desc}: batch_size={env.batch_size} exceeds the {len(data.train)} training examples")
@@ -268,6 +268,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, env: TrainEnv) -> lis
     # history first: it records each step as computed, and starts the epoch's row
     callbacks = [history, *env.callbacks, teacher, *([SamplerEpoch(sampler)] if hasattr(sampler, "set_epoch") else []),
                  *_bn_refresh(model, data, cfg, env), *_reporting(data, env, history)]
+    callbacks += train_state.callbacks(step, g, sampler, history, callbacks)  # resume inside a stage
     state, t0 = LoopState(model, total, len(loader)), time.time()
     model.to(device=env.device, memory_format=fmt)
     step.model = distributed.wrap_ddp(model, env.device)  # the callbacks keep the bare model

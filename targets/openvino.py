@@ -35,6 +35,9 @@ def to_ir(onnx_path: Path, xml_path: Path) -> Path:
     # would change the float model's numbers before any precision was asked for.
     tmp_xml = xml_path.with_name(f".{xml_path.stem}.tmp.xml")
     ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+    from compress.checkpoint import fsync
+    for f in (tmp_xml, tmp_xml.with_suffix(".bin")):
+        fsync(f)  # both on disk before either is renamed; manifest.json's digests cover the pair
     tmp_xml.with_suffix(".bin").replace(xml_path.with_suffix(".bin"))
     tmp_xml.replace(xml_path)
     return xml_path

@@ -18,10 +18,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from compress import distributed
-from compress.checkpoint import atomic_write
+from compress.checkpoint import load_sealed_tensors, save_sealed_tensors
 
 
 @dataclass
@@ -70,9 +69,10 @@ def build_or_load(kind: str, k: int, temperature: float, forward, teacher_key: s
 
 def _build_or_read(path: Path, kind: str, k: int, temperature: float, forward, data, seed: int, device,
                    log) -> TeacherCache:
-    if path.is_file():
+    cached = load_sealed_tensors(path, log, "teacher cache") if path.is_file() else None
+    if cached is not None:
         log(f"  teacher cache: reusing {path.name}")
-        return TeacherCache(kind, load_file(str(path)))
+        return TeacherCache(kind, cached)
     logits = _teacher_logits(forward, data, 512, device)
     if kind == "full":
         tensors = {"logits": logits.half()}
@@ -86,6 +86,6 @@ def _build_or_read(path: Path, kind: str, k: int, temperature: float, forward, d
             index = torch.multinomial(p, k, replacement=True, generator=g)
             prob = torch.full(index.shape, 1.0 / k)  # each draw carries weight 1/k
         tensors = {"index": index.to(torch.int16), "prob": prob.half()}
-    atomic_write(path, lambda p_: save_file({n: v.contiguous() for n, v in tensors.items()}, str(p_)))
+    save_sealed_tensors(path, tensors)
     log(f"  teacher cache: wrote {path.name} ({path.stat().st_size / 1e6:.1f} MB)")
     return TeacherCache(kind, tensors)

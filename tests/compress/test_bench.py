@@ -237,6 +237,10 @@ def test_bench_a_run_twice_then_an_fp32_model_posing_as_int8_is_flagged(tmp_path
     names = [e["name"] for e in json.loads((tmp_path / "gh.json").read_text())]
     assert "teacher @ onnxruntime [ci] latency_p50_ms" in names
     shutil.copy(run_dir / "00-teacher" / "model.onnx", run_dir / "02-quantize" / "model.onnx")  # FP32, bigger
+    # as if the exporter had written it: the manifest vouches for it (a hand-swapped file is exported again)
+    from compress.checkpoint import write_sealed
+    manifest = json.loads((run_dir / "02-quantize" / "manifest.json").read_text())
+    write_sealed(run_dir / "02-quantize" / "manifest.json", manifest, list(manifest["files"].values()))
     fake = cli.invoke(app, ["bench", str(run_dir), "--device", "ci", "--baseline", str(base), "--floor", "0", *loose])
     assert fake.exit_code == REGRESSION, fake.output
     assert "ci: quantize on onnxruntime: size_bytes regressed" in fake.output
