@@ -207,12 +207,6 @@ def callbacks(step, generator: torch.Generator, sampler, history, others: list) 
     Last in the loop's list: it saves the row the reporting callbacks completed."""
     if _scope is None or not isinstance(sampler, ResumableSampler):
         return []
-    from compress import distributed
-    if distributed.active():
-        # each rank holds its own shard's rest of the epoch; one rank-0 file cannot restore them
-        _scope.log(f"[{_scope.name}] no training checkpoints under torchrun: an interrupted "
-                   f"{_scope.name} stage reruns whole")
-        return []
     if any(type(m).__module__.startswith("brevitas") for m in step.model.modules()):
         # brevitas' quantizers keep state outside state_dict (runtime-statistics counters, scales
         # aligned at an add): restored QAT diverged from the uninterrupted run, or failed. Such a
@@ -239,6 +233,13 @@ def stage_checkpoints(sdir: Path, h: str, name: str, log: Callable[[str], None],
     """Checkpoints for the fits of one stage, kept in <sdir>/.resume/ while they belong to hash `h`
     (a folder written for other settings is removed), and SIGINT/SIGTERM stopping after a step."""
     global _scope
+    from compress import distributed
+    if distributed.active():
+        # each rank holds its own shard's rest of the epoch, which one rank-0 file cannot restore,
+        # and torchrun owns the signals: under it, an interrupted stage reruns whole
+        log(f"[{name}] no training checkpoints under torchrun: an interrupted {name} stage reruns whole")
+        yield None
+        return
     folder = sdir / RESUME_DIR
     marker = folder / "stage.json"
     try:
