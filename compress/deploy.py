@@ -138,6 +138,9 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
     cfg = base.CompileOptions(threads=spec.threads, device=spec.device, precision=manifest["precision"],
                               work_dir=sdir, options=spec.options, sparse_weights=bool(manifest.get("sparsity")))
     onnx_path = sdir / manifest["files"]["onnx"]
+    if spec.host:  # never measured here under the remote device's name
+        return {**row, "status": "skipped", "reason": f"remote device {spec.host}: measured there by "
+                f"`compress bench RUN_DIR` (compress run deploys on this machine's targets only)"}
     ok, why = target.available()
     if not ok:
         return {**row, "status": "skipped", "reason": skipped(target, why, onnx_path, cfg, x)}

@@ -59,6 +59,7 @@ class TargetSpec:
     device: str = "cpu"
     options: Optional[BaseModel] = None  # the backend's Options; None: its defaults
     parity: Parity = field(default_factory=Parity)
+    host: Optional[str] = None  # ssh://user@host:port: a remote device, measured by `compress bench`
 
 
 @dataclass
@@ -102,7 +103,8 @@ class DeploymentPlan:
 def target_spec(entry) -> TargetSpec:
     """A validated targets[] entry (compress.config.TargetConfig) as deployment reads it."""
     return TargetSpec(backend=entry.backend, threads=entry.threads, device=entry.device,
-                      options=entry.options, parity=Parity(**entry.parity.model_dump()))
+                      options=entry.options, parity=Parity(**entry.parity.model_dump()),
+                      host=str(entry.host) if getattr(entry, "host", None) else None)
 
 
 def deployment_plan(cfg: "RunConfig", rows: list[dict], models: dict, data: "Dataset",

@@ -180,3 +180,20 @@ def test_compress_bench_measures_a_host_target_like_the_local_one(sshd, tmp_path
         for m in ("accuracy", "agreement", "size_bytes"):
             assert r["metrics"][m]["value"] == c["metrics"][m]["value"], (key, m)
     assert set(out["remote_overhead_s"][sshd["url"]]) >= {"connect", "check", "measure", "on_device"}
+
+
+def test_compress_run_never_measures_a_remote_target_here(tmp_path):
+    """A host: target in `compress run` is a skipped row naming the device and `compress bench`
+    (measuring it on this machine under the device's name would be a wrong number)."""
+    from types import SimpleNamespace
+
+    from compress.deploy import deploy_one
+    from compress.plan import target_spec
+    entry = SimpleNamespace(backend="onnxruntime", threads=1, device="cpu", options=None,
+                            parity=SimpleNamespace(model_dump=lambda: {}), host="ssh://me@board:2222")
+    spec = target_spec(entry)
+    assert spec.host == "ssh://me@board:2222"
+    row = deploy_one(SimpleNamespace(task=None), "quantize", tmp_path,
+                     {"precision": "int8", "files": {"onnx": "model.onnx"}}, spec, None, None, None)
+    assert row["status"] == "skipped" and "ssh://me@board:2222" in row["reason"]
+    assert "compress bench" in row["reason"] and row["latency_ms"] is None
