@@ -50,23 +50,30 @@ def _read(ov, onnx_path: Path):
     proj, fc1 and fc2 (vit_tiny: 3 of 10 layers int8; read as is: 10 of 10, with the logits of
     ONNX Runtime's int8 kernels; openvino 2026.4). Float graphs keep convert_model's IR.
     But read as is, OpenVINO 2026.4 computes some attention graphs wrong (vit_torch_tiny: logits
-    0.64 off ONNX Runtime's, timm DeiT-tiny 4.8; convert_model's IR: 1e-7), so both IRs are
-    compiled and compared on a random batch, and convert_model's wins any disagreement."""
+    0.64 off ONNX Runtime's, timm DeiT-tiny 4.8; convert_model's IR: 1e-7). So both IRs run a
+    seeded random batch beside ONNX Runtime (bit-exact with brevitas on Q/DQ graphs), and the one
+    read as is is kept unless it is off by more than 2% of the output range and farther off
+    than convert_model's (which, on a trained MobileNetV3, agreed less with torch: 0.957 vs 0.988)."""
     converted = ov.convert_model(str(onnx_path))
     model = ov.Core().read_model(str(onnx_path))
     if not any(op.get_type_name() == "FakeQuantize" for op in model.get_ops()):
         return converted
-    return model if _same_outputs(ov, model, converted) else converted
+    d_read, d_conv, scale = _distances(ov, onnx_path, model, converted)
+    return converted if d_read > 0.02 * scale and d_conv < d_read else model
 
 
-def _same_outputs(ov, a, b, rel_tol: float = 0.02) -> bool:
-    """Whether two IRs of one model agree on a seeded random batch of 2, within rel_tol of the
-    output's range (int8 rounding differences between two correct kernels stay far below)."""
-    shape = [2 if d.is_dynamic else d.get_length() for d in a.input(0).get_partial_shape()]
+def _distances(ov, onnx_path: Path, read, converted) -> tuple[float, float, float]:
+    """Max |difference| of each IR's outputs from ONNX Runtime's on one seeded random batch of 2,
+    and the range of ONNX Runtime's outputs."""
+    import onnxruntime as ort
+    shape = [2 if d.is_dynamic else d.get_length() for d in read.input(0).get_partial_shape()]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    ref = np.asarray(sess.run(None, {sess.get_inputs()[0].name: x})[0], np.float32)
     core, props = ov.Core(), {"INFERENCE_PRECISION_HINT": "f32"}
-    ya, yb = (np.asarray(core.compile_model(m, "CPU", props)(x)[0], np.float32) for m in (a, b))
-    return float(np.abs(ya - yb).max()) <= rel_tol * max(float(np.abs(yb).max()), 1e-6)
+    d = [float(np.abs(np.asarray(core.compile_model(m, "CPU", props)(x)[0], np.float32) - ref).max())
+         for m in (read, converted)]
+    return d[0], d[1], max(float(np.abs(ref).max()), 1e-6)
 
 
 def runtime_layers(compiled) -> list[dict]:
