@@ -207,14 +207,20 @@ def dist(s, t, y, c: DIST, state) -> torch.Tensor:
     return (c.inter * inter + c.intra * intra) * T * T
 
 
+def _binary_log(z: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """log (p_target, p_rest) of softmax(z), in log space: a clamp on the probabilities would zero
+    the TCKD gradient once the student is over-confident (margin/T past ~27.6 + ln(C-1))."""
+    log_p = F.log_softmax(z, 1)
+    target = log_p.masked_select(gt)
+    rest = torch.logsumexp(log_p.masked_fill(gt, float("-inf")), 1)
+    return torch.stack([target, rest], 1)
+
+
 def dkd(s, t, y, c: DKD, state) -> torch.Tensor:
     T = c.temperature
     gt = F.one_hot(y, s.shape[1]).bool()
-    ps, pt = F.softmax(s / T, 1), F.softmax(t / T, 1)
     # binary (target, all others) distributions
-    bs = torch.stack([ps[gt], ps.masked_fill(gt, 0).sum(1)], 1).clamp_min(1e-12)
-    bt = torch.stack([pt[gt], pt.masked_fill(gt, 0).sum(1)], 1).clamp_min(1e-12)
-    tckd = _kl(bt.log(), bs.log())
+    tckd = _kl(_binary_log(t / T, gt), _binary_log(s / T, gt))
     # distributions among non-target classes only (target logit pushed to -inf)
     nckd = _kl(F.log_softmax(t / T - 1000.0 * gt, 1), F.log_softmax(s / T - 1000.0 * gt, 1))
     return (c.alpha * tckd + c.beta * nckd) * T * T

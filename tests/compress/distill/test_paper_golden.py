@@ -1,0 +1,90 @@
+"""Golden values for the objectives against the authors' reference code, re-implemented here
+in numpy float64 (never by calling compress's own functions), on the edge cases where a
+departure from the reference shows: identical logits, a very peaked teacher, a very
+over-confident student, and C up to 50,000 for the sparse caches."""
+import numpy as np
+import pytest
+import torch
+
+from compress.distill import objectives as O
+
+
+def _log_softmax(z):
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def _xlogy_kl(p, log_p, log_q):  # sum p (log p - log q), 0 where p == 0 (as F.kl_div does)
+    return np.where(p > 0, p * (log_p - log_q), 0.0).sum()
+
+
+# DKD: mdistiller/distillers/DKD.py, dkd_loss, megvii-research/mdistiller commit
+# e8c5bb331e78c9d79a8894ca233caae78531cf7f: softmax at T, (target, sum of others) binary
+# probabilities, torch.log of the student's, kl_div summed / batch * T^2 (TCKD); the non-target
+# distributions are softmax(logits/T - 1000*gt) (NCKD); alpha*TCKD + beta*NCKD. In float64.
+def ref_dkd(s, t, y, alpha, beta, temp):
+    b, c = s.shape
+    gt = np.zeros((b, c), bool)
+    gt[np.arange(b), y] = True
+    ps, pt = np.exp(_log_softmax(s / temp)), np.exp(_log_softmax(t / temp))
+    bs = np.stack([ps[gt], np.where(gt, 0, ps).sum(1)], 1)
+    bt = np.stack([pt[gt], np.where(gt, 0, pt).sum(1)], 1)
+    tckd = _xlogy_kl(bt, np.log(bt), np.log(bs)) * temp ** 2 / b
+    ls2, lt2 = _log_softmax(s / temp - 1000.0 * gt), _log_softmax(t / temp - 1000.0 * gt)
+    nckd = _xlogy_kl(np.exp(lt2), lt2, ls2) * temp ** 2 / b
+    return alpha * tckd + beta * nckd
+
+
+def ref_grad(fn, s, idx, h=1e-5):
+    """Central finite differences of a float64 reference at the (row, class) entries idx."""
+    out = []
+    for r, c in idx:
+        up, dn = s.copy(), s.copy()
+        up[r, c] += h
+        dn[r, c] -= h
+        out.append((fn(up) - fn(dn)) / (2 * h))
+    return np.array(out)
+
+
+def ours_dkd(s, t, y, term):
+    st = torch.tensor(s, dtype=torch.float32, requires_grad=True)
+    loss = O.dkd(st, torch.tensor(t, dtype=torch.float32), torch.tensor(y), term, {})
+    loss.backward()
+    return loss.item(), st.grad.double().numpy()
+
+
+def _case(c, student_margin, teacher_margin, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.array([3, c - 1])
+    s, t = rng.normal(size=(2, c)), rng.normal(size=(2, c))
+    s[np.arange(2), y] += student_margin
+    t[np.arange(2), y] += teacher_margin
+    return s, t, y
+
+
+def test_dkd_identical_logits_zero_loss_zero_gradient():
+    s, _, y = _case(100, 3.0, 0.0)
+    loss, grad = ours_dkd(s, s.copy(), y, O.DKD(temperature=4.0))
+    assert loss == pytest.approx(0.0, abs=1e-6)
+    assert np.abs(grad).max() < 1e-6
+
+
+@pytest.mark.parametrize("temp,c,student_margin,teacher_margin", [
+    (4.0, 10, 1.0, 2.0),        # ordinary
+    (1.0, 1000, 0.0, 60.0),     # very peaked teacher (its rest mass ~1e-23)
+    (1.0, 1000, 40.0, 7.0),     # over-confident student: margin/T = 40 > 27.6 + ln(999) = 34.5
+    (2.0, 100, 150.0, 5.0),     # margin/T = 75, far past the old 1e-12 clamp
+])
+def test_dkd_matches_mdistiller_float64(temp, c, student_margin, teacher_margin):
+    s, t, y = _case(c, student_margin, teacher_margin)
+    term = O.DKD(temperature=temp, alpha=1.0, beta=8.0)
+    loss, grad = ours_dkd(s, t, y, term)
+    ref = ref_dkd(s, t, y, 1.0, 8.0, temp)
+    assert loss == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    idx = [(0, 3), (0, 0), (1, c - 1), (1, 1)]
+    want = ref_grad(lambda z: ref_dkd(z, t, y, 1.0, 8.0, temp), s, idx)
+    got = np.array([grad[r, k] for r, k in idx])
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6)
+    if student_margin / temp > 27.6 + np.log(c - 1):
+        # the TCKD pull on the target logit stays: (p_s,y - p_t,y) * T / batch, about 0.5 * T / 2 here
+        assert abs(got[0]) > 0.1 and abs(want[0]) > 0.1
