@@ -88,3 +88,73 @@ def test_dkd_matches_mdistiller_float64(temp, c, student_margin, teacher_margin)
     if student_margin / temp > 27.6 + np.log(c - 1):
         # the TCKD pull on the target logit stays: (p_s,y - p_t,y) * T / batch, about 0.5 * T / 2 here
         assert abs(got[0]) > 0.1 and abs(want[0]) > 0.1
+
+
+# Sparse caches past 32,767 classes (issue 15 item 3): int16 ids wrapped negative. Reference:
+# top-k of the float64 softmax at T, renormalised; KD against it is -sum_k p_k log q_{i_k} * T^2
+# (Sparse Logit Sampling, arXiv:2503.16870, eq. for the sparse cross-entropy).
+class _Split:
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+
+class _Data:
+    def __init__(self, images):
+        self.train = _Split(images)
+
+    def normalize(self, x):
+        return x
+
+
+def _big_teacher(c, n, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, c))
+    hot = np.array([40_000, 49_999, 32_768, 12, 33_000, 45_000])  # ids past int16's range on top
+    logits[np.arange(n)[:, None], hot[None, :]] += np.array([30.0, 28.0, 26.0, 24.0, 22.0, 20.0])
+    table = torch.tensor(logits, dtype=torch.float32)
+    images = torch.arange(n, dtype=torch.float32)[:, None]  # the "image" is its own row number
+    return logits, (lambda x: table[x[:, 0].long()]), _Data(images)
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_sparse_cache_keeps_class_ids_past_32767(kind, tmp_path):
+    from compress.distill.cache import build_or_load
+    c, n, k, temp = 50_000, 6, 4, 2.0
+    logits, forward, data = _big_teacher(c, n)
+    cache = build_or_load(kind, k, temp, forward, "t", "d", data, tmp_path, 0, torch.device("cpu"), lambda s: None)
+    tgt = cache.lookup(torch.arange(n))
+    assert int(tgt.index.min()) >= 0 and int(tgt.index.max()) < c
+    p = np.exp(_log_softmax(logits / temp))
+    if kind == "topk":
+        want = np.argsort(-p, 1)[:, :k]
+        np.testing.assert_array_equal(tgt.index.numpy(), want)
+        assert (want > 32_767).sum() >= n  # the ids int16 could not hold
+        # KD against the cache at C = 50,000, against the float64 reference
+        s = np.random.default_rng(1).normal(size=(n, c))
+        pk = np.take_along_axis(p, want, 1)
+        pk = pk / pk.sum(1, keepdims=True)
+        ref = -(pk * np.take_along_axis(_log_softmax(s / temp), want, 1)).sum(1).mean() * temp ** 2
+        got = O.sparse_kl(torch.tensor(s, dtype=torch.float32), tgt, O.KL(temperature=temp)).item()
+        assert got == pytest.approx(ref, rel=1e-3)  # float16 stored probabilities
+    else:
+        # every drawn class has real teacher mass (a wrapped id would land on a near-zero class)
+        drawn = np.take_along_axis(p, tgt.index.numpy(), 1)
+        assert drawn.min() > 1e-3
+
+
+def test_sparse_cache_written_with_int16_past_32767_is_rebuilt(tmp_path):
+    from compress.checkpoint import save_sealed_tensors
+    from compress.distill.cache import build_or_load
+    c, n, k, temp = 50_000, 6, 4, 2.0
+    logits, forward, data = _big_teacher(c, n)
+    path = tmp_path / f"teacher-t-d-topk-k{k}-T{temp:g}.safetensors"
+    bad = torch.tensor(np.argsort(-logits, 1)[:, :k]).to(torch.int16)  # the old, wrapped ids
+    assert int(bad.min()) < 0
+    save_sealed_tensors(path, {"index": bad, "prob": torch.full((n, k), 0.25).half()})
+    logs = []
+    cache = build_or_load("topk", k, temp, forward, "t", "d", data, tmp_path, 0, torch.device("cpu"), logs.append)
+    assert any("rebuilding" in s for s in logs)
+    assert int(cache.lookup(torch.arange(n)).index.min()) >= 0
