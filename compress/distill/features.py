@@ -111,7 +111,9 @@ class FeatureDistiller(nn.Module):
             s = self.captured[f"s{i}"].float()
             tt = self.captured[f"t{i}"].detach().float()
             if t.kind == "attention":
-                loss = (attention_map(s) - attention_map(tt)).pow(2).sum(1).mean()
+                # mean over batch AND positions, as the official code (attention-transfer's at_loss,
+                # mdistiller AT.py): a sum over positions would scale the weight with H*W
+                loss = (attention_map(s) - attention_map(tt)).pow(2).mean()
             else:
                 s = self.adapters[str(i)](s.to(self.adapters[str(i)].weight.dtype)).float()
                 if t.kind == "hint":

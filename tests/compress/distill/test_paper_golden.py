@@ -158,3 +158,48 @@ def test_sparse_cache_written_with_int16_past_32767_is_rebuilt(tmp_path):
     cache = build_or_load("topk", k, temp, forward, "t", "d", data, tmp_path, 0, torch.device("cpu"), logs.append)
     assert any("rebuilding" in s for s in logs)
     assert int(cache.lookup(torch.arange(n)).index.min()) >= 0
+
+
+# AT: mdistiller/distillers/AT.py, single_stage_at_loss, megvii-research/mdistiller commit
+# e8c5bb331e78c9d79a8894ca233caae78531cf7f (as szagoruyko/attention-transfer's at_loss):
+# at(f) = normalize(f^p .mean(1) .flatten), loss = (at_s - at_t)^2 .mean() over batch AND positions, p=2.
+def ref_at(fs, ft):
+    def at(f):
+        q = (f ** 2).mean(1).reshape(f.shape[0], -1)
+        return q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    return ((at(fs) - at(ft)) ** 2).mean()
+
+
+def _at_loss(student, teacher, x):
+    from compress.distill.features import FeatureDistiller, FeatureTerm
+    fd = FeatureDistiller([FeatureTerm(student="0", teacher="0", kind="attention")], student, teacher, x[:1])
+    with torch.no_grad():
+        teacher(x)
+    student(x)
+    loss = fd.losses()["feat0_attention"]
+    fd.close()
+    return loss
+
+
+@pytest.mark.parametrize("size", [7, 28])
+def test_attention_transfer_matches_mdistiller(size):
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1))
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1))
+    x = torch.randn(3, 1, size, size)
+    loss = _at_loss(student, teacher, x)
+    with torch.no_grad():
+        ref = ref_at(student[0](x).double().numpy(), teacher[0](x).double().numpy())
+    assert loss.item() == pytest.approx(ref, rel=1e-4)
+    assert ref < 2.0 / size ** 2 + 1e-12  # unit maps: the per-position mean is at most 4 / (H*W)
+
+
+def test_attention_transfer_identical_features_zero_loss_zero_gradient():
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1))
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1))
+    teacher.load_state_dict(student.state_dict())
+    loss = _at_loss(student, teacher, torch.randn(2, 1, 14, 14))
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)
+    assert student[0].weight.grad.abs().max() < 1e-8
