@@ -54,8 +54,13 @@ class JS(_Term):
 
 
 class MSELogits(_Term):
-    """Mean squared error between raw logits (Ba & Caruana 2014, "Do deep nets need to be deep?")."""
+    """Squared error between raw logits as Ba & Caruana 2014 ("Do deep nets need to be deep?",
+    eq. 1): 1/2 * sum over classes (dim 1) of (z_s - z_t)^2, mean over the batch (and pixels).
+    reduction: mean is the plain element-wise MSE (mean over classes too: 2/C times the paper's),
+    kept for outputs where a per-element scale is wanted (the regression task's default)."""
     kind: Literal["mse_logits"] = "mse_logits"
+    reduction: Literal["paper", "mean"] = Field(
+        "paper", description="paper: 1/2 * sum over classes, mean over examples (Ba & Caruana); mean: element-wise MSE")
 
 
 class L1Logits(_Term):
@@ -144,7 +149,9 @@ def js(s, t, y, c: JS, state) -> torch.Tensor:
 
 
 def mse_logits(s, t, y, c: MSELogits, state) -> torch.Tensor:
-    return F.mse_loss(s, t)
+    if c.reduction == "mean":
+        return F.mse_loss(s, t)
+    return 0.5 * (s - t).pow(2).sum(1).mean()
 
 
 def l1_logits(s, t, y, c: L1Logits, state) -> torch.Tensor:

@@ -203,3 +203,21 @@ def test_attention_transfer_identical_features_zero_loss_zero_gradient():
     loss.backward()
     assert loss.item() == pytest.approx(0.0, abs=1e-10)
     assert student[0].weight.grad.abs().max() < 1e-8
+
+
+# mse_logits: Ba & Caruana 2014 ("Do deep nets need to be deep?"), eq. 1:
+# L = 1/(2T) sum_t ||g(x_t) - z_t||_2^2 over the T training cases (no reference code published).
+def test_mse_logits_is_ba_caruana_at_c1000_and_per_pixel():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(4, 1000)), rng.normal(size=(4, 1000))
+    ref = 0.5 * ((s - t) ** 2).sum(1).mean()
+    got = O.mse_logits(torch.tensor(s), torch.tensor(t), None, O.MSELogits(), {}).item()
+    assert got == pytest.approx(ref, rel=1e-9)
+    assert got == pytest.approx(500 * ((s - t) ** 2).mean(), rel=1e-9)  # C/2 times the element-wise MSE
+    s4, t4 = rng.normal(size=(2, 5, 3, 3)), rng.normal(size=(2, 5, 3, 3))
+    ref4 = 0.5 * ((s4 - t4) ** 2).sum(1).mean()  # per pixel: classes on dim 1
+    assert O.mse_logits(torch.tensor(s4), torch.tensor(t4), None, O.MSELogits(), {}).item() == pytest.approx(ref4)
+    same = torch.tensor(s, requires_grad=True)
+    loss = O.mse_logits(same, torch.tensor(s), None, O.MSELogits(), {})
+    loss.backward()
+    assert loss.item() == 0.0 and same.grad.abs().max() == 0.0
