@@ -221,3 +221,37 @@ def test_mse_logits_is_ba_caruana_at_c1000_and_per_pixel():
     loss = O.mse_logits(same, torch.tensor(s), None, O.MSELogits(), {})
     loss.backward()
     assert loss.item() == 0.0 and same.grad.abs().max() == 0.0
+
+
+# normalized: LAPTOP-Diff (Zhang et al. 2024, arXiv:2404.11098) output-normalized feature loss,
+# ||f_s - f_t||^2 / ||f_t||^2 per example, averaged; after block removal the student's blocks
+# have the teacher's widths and are compared directly (no adapter).
+def _normalized(student, teacher, x):
+    from compress.distill.features import FeatureDistiller, FeatureTerm
+    fd = FeatureDistiller([FeatureTerm(student="0", teacher="0", kind="normalized")], student, teacher, x[:1])
+    with torch.no_grad():
+        teacher(x)
+    student(x)
+    loss = fd.losses()["feat0_normalized"]
+    n_adapters = len(fd.adapters)
+    fd.close()
+    return loss, n_adapters
+
+
+def test_normalized_matching_shapes_have_no_adapter_identical_features_cost_zero():
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1))
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1))
+    teacher.load_state_dict(student.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    loss, n = _normalized(student, teacher, x)
+    loss.backward()
+    assert n == 0 and loss.item() == pytest.approx(0.0, abs=1e-10)  # was ~1.1 through a random adapter
+    assert student[0].weight.grad.abs().max() < 1e-8
+    torch.nn.init.normal_(teacher[0].weight)
+    student.zero_grad()
+    loss, _ = _normalized(student, teacher, x)
+    with torch.no_grad():
+        fs, ft = student[0](x).double().numpy(), teacher[0](x).double().numpy()
+    ref = np.mean([((a - b) ** 2).sum() / (b ** 2).sum() for a, b in zip(fs, ft)])
+    assert loss.item() == pytest.approx(ref, rel=1e-4)
