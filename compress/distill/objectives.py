@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from compress.distill.ensemble import Members
+
 
 class _Term(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -268,14 +270,11 @@ class Objective:
         total = s.new_zeros(())
         for term, state in zip(self.terms, self.states):
             state["progress"] = progress
-            if t is not None and not isinstance(t, torch.Tensor):  # a cached sparse target
-                if term.kind not in ("ce", "kl"):
-                    raise ValueError(f"loss term {term.kind} needs full teacher logits")
-                value = self._supervised(term, s, y, state) if term.kind == "ce" else sparse_kl(s, t, term)
-            elif term.kind in SUPERVISED:
-                value = self._supervised(term, s, y, state)
+            if isinstance(t, Members):  # several teachers: averaged at this term's temperature
+                t_term = t.at(getattr(term, "temperature", None)) if term.kind in NEEDS_TEACHER else None
+                value = self._one(term, s, t_term, y, state)
             else:
-                value = FUNCTIONS[term.kind](s, t, y, term, state)
+                value = self._one(term, s, t, y, state)
             name = term.kind if term.kind not in parts else f"{term.kind}{len(parts)}"
             parts[name] = value
             total = total + term.weight * value
@@ -284,3 +283,12 @@ class Objective:
                 parts[name] = value
                 total = total + self.features.terms[int(name[4:].split("_")[0])].weight * value
         return total, parts
+
+    def _one(self, term, s, t, y, state) -> torch.Tensor:
+        if t is not None and not isinstance(t, torch.Tensor):  # a cached sparse target
+            if term.kind not in ("ce", "kl"):
+                raise ValueError(f"loss term {term.kind} needs full teacher logits")
+            return self._supervised(term, s, y, state) if term.kind == "ce" else sparse_kl(s, t, term)
+        if term.kind in SUPERVISED:
+            return self._supervised(term, s, y, state)
+        return FUNCTIONS[term.kind](s, t, y, term, state)

@@ -255,3 +255,32 @@ def test_normalized_matching_shapes_have_no_adapter_identical_features_cost_zero
         fs, ft = student[0](x).double().numpy(), teacher[0](x).double().numpy()
     ref = np.mean([((a - b) ** 2).sum() / (b ** 2).sum() for a, b in zip(fs, ft)])
     assert loss.item() == pytest.approx(ref, rel=1e-4)
+
+
+# Ensembles: MEAL V2 (Shen & Savvides 2020) averages the teachers' softmax probabilities; each
+# term's target is that average at the term's own temperature: p_T = sum_i w_i softmax(z_i / T).
+def test_ensemble_averaged_at_each_terms_temperature():
+    from compress.distill.ensemble import Ensemble
+    torch.manual_seed(0)
+    members = [torch.nn.Linear(6, 10), torch.nn.Linear(6, 10)]
+    ens = Ensemble(members, [1.0, 3.0])
+    x, y = torch.randn(5, 6), torch.tensor([0, 3, 9, 2, 2])
+    s = np.random.default_rng(0).normal(size=(5, 10))
+    terms = [O.KL(temperature=1.0), O.KL(temperature=4.0), O.DKD(temperature=2.0), O.MSELogits()]
+    with torch.no_grad():
+        t = ens(x, "members", 4.0)
+        z = [m(x).double().numpy() for m in members]
+    _, parts = O.Objective(terms)(torch.tensor(s, dtype=torch.float32), t, y, 0.0)
+
+    def avg(temp):
+        return 0.25 * np.exp(_log_softmax(z[0] / temp)) + 0.75 * np.exp(_log_softmax(z[1] / temp))
+
+    for name, temp in (("kl", 1.0), ("kl1", 4.0)):
+        p = avg(temp)
+        ref = (p * (np.log(p) - _log_softmax(s / temp))).sum(1).mean() * temp ** 2
+        assert parts[name].item() == pytest.approx(ref, rel=1e-4)
+    ref = ref_dkd(s, 2.0 * np.log(avg(2.0)), y.numpy(), 1.0, 8.0, 2.0)
+    assert parts["dkd"].item() == pytest.approx(ref, rel=1e-4)
+    # no temperature of its own: the average at the stage's KD temperature (4), as before
+    ref = 0.5 * ((s - 4.0 * np.log(avg(4.0))) ** 2).sum(1).mean()
+    assert parts["mse_logits"].item() == pytest.approx(ref, rel=1e-4)
