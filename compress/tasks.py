@@ -160,7 +160,7 @@ class Regression(Task):
     agreement_text = "share of examples within tolerance"
 
     def default_loss(self, with_teacher: bool) -> list:
-        return [MSELogits(weight=0.9), MSE(weight=0.1)] if with_teacher else [MSE()]
+        return [MSELogits(weight=0.9, reduction="mean"), MSE(weight=0.1)] if with_teacher else [MSE()]
 
     def supervised(self, term, s, y):
         return (mse if term.kind == "mse" else l1)(s, None, y, term, None)

@@ -46,6 +46,17 @@ class TeacherCache:
         return self.lookup(idx)
 
 
+def _index_dtype(num_classes: int) -> torch.dtype:
+    """int16 halves the cache while every class id fits; past 32,767 classes they would wrap."""
+    return torch.int16 if num_classes <= torch.iinfo(torch.int16).max + 1 else torch.int32
+
+
+def _wrapped(tensors: dict) -> bool:
+    """A cache written before int32 ids: with 32,768..65,535 classes the large ids wrapped negative."""
+    index = tensors.get("index")
+    return index is not None and index.dtype == torch.int16 and bool((index < 0).any())
+
+
 @torch.no_grad()
 def _teacher_logits(forward, data, batch_size: int, device) -> torch.Tensor:
     outs = []
@@ -70,6 +81,9 @@ def build_or_load(kind: str, k: int, temperature: float, forward, teacher_key: s
 def _build_or_read(path: Path, kind: str, k: int, temperature: float, forward, data, seed: int, device,
                    log) -> TeacherCache:
     cached = load_sealed_tensors(path, log, "teacher cache") if path.is_file() else None
+    if cached is not None and _wrapped(cached):
+        log(f"  teacher cache: {path.name} has wrapped class ids (int16 past 32,767 classes); rebuilding")
+        cached = None
     if cached is not None:
         log(f"  teacher cache: reusing {path.name}")
         return TeacherCache(kind, cached)
@@ -85,7 +99,7 @@ def _build_or_read(path: Path, kind: str, k: int, temperature: float, forward, d
             g = torch.Generator().manual_seed(seed)
             index = torch.multinomial(p, k, replacement=True, generator=g)
             prob = torch.full(index.shape, 1.0 / k)  # each draw carries weight 1/k
-        tensors = {"index": index.to(torch.int16), "prob": prob.half()}
+        tensors = {"index": index.to(_index_dtype(logits.shape[1])), "prob": prob.half()}
     save_sealed_tensors(path, tensors)
     log(f"  teacher cache: wrote {path.name} ({path.stat().st_size / 1e6:.1f} MB)")
     return TeacherCache(kind, tensors)

@@ -43,7 +43,8 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def pair_adapter(where: str, term: FeatureTerm, s: torch.Tensor, t: torch.Tensor) -> nn.Module | None:
-    """The adapter mapping the student feature to the teacher's width (None for attention),
+    """The adapter mapping the student feature to the teacher's width (None for attention, and
+    for normalized when the shapes already match),
     or one UserError naming both sides. What must agree depends on the layout:
     [B, C, H, W] conv maps: H, W (a 1x1 conv over C); [B, N, C] tokens: N (a Linear over C,
     never over N); [B, C] vectors: nothing (a Linear over C)."""
@@ -68,6 +69,10 @@ def pair_adapter(where: str, term: FeatureTerm, s: torch.Tensor, t: torch.Tensor
         if s.dim() == 2:
             raise fail("attention transfer needs a spatial or token map, not a [B, C] vector; "
                        "use kind hint or normalized")
+        return None
+    if term.kind == "normalized" and s.shape[1:] == t.shape[1:]:
+        # LAPTOP-Diff compares the pruned student's block outputs with the teacher's directly:
+        # a random adapter would make identical features cost ~1 and push the student away
         return None
     cs, ct = s.shape[1 if s.dim() == 4 else -1], t.shape[1 if t.dim() == 4 else -1]
     return nn.Conv2d(cs, ct, 1, bias=False) if s.dim() == 4 else nn.Linear(cs, ct, bias=False)
@@ -111,9 +116,12 @@ class FeatureDistiller(nn.Module):
             s = self.captured[f"s{i}"].float()
             tt = self.captured[f"t{i}"].detach().float()
             if t.kind == "attention":
-                loss = (attention_map(s) - attention_map(tt)).pow(2).sum(1).mean()
+                # mean over batch AND positions, as the official code (attention-transfer's at_loss,
+                # mdistiller AT.py): a sum over positions would scale the weight with H*W
+                loss = (attention_map(s) - attention_map(tt)).pow(2).mean()
             else:
-                s = self.adapters[str(i)](s.to(self.adapters[str(i)].weight.dtype)).float()
+                if str(i) in self.adapters:
+                    s = self.adapters[str(i)](s.to(self.adapters[str(i)].weight.dtype)).float()
                 if t.kind == "hint":
                     loss = F.mse_loss(s, tt)
                 else:  # LAPTOP-Diff: squared error over the teacher feature's squared norm

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from compress.distill.ensemble import Members
+
 
 class _Term(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -54,8 +56,13 @@ class JS(_Term):
 
 
 class MSELogits(_Term):
-    """Mean squared error between raw logits (Ba & Caruana 2014, "Do deep nets need to be deep?")."""
+    """Squared error between raw logits as Ba & Caruana 2014 ("Do deep nets need to be deep?",
+    eq. 1): 1/2 * sum over classes (dim 1) of (z_s - z_t)^2, mean over the batch (and pixels).
+    reduction: mean is the plain element-wise MSE (mean over classes too: 2/C times the paper's),
+    kept for outputs where a per-element scale is wanted (the regression task's default)."""
     kind: Literal["mse_logits"] = "mse_logits"
+    reduction: Literal["paper", "mean"] = Field(
+        "paper", description="paper: 1/2 * sum over classes, mean over examples (Ba & Caruana); mean: element-wise MSE")
 
 
 class L1Logits(_Term):
@@ -144,7 +151,9 @@ def js(s, t, y, c: JS, state) -> torch.Tensor:
 
 
 def mse_logits(s, t, y, c: MSELogits, state) -> torch.Tensor:
-    return F.mse_loss(s, t)
+    if c.reduction == "mean":
+        return F.mse_loss(s, t)
+    return 0.5 * (s - t).pow(2).sum(1).mean()
 
 
 def l1_logits(s, t, y, c: L1Logits, state) -> torch.Tensor:
@@ -207,14 +216,20 @@ def dist(s, t, y, c: DIST, state) -> torch.Tensor:
     return (c.inter * inter + c.intra * intra) * T * T
 
 
+def _binary_log(z: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """log (p_target, p_rest) of softmax(z), in log space: a clamp on the probabilities would zero
+    the TCKD gradient once the student is over-confident (margin/T past ~27.6 + ln(C-1))."""
+    log_p = F.log_softmax(z, 1)
+    target = log_p.masked_select(gt)
+    rest = torch.logsumexp(log_p.masked_fill(gt, float("-inf")), 1)
+    return torch.stack([target, rest], 1)
+
+
 def dkd(s, t, y, c: DKD, state) -> torch.Tensor:
     T = c.temperature
     gt = F.one_hot(y, s.shape[1]).bool()
-    ps, pt = F.softmax(s / T, 1), F.softmax(t / T, 1)
     # binary (target, all others) distributions
-    bs = torch.stack([ps[gt], ps.masked_fill(gt, 0).sum(1)], 1).clamp_min(1e-12)
-    bt = torch.stack([pt[gt], pt.masked_fill(gt, 0).sum(1)], 1).clamp_min(1e-12)
-    tckd = _kl(bt.log(), bs.log())
+    tckd = _kl(_binary_log(t / T, gt), _binary_log(s / T, gt))
     # distributions among non-target classes only (target logit pushed to -inf)
     nckd = _kl(F.log_softmax(t / T - 1000.0 * gt, 1), F.log_softmax(s / T - 1000.0 * gt, 1))
     return (c.alpha * tckd + c.beta * nckd) * T * T
@@ -255,14 +270,11 @@ class Objective:
         total = s.new_zeros(())
         for term, state in zip(self.terms, self.states):
             state["progress"] = progress
-            if t is not None and not isinstance(t, torch.Tensor):  # a cached sparse target
-                if term.kind not in ("ce", "kl"):
-                    raise ValueError(f"loss term {term.kind} needs full teacher logits")
-                value = self._supervised(term, s, y, state) if term.kind == "ce" else sparse_kl(s, t, term)
-            elif term.kind in SUPERVISED:
-                value = self._supervised(term, s, y, state)
+            if isinstance(t, Members):  # several teachers: averaged at this term's temperature
+                t_term = t.at(getattr(term, "temperature", None)) if term.kind in NEEDS_TEACHER else None
+                value = self._one(term, s, t_term, y, state)
             else:
-                value = FUNCTIONS[term.kind](s, t, y, term, state)
+                value = self._one(term, s, t, y, state)
             name = term.kind if term.kind not in parts else f"{term.kind}{len(parts)}"
             parts[name] = value
             total = total + term.weight * value
@@ -271,3 +283,12 @@ class Objective:
                 parts[name] = value
                 total = total + self.features.terms[int(name[4:].split("_")[0])].weight * value
         return total, parts
+
+    def _one(self, term, s, t, y, state) -> torch.Tensor:
+        if t is not None and not isinstance(t, torch.Tensor):  # a cached sparse target
+            if term.kind not in ("ce", "kl"):
+                raise ValueError(f"loss term {term.kind} needs full teacher logits")
+            return self._supervised(term, s, y, state) if term.kind == "ce" else sparse_kl(s, t, term)
+        if term.kind in SUPERVISED:
+            return self._supervised(term, s, y, state)
+        return FUNCTIONS[term.kind](s, t, y, term, state)

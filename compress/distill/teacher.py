@@ -42,7 +42,9 @@ class LiveTeacher:
         self.teacher.to(device=self.device, memory_format=self.fmt).eval()
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor):
+        if isinstance(self.teacher, Ensemble) and self.cfg.ensemble == "probs":  # each term at its own T
+            return self.teacher(x, "members", self.cfg.kd_temperature())
         return teacher_forward(self.teacher, x, self.cfg).float()
 
     def on_train_end(self, state) -> None:

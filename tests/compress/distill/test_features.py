@@ -53,10 +53,11 @@ def test_feature_formulas():
         # LAPTOP-Diff: ||s - t||^2 / ||t||^2 per example, averaged
         want = torch.stack([((a - b) ** 2).sum() / (b ** 2).sum() for a, b in zip(s, t)]).mean()
         assert float(losses["feat0_normalized"]) == pytest.approx(float(want), rel=1e-4)
-        # attention transfer: || Q_s/|Q_s| - Q_t/|Q_t| ||^2, Q = mean over channels of f^2
+        # attention transfer: || Q_s/|Q_s| - Q_t/|Q_t| ||^2 / (H*W), Q = mean over channels of f^2
+        # (averaged over positions as the official at_loss does: issue 15 item 5)
         qs = s_feat["x"].pow(2).mean(1).flatten(1)
         qt = t.pow(2).mean(1).flatten(1)
-        want = ((qs / qs.norm(dim=1, keepdim=True) - qt / qt.norm(dim=1, keepdim=True)) ** 2).sum(1).mean()
+        want = ((qs / qs.norm(dim=1, keepdim=True) - qt / qt.norm(dim=1, keepdim=True)) ** 2).mean()
         assert float(losses["feat1_attention"]) == pytest.approx(float(want), rel=1e-4)
         assert torch.allclose(attention_map(t).norm(dim=1), torch.ones(4))
     fd.close()
@@ -118,10 +119,11 @@ def test_token_features_get_a_linear_over_channels_never_over_tokens():
         student(X)
         teacher(X)
         losses = fd.losses()
-        # attention over tokens: Q = mean over C of f^2, one value per token, L2-normalized
+        # attention over tokens: Q = mean over C of f^2, one value per token, L2-normalized;
+        # the squared difference averaged over tokens as the official at_loss (issue 15 item 5)
         qs, qt = s_feat["x"].pow(2).mean(2), t_feat["x"].pow(2).mean(2)
         assert qs.shape == (4, 49)
-        want = ((qs / qs.norm(dim=1, keepdim=True) - qt / qt.norm(dim=1, keepdim=True)) ** 2).sum(1).mean()
+        want = ((qs / qs.norm(dim=1, keepdim=True) - qt / qt.norm(dim=1, keepdim=True)) ** 2).mean()
         assert float(losses["feat1_attention"]) == pytest.approx(float(want), rel=1e-4)
         assert float(losses["feat0_hint"]) > 0
     fd.close()

@@ -52,8 +52,10 @@ def test_js():  # (KL(p||m) + KL(q||m)) / 2 * T^2, m = (p + q) / 2
 
 
 def test_mse_logits():
-    want = sum((a - b) ** 2 for ra, rb in zip(S.tolist(), T.tolist()) for a, b in zip(ra, rb)) / 6
-    assert call(O.MSELogits()) == pytest.approx(want, rel=1e-6)
+    sq = sum((a - b) ** 2 for ra, rb in zip(S.tolist(), T.tolist()) for a, b in zip(ra, rb))
+    # Ba & Caruana eq. 1: 1/2 * sum over classes, mean over the 2 examples (issue 15 item 6)
+    assert call(O.MSELogits()) == pytest.approx(sq / 2 / 2, rel=1e-6)
+    assert call(O.MSELogits(reduction="mean")) == pytest.approx(sq / 6, rel=1e-6)  # element-wise MSE
 
 
 def test_cakld_fixed_and_teacher_confidence():
