@@ -85,8 +85,9 @@ def write_junit(path: Path, findings: list[Finding]) -> None:
 
 def summary_markdown(result: dict, findings: list[Finding], source: str) -> str:
     bad = [m for f in findings for m in f.messages()]
-    head = "❌ regression" if any(f.status == "regressed" for f in findings) else (
-        "⚠️ could not measure everything" if any(f.status == "unmeasured" for f in findings) else "✅ no regression")
+    statuses = {f.status for f in findings}
+    head = ("❌ regression" if "regressed" in statuses else
+            "⚠️ could not measure everything" if "unmeasured" in statuses else "✅ no regression")
     lines = [f"## compress bench: {result['run']} — {head}", "",
              f"{result['rounds']} interleaved rounds · compared with: {source}", ""]
     lines += [f"- {m}" for m in bad] + ([""] if bad else [])
