@@ -108,8 +108,8 @@ def main() -> None:
     print(f"\nthreads {a.threads}, {a.rounds} interleaved rounds; p50/median in ms; ratio = ours / vendor "
           f"(median over rounds, min..max)\n")
     print("| model | OV ours p50 | benchmark_app median | ratio | ours − vendor µs "
-          "| OV request.latency in our calls | ratio to benchmark_app | ORT ours p50 | ORT profiler model_run median | ratio | "
-          "ORT profiler kernel sum / run | ratio |")
+          "| OV request.latency in our calls | ratio to benchmark_app | ORT ours p50 "
+          "| ORT profiler model_run median | ratio | ORT profiler kernel sum / run | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, g in rows:
         cells = [name]
