@@ -50,9 +50,15 @@ class ReverseKL(_Term):
 
 
 class JS(_Term):
-    """Jensen-Shannon divergence between teacher_T and student_T, * T^2 (Agarwal et al. 2024, GKD)."""
+    """Generalized Jensen-Shannon divergence (Agarwal et al. 2024, GKD, eq. 1): with the mixture
+    M = beta*teacher_T + (1-beta)*student_T, beta*KL(teacher_T || M) + (1-beta)*KL(student_T || M).
+    Our convention multiplies it by T^2 (as Hinton KD does, so the gradient's scale does not shrink
+    with T and terms at several temperatures stay comparable); GKD and TRL's `generalized_jsd_loss`
+    have no such factor: `t_squared: false` is the paper's form."""
     kind: Literal["js"] = "js"
     temperature: float = Field(4.0, gt=0, description="softmax temperature T")
+    beta: float = Field(0.5, gt=0, lt=1, description="GKD's mixture weight of the teacher (0.5: the symmetric JSD)")
+    t_squared: bool = Field(True, description="multiply by T^2 (our convention); false: GKD's form, no factor")
 
 
 class MSELogits(_Term):
@@ -144,10 +150,11 @@ def reverse_kl(s, t, y, c: ReverseKL, state) -> torch.Tensor:
 
 
 def js(s, t, y, c: JS, state) -> torch.Tensor:
-    T = c.temperature
+    T, b = c.temperature, c.beta
     log_p, log_q = F.log_softmax(t / T, 1), F.log_softmax(s / T, 1)
-    log_m = torch.logsumexp(torch.stack([log_p, log_q]), 0) - math.log(2)
-    return 0.5 * (_kl(log_p, log_m) + _kl(log_q, log_m)) * T * T
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(b), log_q + math.log(1 - b)]), 0)
+    loss = b * _kl(log_p, log_m) + (1 - b) * _kl(log_q, log_m)
+    return loss * T * T if c.t_squared else loss
 
 
 def mse_logits(s, t, y, c: MSELogits, state) -> torch.Tensor:

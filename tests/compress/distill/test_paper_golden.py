@@ -284,3 +284,31 @@ def test_ensemble_averaged_at_each_terms_temperature():
     # no temperature of its own: the average at the stage's KD temperature (4), as before
     ref = 0.5 * ((s - 4.0 * np.log(avg(4.0))) ** 2).sum(1).mean()
     assert parts["mse_logits"].item() == pytest.approx(ref, rel=1e-4)
+
+
+# js: GKD (Agarwal et al. 2024, arXiv:2306.13649, eq. 1), generalized JSD with mixture
+# M = beta*P + (1-beta)*Q; reference code: huggingface/trl, trl/trainer/gkd_trainer.py,
+# generalized_jsd_loss (commit a9fa292c2d1df64c6f0189ebe32d37b46ce64438): temperature divides
+# the logits, beta*KL(P_teacher || M) + (1-beta)*KL(P_student || M), batch mean, no T^2 factor.
+def _gkd_jsd(s, t, beta, temp):
+    log_q, log_p = _log_softmax(s / temp), _log_softmax(t / temp)
+    p, q = np.exp(log_p), np.exp(log_q)
+    log_m = np.log(beta * p + (1 - beta) * q)
+    return (beta * _xlogy_kl(p, log_p, log_m) + (1 - beta) * _xlogy_kl(q, log_q, log_m)) / s.shape[0]
+
+
+@pytest.mark.parametrize("beta,temp", [(0.5, 1.0), (0.1, 4.0), (0.9, 2.0)])
+def test_js_matches_gkd_and_t_squared_is_our_convention(beta, temp):
+    rng = np.random.default_rng(3)
+    s, t = rng.normal(size=(6, 10)) * 3, rng.normal(size=(6, 10)) * 3
+    t[0, 2] += 40.0  # a very peaked teacher
+    ref = _gkd_jsd(s, t, beta, temp)
+    paper = O.JS(beta=beta, temperature=temp, t_squared=False)
+    got = O.js(torch.tensor(s), torch.tensor(t), None, paper, {}).item()
+    assert got == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    ours = O.js(torch.tensor(s), torch.tensor(t), None, O.JS(beta=beta, temperature=temp), {}).item()
+    assert ours == pytest.approx(ref * temp * temp, rel=1e-9, abs=1e-12)
+    same = torch.tensor(s, requires_grad=True)
+    loss = O.js(same, torch.tensor(s), None, paper, {})
+    loss.backward()
+    assert abs(loss.item()) < 1e-12 and same.grad.abs().max() < 1e-12
