@@ -152,6 +152,49 @@ def row(name: str, out: Path, backend: str = "openvino") -> str | None:
             f"| {secs:.0f} |")
 
 
+def interleaved_latency(paths: list[Path], rounds: int, runs: int, threads: int) -> list[float]:
+    """OpenVINO batch-1 p50 (ms) of each IR, the median over `rounds` interleaved rounds: on a
+    shared machine load drifts between two sequential measurements, and interleaving cancels it."""
+    import numpy as np
+
+    from targets.base import CompileOptions
+    from targets.openvino import OvRunner
+    from targets.profile import latency
+    runners = [OvRunner(p, CompileOptions(threads=threads)) for p in paths]
+    x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    p50 = [[latency(r, x, warmup=20, runs=runs)["p50"] for r in runners] for _ in range(rounds)]
+    return [float(v) for v in np.median(np.array(p50), axis=0)]
+
+
+def precision_step_cpu(rounds: int, steps: int) -> dict[str, float]:
+    """CPU seconds per training step of the demo student (ResNet-8, batch 128, SGD, NHWC), bf16
+    autocast against fp32, interleaved, one thread: CPU time barely moves with other processes'
+    load where wall time swings (benchmarks/train_loop.py)."""
+    import numpy as np
+    import torch
+
+    from compress.models import resnet8
+    torch.set_num_threads(1)
+    x = torch.randn(128, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (128,))
+    res: dict[str, list[float]] = {"bf16": [], "fp32": []}
+    for _ in range(rounds):
+        for mode in res:
+            torch.manual_seed(0)
+            model = resnet8().to(memory_format=torch.channels_last)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            for i in range(steps + 2):  # two warm-up steps
+                if i == 2:
+                    t0 = time.process_time()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            res[mode].append((time.process_time() - t0) / steps)
+    return {k: float(np.median(v)) for k, v in res.items()}
+
+
 HEADER = ("| candidate | what it tries | distill acc (torch) | OV int8 acc | vs teacher | OV b1 p50 ms | faster "
           "| OV size (bytes) | smaller | executed | stage s |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
 
@@ -165,8 +208,28 @@ def main() -> None:
     ap.add_argument("--backend", default="openvino", help="the one target measured (the goal is on openvino)")
     ap.add_argument("--live-teacher", action="store_true",
                     help="cache: none in every stage (on a GPU: the teacher-output cache fails there today)")
+    ap.add_argument("--latency", nargs="+", type=Path, metavar="XML",
+                    help="time these OpenVINO IRs interleaved (the first is the reference), run nothing else")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2, help="--latency: OpenVINO inference threads")
+    ap.add_argument("--precision", action="store_true", help="time a training step in bf16 and fp32, run nothing else")
     a = ap.parse_args()
     out = Path(a.out)
+    if a.precision:
+        load = os.getloadavg()[0]
+        t = precision_step_cpu(a.rounds, 20)
+        print(f"ResNet-8 training step, batch 128, 1 thread, CPU s/step (median of {a.rounds} interleaved rounds), "
+              f"load {load:.1f}: bf16 {t['bf16']:.4f}, fp32 {t['fp32']:.4f}, fp32/bf16 {t['fp32'] / t['bf16']:.2f}x")
+        return
+    if a.latency:
+        load = os.getloadavg()[0]
+        ms = interleaved_latency(a.latency, a.rounds, 200, a.threads)
+        print(f"OpenVINO b1 p50, {a.threads} thread(s), median of {a.rounds} interleaved rounds of 200 runs, "
+              f"load {load:.1f}")
+        for p, v in zip(a.latency, ms):
+            size = p.stat().st_size + p.with_suffix(".bin").stat().st_size
+            print(f"| {p} | {v:.3f} ms | {ms[0] / v:.1f}x | {size:,} |")
+        return
     if not a.table:
         for name in a.only or CANDIDATES:
             load = os.getloadavg()
