@@ -13,6 +13,11 @@ candidate's run folder and pays only for the stages it changes.
 
 The configs keep `teachers/...` relative (a link to examples/teachers sits beside them), so the
 teacher's hash, and with it every reused stage, matches a run of examples/fashion_mnist.yaml.
+
+On a GPU machine, `--backend onnxruntime --live-teacher` (the teacher-output cache fails on CUDA
+today) runs the same candidates for their torch accuracy; launch one process per candidate to
+run them side by side. `--latency A.xml B.xml ...` times finished OpenVINO IRs interleaved (ratios
+to the first), `--precision` times a bf16 against an fp32 training step of the student.
 """
 from __future__ import annotations
 
