@@ -104,6 +104,31 @@ def main_first() -> Iterator[None]:
             barrier()
 
 
+def all_true(flag: bool) -> bool:
+    """True on every rank when `flag` is true on every rank."""
+    return all(gather_object(bool(flag))) if active() else bool(flag)
+
+
+def gather_object(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not active():
+        return [obj]
+    every: list = [None] * world_size()
+    dist.all_gather_object(every, obj)
+    return every
+
+
+def max_int(value: int) -> int:
+    """The largest of the ranks' values (signals: all ranks stop after the same step)."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
     """Sums of each value over the ranks (float64 on CPU: exact for counts)."""
     if not active():
@@ -139,8 +164,7 @@ def assert_same_structure(model: nn.Module, structure, where: str) -> str:
     mine = structure_checksum(model, structure)
     if not active():
         return mine
-    every: list = [None] * world_size()
-    dist.all_gather_object(every, mine)
+    every = gather_object(mine)
     if len(set(every)) != 1:
         raise UserError(f"{where}: the ranks hold different model structures (checksums {every}); "
                         f"a decision was not broadcast from rank 0")
