@@ -207,6 +207,27 @@ def sampler_factory(seed: int):
     return make
 
 
+def launch(cmd: list[str]) -> int:
+    """Runs torchrun (`cmd`) and returns its exit code: 128 + the signal when a SIGINT/SIGTERM
+    sent to us stopped it. torchrun passes the signal on to every rank, which stops after a step
+    with a checkpoint (compress/train_state.py). torchrun gets it once, from us: it runs in its own
+    session, out of reach of a terminal's Ctrl-C (twice would make its shutdown kill the ranks)."""
+    import signal
+    import subprocess
+    child, got = subprocess.Popen(cmd, start_new_session=True), []
+
+    def forward(signum, _frame):
+        got.append(signum)
+        child.send_signal(signum)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return 128 + got[0] if got and code else code
+
+
 def local_batch(batch_size: int, where: str) -> int:
     """data.batch_size is the global batch: each rank takes its share, so the optimizer sees
     the same batch and the same number of steps as one process."""
