@@ -270,3 +270,51 @@ def test_another_number_of_processes_resumes_at_an_epoch_end_only(tmp_path, ever
     resumed = [line for line in logs if line.startswith("[distill] resuming at step 8/16 (epoch 2)")]
     assert len(resumed) == (every == 0)  # from the epoch end only
     assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def _kr_config(out: Path) -> Path:
+    c = {"name": "kr", "seed": 3, "output": {"dir": str(out)}, "export": {"stages": []}, "targets": [],
+         "data": {"dataset": "synthetic", "batch_size": 32, "eval_batch_size": 64, "calib_samples": 32,
+                  "synthetic": {"train_size": 512, "test_size": 64, "image_size": 16}},
+         "teacher": {"model": "resnet_tiny_teacher", "train": {"epochs": 1, "lr": 0.01}},
+         "student": {"model": "resnet_tiny"},
+         "stages": [{"kind": "distill", "epochs": 6, "lr": 0.01, "augment": True,
+                     "loss": [{"kind": "ce", "weight": 0.5}, {"kind": "taid", "weight": 0.5}]}]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "c.yaml").write_text(yaml.safe_dump(c))
+    return out / "c.yaml"
+
+
+def _nproc2(cfg: Path, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "run", str(cfg), "--nproc", "2"], cwd=ROOT,
+                            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow  # three 2-process runs: ~100 s on 2 loaded cores
+def test_sigterm_under_torchrun_stops_both_ranks_after_a_step_and_the_rerun_resumes_bit_for_bit(tmp_path):
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+    assert _nproc2(_kr_config(tmp_path / "whole"), tmp_path / "whole.log").wait(timeout=600) == 0
+    cfg = _kr_config(tmp_path / "cut")
+    resume = tmp_path / "cut" / "kr" / "01-distill" / ".resume"
+    proc = _nproc2(cfg, tmp_path / "first.log")
+    while not (resume / "fit-0.pt").exists():
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.3)  # inside the next epoch
+    proc.send_signal(signal.SIGTERM)  # compress run passes it to torchrun, torchrun to both ranks
+    assert proc.wait(timeout=120) == 143
+    log = (tmp_path / "first.log").read_text()
+    step = int(re.search(r"\[distill\] stopped by SIGTERM after step (\d+)/96", log).group(1))
+    # rank 0 committed the step; rank 1's own part of that same step is beside it
+    assert torch.load(resume / "fit-0.pt", weights_only=True)["step"] == step
+    assert (resume / f"fit-0.rank1.step{step}.pt").is_file()
+    assert _nproc2(cfg, tmp_path / "second.log").wait(timeout=600) == 0
+    assert f"[distill] resuming at step {step}/96" in (tmp_path / "second.log").read_text()
+    a, b = (load_file(str(tmp_path / d / "kr" / "01-distill" / "model.safetensors")) for d in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
