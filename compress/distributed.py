@@ -197,6 +197,19 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
 
 
+def sync_from_main(model: nn.Module) -> None:
+    """Every rank's parameters and buffers set to rank 0's, in place. DDP keeps the parameters
+    equal but not BatchNorm's running statistics (each rank's last forward updates its own): after
+    a fit, a model that teaches or trains on (the teacher, a pruning round's start) must be the one
+    rank 0 saves, as it is after a resume from rank 0's checkpoint."""
+    if not active():
+        return
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.bool):
+                dist.broadcast(t, src=0)
+
+
 def sampler_factory(seed: int):
     """SamplerFactory for fit(): each rank's shard of a seeded per-epoch permutation."""
     from torch.utils.data import DistributedSampler

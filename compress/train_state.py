@@ -98,11 +98,10 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-HEAD = ("format", "hash", "step", "epoch", "total", "steps_per_epoch", "world")
+# each rank's own part: TAID's t follows that rank's loss; the generator, RNGs, the rest of the
+# epoch's order and the partial sums are its shard's. The rest (model, optimizer, adapters, masks,
+# history rows, quantizers) is the same on every rank, and rank 0 writes it
 OWN = ("objective", "generator", "rng", "order", "sums")
-"""Each rank's own part: TAID's t follows that rank's loss; the generator, RNGs, the rest of the
-epoch's order and the partial sums are its shard's. The rest (model, optimizer, adapters, masks,
-history rows, quantizers) is the same on every rank, and rank 0 writes it."""
 
 
 class TrainCheckpoint:
