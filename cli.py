@@ -85,12 +85,12 @@ def run(config: Path = typer.Argument(..., help="run config YAML"),
 
 def _torchrun(nproc: int, config: Path, set_: Optional[List[str]]) -> int:
     """`compress run` again under torch.distributed.run, one process per rank; its exit code."""
-    import subprocess
     import sys
     sets = [a for v in set_ or [] for a in ("--set", v)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "compress", "run", str(config), *sets]
-    return subprocess.run(cmd).returncode
+    from compress.distributed import launch
+    return launch(cmd)  # passes SIGINT/SIGTERM on: the ranks stop after a step with a checkpoint
 
 
 def _backends() -> list[str]:

@@ -104,6 +104,31 @@ def main_first() -> Iterator[None]:
             barrier()
 
 
+def all_true(flag: bool) -> bool:
+    """True on every rank when `flag` is true on every rank."""
+    return all(gather_object(bool(flag))) if active() else bool(flag)
+
+
+def gather_object(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not active():
+        return [obj]
+    every: list = [None] * world_size()
+    dist.all_gather_object(every, obj)
+    return every
+
+
+def max_int(value: int) -> int:
+    """The largest of the ranks' values (signals: all ranks stop after the same step)."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
     """Sums of each value over the ranks (float64 on CPU: exact for counts)."""
     if not active():
@@ -139,8 +164,7 @@ def assert_same_structure(model: nn.Module, structure, where: str) -> str:
     mine = structure_checksum(model, structure)
     if not active():
         return mine
-    every: list = [None] * world_size()
-    dist.all_gather_object(every, mine)
+    every = gather_object(mine)
     if len(set(every)) != 1:
         raise UserError(f"{where}: the ranks hold different model structures (checksums {every}); "
                         f"a decision was not broadcast from rank 0")
@@ -173,6 +197,19 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
 
 
+def sync_from_main(model: nn.Module) -> None:
+    """Every rank's parameters and buffers set to rank 0's, in place. DDP keeps the parameters
+    equal but not BatchNorm's running statistics (each rank's last forward updates its own): after
+    a fit, a model that teaches or trains on (the teacher, a pruning round's start) must be the one
+    rank 0 saves, as it is after a resume from rank 0's checkpoint."""
+    if not active():
+        return
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.bool):
+                dist.broadcast(t, src=0)
+
+
 def sampler_factory(seed: int):
     """SamplerFactory for fit(): each rank's shard of a seeded per-epoch permutation."""
     from torch.utils.data import DistributedSampler
@@ -181,6 +218,27 @@ def sampler_factory(seed: int):
         return DistributedSampler(range(n), num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed,
                                   drop_last=True)
     return make
+
+
+def launch(cmd: list[str]) -> int:
+    """Runs torchrun (`cmd`) and returns its exit code: 128 + the signal when a SIGINT/SIGTERM
+    sent to us stopped it. torchrun passes the signal on to every rank, which stops after a step
+    with a checkpoint (compress/train_state.py). torchrun gets it once, from us: it runs in its own
+    session, out of reach of a terminal's Ctrl-C (twice would make its shutdown kill the ranks)."""
+    import signal
+    import subprocess
+    child, got = subprocess.Popen(cmd, start_new_session=True), []
+
+    def forward(signum, _frame):
+        got.append(signum)
+        child.send_signal(signum)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return 128 + got[0] if got and code else code
 
 
 def local_batch(batch_size: int, where: str) -> int:

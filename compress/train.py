@@ -275,6 +275,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, env: TrainEnv) -> lis
     step.shared = list(features.adapters.parameters()) if features is not None else []
     try:
         run_loop(state, loader, step, callbacks)
+        distributed.sync_from_main(model)  # BatchNorm statistics differ by rank after DDP: rank 0's
     finally:
         if features is not None:
             features.close()  # hooks must not outlive the stage (they would leak into export)

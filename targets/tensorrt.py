@@ -56,6 +56,16 @@ def unavailable_reason() -> str:
     return ""
 
 
+def write_engine(path: Path, serialized) -> Path:
+    """The serialized engine (TensorRT's IHostMemory, or any bytes-like object) written atomically:
+    a run killed while writing leaves the previous engine or none, never a truncated one that a
+    later `trtexec --loadEngine` or deserialize_cuda_engine would fail on."""
+    from compress.checkpoint import atomic_write
+    data = memoryview(serialized).cast("B")  # IHostMemory exports the buffer protocol: no copy
+    atomic_write(path, lambda p: p.write_bytes(data))
+    return path
+
+
 class TrtRunner:
     def __init__(self, onnx_path: Path, cfg: CompileOptions):
         import tensorrt as trt
@@ -93,8 +103,7 @@ class TrtRunner:
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise RuntimeError(f"{ready}: TensorRT engine build failed (see the log above)")
-        engine_path = work / f"{onnx_path.stem}.engine"
-        engine_path.write_bytes(bytes(serialized))
+        engine_path = write_engine(work / f"{onnx_path.stem}.engine", serialized)
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
         self.context = self.engine.create_execution_context()
         self.input_name = inp.name

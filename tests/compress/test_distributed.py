@@ -159,3 +159,163 @@ def test_one_process_is_untouched():
     assert distributed.wrap_ddp(m, None) is m
     s = Structure(model="m", num_classes=2, in_channels=1, input_shape=[1, 4, 4])
     assert distributed.structure_checksum(nn.Linear(4, 2), s) != distributed.structure_checksum(nn.Linear(4, 3), s)
+
+
+class Stop(Exception):
+    pass
+
+
+def _fit_ranks(rank: int, store: str, sdir: str, stop_at: int, every: int, out: str) -> None:
+    """One of two gloo processes training resnet_tiny (augmentation on: each rank's own draws) for
+    2 epochs of 8 steps inside a stage's checkpoint scope (and every `every` steps); `stop_at`: the
+    step after which both ranks stop, as a kill would (0: never)."""
+    import torch
+    import torch.distributed as dist
+
+    from calib.datasets import synthetic
+    from compress import train_state
+    from compress.models import build_model
+    from compress.train import TrainConfig, TrainEnv, fit
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    logs: list = []
+    try:
+        real = train_state.TrainCheckpoint.on_step_end
+
+        def step_end(self, loop):
+            real(self, loop)
+            if loop.step == stop_at:
+                raise Stop
+        train_state.TrainCheckpoint.on_step_end = step_end
+        torch.manual_seed(0)
+        model, rows = build_model("resnet_tiny", 10, 1), None
+        data = synthetic(num_classes=10, train_size=256, test_size=64, image_size=16, seed=0)
+        env = TrainEnv(batch_size=32, desc="distill", seed=0, log=logs.append if rank == 0 else (lambda s: None))
+        with train_state.stage_checkpoints(Path(sdir), "h", "distill", logs.append, every_steps=every):
+            try:
+                rows = fit(model, data, TrainConfig(epochs=2, lr=0.01, augment=True), env)
+            except Stop:
+                pass
+        torch.save({"state": model.state_dict(), "rows": rows, "logs": logs}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp: Path, name: str, sdir: Path, stop_at: int = 0, every: int = 3) -> list[dict]:
+    import torch
+    import torch.multiprocessing as mp
+    mp.spawn(_fit_ranks, args=(str(tmp / f"{name}.store"), str(sdir), stop_at, every, str(tmp / name)), nprocs=2)
+    return [torch.load(tmp / f"{name}.{r}", weights_only=True) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """Uninterrupted; stopped after step 11 (last checkpoint: step 9, inside epoch 2); resumed."""
+    tmp = tmp_path_factory.mktemp("ranks")
+    whole = _spawn(tmp, "whole", tmp / "a")
+    cut = _spawn(tmp, "cut", tmp / "b", stop_at=11)
+    return tmp, whole, cut, _spawn(tmp, "resumed", tmp / "b")
+
+
+@pytest.mark.slow  # three pairs of spawned processes: ~40 s idle, 90 s on 2 loaded cores
+def test_two_ranks_resume_inside_an_epoch_to_the_same_weights(two_rank_runs):
+    import torch
+    tmp, whole, cut, resumed = two_rank_runs
+    assert cut[0]["rows"] is None and "resuming at step 9/16 (epoch 2)" in "\n".join(resumed[0]["logs"])
+    for r in (0, 1):  # every rank: the uninterrupted run's weights, to the bit
+        a, b = whole[r]["state"], resumed[r]["state"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [round(x["loss"], 6) for x in resumed[0]["rows"]] == [round(x["loss"], 6) for x in whole[0]["rows"]]
+
+
+@pytest.mark.slow  # two pairs of spawned processes
+def test_each_rank_writes_its_own_part_and_rank_zero_commits(tmp_path):
+    tmp = tmp_path
+    _spawn(tmp, "cut", tmp / "s", stop_at=11)
+    folder = tmp / "s" / ".resume"
+    # the committed step (9) and rank 1's part of it; rank 0's own part is inside fit-0.pt
+    assert sorted(p.name for p in folder.iterdir()) == ["fit-0.pt", "fit-0.rank1.step9.pt", "stage.json"]
+    import torch
+    main, part = (torch.load(folder / n, weights_only=True) for n in ("fit-0.pt", "fit-0.rank1.step9.pt"))
+    assert main["step"] == part["step"] == 9 and main["world"] == 2
+    assert len(main["order"]) == len(part["order"]) == 7 * 16  # each rank's rest of its shard: 7 batches of 16
+    assert set(main["order"].tolist()).isdisjoint(part["order"].tolist())
+    # a kill between rank 1's part and rank 0's commit leaves a part of another step: never used
+    (folder / "fit-0.rank1.step9.pt").rename(folder / "fit-0.rank1.step12.pt")
+    resumed = _spawn(tmp, "resumed", tmp / "s")
+    assert resumed[0]["logs"][0] == ("[distill] ignoring fit-0.pt: rank(s) [1] have no part of step 9; "
+                                     "the fit starts afresh")
+    assert [r["epoch"] for r in resumed[0]["rows"]] == [1, 2]
+
+
+@pytest.mark.slow  # a pair of spawned processes, then one
+@pytest.mark.parametrize("every, stop_at, expected", [
+    (3, 11, "ignoring fit-0.pt: written by 2 process(es) inside an epoch, now 1: the fit starts afresh"),
+    (0, 10, "fit-0.pt was written by 2 process(es), now 1: resuming at its epoch boundary")])
+def test_another_number_of_processes_resumes_at_an_epoch_end_only(tmp_path, every, stop_at, expected):
+    import torch
+
+    from calib.datasets import synthetic
+    from compress import train_state
+    from compress.models import build_model
+    from compress.train import TrainConfig, TrainEnv, fit
+    _spawn(tmp_path, "cut", tmp_path / "s", stop_at, every)  # last checkpoint: step 9 (inside epoch 2) or 8 (its start)
+    logs: list = []
+    torch.manual_seed(0)
+    data = synthetic(num_classes=10, train_size=256, test_size=64, image_size=16, seed=0)
+    with train_state.stage_checkpoints(tmp_path / "s", "h", "distill", logs.append, every_steps=every):
+        rows = fit(build_model("resnet_tiny", 10, 1), data, TrainConfig(epochs=2, lr=0.01, augment=True),
+                   TrainEnv(batch_size=32, desc="distill", seed=0, log=lambda s: None))
+    assert logs[0].startswith(f"[distill] {expected}")
+    resumed = [line for line in logs if line.startswith("[distill] resuming at step 8/16 (epoch 2)")]
+    assert len(resumed) == (every == 0)  # from the epoch end only
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def _kr_config(out: Path) -> Path:
+    c = {"name": "kr", "seed": 3, "output": {"dir": str(out)}, "export": {"stages": []}, "targets": [],
+         "data": {"dataset": "synthetic", "batch_size": 32, "eval_batch_size": 64, "calib_samples": 32,
+                  "synthetic": {"train_size": 512, "test_size": 64, "image_size": 16}},
+         "teacher": {"model": "resnet_tiny_teacher", "train": {"epochs": 1, "lr": 0.01}},
+         "student": {"model": "resnet_tiny"},
+         "stages": [{"kind": "distill", "epochs": 6, "lr": 0.01, "augment": True,
+                     "loss": [{"kind": "ce", "weight": 0.5}, {"kind": "taid", "weight": 0.5}]}]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "c.yaml").write_text(yaml.safe_dump(c))
+    return out / "c.yaml"
+
+
+def _nproc2(cfg: Path, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "run", str(cfg), "--nproc", "2"], cwd=ROOT,
+                            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow  # three 2-process runs: ~100 s on 2 loaded cores
+def test_sigterm_under_torchrun_stops_both_ranks_after_a_step_and_the_rerun_resumes_bit_for_bit(tmp_path):
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+    assert _nproc2(_kr_config(tmp_path / "whole"), tmp_path / "whole.log").wait(timeout=600) == 0
+    cfg = _kr_config(tmp_path / "cut")
+    resume = tmp_path / "cut" / "kr" / "01-distill" / ".resume"
+    proc = _nproc2(cfg, tmp_path / "first.log")
+    while not (resume / "fit-0.pt").exists():
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.3)  # inside the next epoch
+    proc.send_signal(signal.SIGTERM)  # compress run passes it to torchrun, torchrun to both ranks
+    assert proc.wait(timeout=120) == 143
+    log = (tmp_path / "first.log").read_text()
+    step = int(re.search(r"\[distill\] stopped by SIGTERM after step (\d+)/96", log).group(1))
+    # rank 0 committed the step; rank 1's own part of that same step is beside it
+    assert torch.load(resume / "fit-0.pt", weights_only=True)["step"] == step
+    assert (resume / f"fit-0.rank1.step{step}.pt").is_file()
+    assert _nproc2(cfg, tmp_path / "second.log").wait(timeout=600) == 0
+    assert f"[distill] resuming at step {step}/96" in (tmp_path / "second.log").read_text()
+    for stage in ("00-teacher", "01-distill"):
+        a, b = (load_file(str(tmp_path / d / "kr" / stage / "model.safetensors")) for d in ("whole", "cut"))
+        assert all(torch.equal(a[k], b[k]) for k in a), stage

@@ -19,6 +19,7 @@ from compress.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 6
+QAT_EPOCHS = 2
 
 
 def config(out: Path) -> dict:
@@ -34,9 +35,21 @@ def config(out: Path) -> dict:
             "output": {"dir": str(out)}}
 
 
-def write(out: Path) -> Path:
+def qat_config(out: Path) -> dict:
+    """A short distill, then quantization-aware training of QAT_EPOCHS epochs (activations with
+    zero points, augmentation on): the stage that is killed."""
+    c = config(out)
+    c["data"]["synthetic"]["train_size"] = 1024
+    c["stages"] = [{"kind": "distill", "epochs": 1, "lr": 0.01},
+                   {"kind": "quantize", "calib_batches": 2, "epochs": QAT_EPOCHS, "lr": 0.0005, "augment": True,
+                    "activations": "asymmetric", "loss": [{"kind": "kl", "weight": 0.9, "temperature": 2},
+                                                           {"kind": "ce", "weight": 0.1}]}]
+    return c
+
+
+def write(out: Path, make=config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "c.yaml").write_text(yaml.safe_dump(config(out)))
+    (out / "c.yaml").write_text(yaml.safe_dump(make(out)))
     return out / "c.yaml"
 
 
@@ -62,12 +75,12 @@ def uninterrupted(tmp_path_factory):
     return out / "kr"
 
 
-def finished(run_dir: Path) -> dict:
-    return json.loads((run_dir / "01-distill" / "metrics.json").read_text())
+def finished(run_dir: Path, stage: str = "01-distill") -> dict:
+    return json.loads((run_dir / stage / "metrics.json").read_text())
 
 
-def same_weights(a: Path, b: Path) -> bool:
-    x, y = (load_file(str(d / "01-distill" / "model.safetensors")) for d in (a, b))
+def same_weights(a: Path, b: Path, stage: str = "01-distill") -> bool:
+    x, y = (load_file(str(d / stage / "model.safetensors")) for d in (a, b))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
@@ -118,6 +131,30 @@ def test_sigint_or_sigterm_stops_after_the_step_writes_a_checkpoint_and_exits_13
     assert [round(r["loss"], 6) for r in rows] == [round(r["loss"], 6) for r in whole]
 
 
+@pytest.mark.slow
+def test_sigkill_inside_quantization_aware_training_resumes_it_bit_for_bit(tmp_path_factory):
+    whole, cut = tmp_path_factory.mktemp("qat-whole"), tmp_path_factory.mktemp("qat-cut")
+    torch.set_num_threads(1)
+    Pipeline(load_config(write(whole, qat_config)), log=lambda s: None).run_stages()
+    cfg = write(cut, qat_config)
+    ck = cut / "kr" / "02-quantize" / ".resume" / "fit-0.pt"
+    proc = start(cfg, cut / "first.log")
+    wait_for(ck, proc)  # the end of QAT's first epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(ck, weights_only=True)
+    assert 0 < saved["step"] < saved["total"]  # killed inside the stage
+    proc = start(cfg, cut / "second.log")
+    assert proc.wait(timeout=300) == 0, (cut / "second.log").read_text()
+    log = (cut / "second.log").read_text()
+    assert "[distill] up to date, skipped" in log and "[quantize] running" in log  # calibrated again
+    assert f"[quantize] resuming at step {saved['step']}/{saved['total']}" in log
+    trained = [line for line in log.splitlines() if " qat epoch " in line]
+    assert len(trained) == QAT_EPOCHS - saved["epoch"] == 1  # at most one epoch lost
+    assert [r["epoch"] for r in finished(cut / "kr", "02-quantize")["history"]] == list(range(1, QAT_EPOCHS + 1))
+    assert same_weights(cut / "kr", whole / "kr", "02-quantize")  # scales and weights, to the bit
+
+
 def test_checkpoints_every_n_steps_as_well_as_at_each_epoch_end(tmp_path, monkeypatch):
     from compress import train_state
     saved = []
@@ -132,21 +169,6 @@ def test_checkpoints_every_n_steps_as_well_as_at_each_epoch_end(tmp_path, monkey
     distill = saved[-8:]  # 16 steps an epoch: the teacher's one epoch, then the distill stage's two
     assert distill == [(5, False), (10, False), (15, False), (16, True), (20, False), (25, False), (30, False),
                        (32, True)]
-
-
-def test_quantization_aware_training_is_not_checkpointed(tmp_path):
-    from types import SimpleNamespace
-
-    from brevitas.nn import QuantLinear
-
-    from compress import train_state
-    logs = []
-    with train_state.stage_checkpoints(tmp_path, "h", "quantize", logs.append):
-        step = SimpleNamespace(model=torch.nn.Sequential(QuantLinear(2, 2, bias=True)))
-        sampler = train_state.ResumableSampler(range(4))
-        assert train_state.callbacks(step, torch.Generator(), sampler, None, []) == []
-    assert logs == ["[quantize] no training checkpoints for quantization-aware training: an interrupted "
-                    "quantize stage reruns whole"]
 
 
 def test_the_sampler_hands_out_the_saved_rest_of_an_epoch_then_draws_again():
