@@ -74,13 +74,16 @@ def main():
     ap.add_argument("--k", type=int, default=8, help="cache_k of the augmented cache (topk targets)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ways", nargs="*", help="only the ways whose names start with these")
+    ap.add_argument("--work", help="cache folder to reuse (default: a new temporary one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     data, teacher = load(args)
     t_acc = accuracy(predict(teacher, data.test, data), data.test.labels)
     print(f"teacher resnet_teacher: {t_acc:.4f} on {len(data.test)} test images", flush=True)
-    work = Path(tempfile.mkdtemp(prefix="augcache-bench-"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="augcache-bench-"))
+    ways = {n: s for n, s in WAYS.items() if not args.ways or any(n.startswith(w) for w in args.ways)}
     base = dict(optimizer="sgd", lr=0.1, warmup_epochs=0.5, loss=[KL(weight=0.9, temperature=4.0), CE(weight=0.1)],
                 cache_views=args.views, cache_k=args.k)
 
@@ -89,7 +92,7 @@ def main():
                         cache_dir=work, data_key=f"fmnist{args.limit[0]}", **kw)
 
     builds = {}
-    for name, spec in WAYS.items():  # each cache built once, timed, then read by every run
+    for name, spec in ways.items():  # each cache built once, timed, then read by every run
         cfg = TrainConfig(epochs=1, **base, **spec)
         if cfg.cache == "none":
             continue
@@ -101,8 +104,8 @@ def main():
               flush=True)
 
     rows = []
-    for epochs in (args.short, args.long):
-        for name, spec in WAYS.items():
+    for epochs in dict.fromkeys((args.short, args.long)):
+        for name, spec in ways.items():
             torch.manual_seed(args.seed)
             student, clock = build_model("resnet8", 10, 1), EpochClock()
             hist = fit(student, data, TrainConfig(epochs=epochs, **base, **spec), env(callbacks=[clock]))
