@@ -324,7 +324,7 @@ def _rule_errors(task: Task, loc: tuple, section) -> list[tuple[tuple, str]]:
         else:
             out.append((loc + ("augment",), f"shifts and flips the images, not their {task.name} labels: "
                                             f"classification only (set augment: false)"))
-    if task.name != "classification" and getattr(section, "cache", "none") in ("topk", "sampled"):
+    if task.name != "classification" and getattr(section, "cache", "none") in ("topk", "sampled", "augmented"):
         out.append((loc + ("cache",), f"{section.cache} keeps a few class probabilities per example: "
                                       f"classification only (task {task.name}: use cache: full or none)"))
     return out

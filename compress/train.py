@@ -19,13 +19,13 @@ from typing import Callable, Iterable, Literal, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from calib.datasets import Dataset, Split
 from compress import batchnorm, distributed, train_state
 from compress.callbacks import EpochLog, Evaluate, History, LoopState, ProgressBar, SamplerEpoch, StepResult, notify
+from compress.distill.cache import PAD, shift_flip
 from compress.distill.features import FeatureTerm
 from compress.distill.objectives import CE, NEEDS_TEACHER, LogitTerm, Objective
 from compress.distill.teacher import TeacherSource, feature_distiller, teacher_source
@@ -49,9 +49,14 @@ class TrainConfig(BaseModel):
     taid, dist, dkd (teacher); which apply depends on the task (compress/tasks.py)"""
     features: list[FeatureTerm] = Field(default_factory=list)
     """feature terms {student, teacher, kind: hint|attention|normalized, weight} by module name"""
-    cache: Literal["none", "full", "topk", "sampled"] = "none"
-    """teacher-output cache: none | full (fp16 logits) | topk | sampled (k classes, unbiased weights)"""
+    cache: Literal["none", "full", "topk", "sampled", "augmented"] = "none"
+    """teacher-output cache: none | full (fp16 logits) | topk | sampled (k classes, unbiased weights) |
+    augmented (cache_views random shift/flip views per image with the teacher's targets on each; one per epoch)"""
     cache_k: int = Field(8, ge=1, description="classes kept per example by the topk / sampled caches")
+    cache_views: int = Field(8, ge=1, description="augmented: views stored per image (R); epoch e replays view "
+                                                  "(e + index) mod R; building costs R teacher passes")
+    cache_targets: Literal["full", "topk", "sampled"] = "topk"
+    """augmented: what each view keeps: full (fp16 logits), topk or sampled (cache_k classes)"""
     ensemble: Literal["probs", "logits"] = "probs"
     """how several teachers combine: average softmax probabilities (MEAL V2) or logits"""
     augment: bool = Field(True, description="random 2-px shift crops + horizontal flips")
@@ -66,20 +71,32 @@ class TrainConfig(BaseModel):
     def _cache_rules(self):
         if self.cache == "none" or not self.needs_teacher:
             return self
-        if self.augment:
+        if self.augment and self.cache != "augmented":
             raise ValueError(f"cache: {self.cache} holds teacher outputs of the un-augmented images; with "
-                             f"augment: true they would be stale. Set augment: false, or cache: none")
+                             f"augment: true they would be stale. Set cache: augmented (stored augmented views), "
+                             f"augment: false, or cache: none")
+        if not self.augment and self.cache == "augmented":
+            raise ValueError("cache: augmented replays stored augmented views; with augment: false use cache: "
+                             "full, topk or sampled")
         if self.features:
             raise ValueError(f"cache: {self.cache} skips the teacher's forward pass, which the "
                              f"feature terms need. Set cache: none")
-        if self.cache in ("topk", "sampled"):
+        augmented = self.cache == "augmented"
+        form, key = (self.cache_targets, "cache_targets") if augmented else (self.cache, "cache")
+        if form in ("topk", "sampled"):
+            what = f"cache: {self.cache}" + (f" with cache_targets: {form}" if augmented else "")
             kinds = {t.kind for t in self.loss} - {"ce", "kl"}
             if kinds:
-                raise ValueError(f"cache: {self.cache} keeps {self.cache_k} probabilities per example; "
-                                 f"{sorted(kinds)} need full logits (use cache: full)")
+                raise ValueError(f"{what} keeps {self.cache_k} probabilities per example; "
+                                 f"{sorted(kinds)} need full logits (use {key}: full)")
             if len({t.temperature for t in self.loss if t.kind == "kl"}) > 1:
-                raise ValueError(f"cache: {self.cache} is built at one temperature; the kl terms use several")
+                raise ValueError(f"{what} is built at one temperature; the kl terms use several")
         return self
+
+    @property
+    def replays_views(self) -> bool:
+        """The augmented cache makes the student's augmented input (else augment_batch draws it)."""
+        return self.cache == "augmented" and self.needs_teacher
 
     @property
     def needs_teacher(self) -> bool:
@@ -100,15 +117,12 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dty
     return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
 
 
-def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).tolist()
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).tolist()
-    out = torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx))])
+def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = PAD) -> torch.Tensor:
+    n = x.shape[0]
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
     flip = torch.rand(n, generator=g) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out
+    return shift_flip(x, dy, dx, flip, pad)
 
 
 @dataclass
@@ -250,19 +264,22 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, env: TrainEnv) -> lis
     if distributed.active():  # each rank: its shard of the epoch, its share of the (global) batch
         batch_size, make_sampler = distributed.local_batch(batch_size, env.desc), distributed.sampler_factory(env.seed)
     sampler = train_state.ResumableSampler(make_sampler(len(data.train), g))  # its position goes into checkpoints
-    loader = train_loader(data.train, batch_size, sampler, partial(augment_batch, g=g) if cfg.augment else None)
+    live_augment = cfg.augment and not cfg.replays_views
+    loader = train_loader(data.train, batch_size, sampler, partial(augment_batch, g=g) if live_augment else None)
     if len(loader) == 0:
         raise UserError(f"{env.desc}: batch_size={env.batch_size} exceeds the {len(data.train)} training examples")
     total = max(1, round(cfg.epochs * len(loader)))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    teacher = teacher_source(cfg, env, data, fmt)
+    amp = autocast_dtype(cfg, env.device)
+    teacher = teacher_source(cfg, env, data, fmt, amp)
+    if cfg.replays_views:  # the augmented cache's stored views stand in for augment_batch
+        loader = teacher.replayed(loader)
     features = feature_distiller(cfg, model, env.teacher, data, env.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if features is not None:  # adapters train with the student, and are dropped after
         params += list(features.adapters.parameters())
     objective = Objective(cfg.loss, features, env.task)
-    step = TrainStep(model, objective, make_optimizer(params, cfg), teacher, data.normalize, env.device, fmt,
-                     autocast_dtype(cfg, env.device),
+    step = TrainStep(model, objective, make_optimizer(params, cfg), teacher, data.normalize, env.device, fmt, amp,
                      partial(lr_at, total=total, warmup=round(cfg.warmup_epochs * len(loader)), peak=cfg.lr), total)
     history = History(get_task(env.task))
     # history first: it records each step as computed, and starts the epoch's row

@@ -5,8 +5,12 @@ and every logit objective can consume it.
 
 A live teacher in "probs" mode hands the objective `Members` instead: each term then averages
 the teachers' probabilities at its own temperature (MEAL V2); terms without a temperature
-(mse_logits, l1_logits) get the average at the stage's KD temperature, as before. The teacher
-caches store one average, at the stage's KD temperature. Feature terms hook the first teacher."""
+(mse_logits, l1_logits) get the average at the stage's KD temperature, as before. The full
+teacher caches (`cache: full`, and `augmented` with `cache_targets: full`) store every teacher's
+logits and hand the objective `Members` too, so cached and live targets agree term by term; the
+sparse caches (topk, sampled) store the average at the stage's KD temperature, the one
+temperature they serve (a single kl term, which TrainConfig checks). Feature terms hook the
+first teacher."""
 from __future__ import annotations
 
 from dataclasses import dataclass
