@@ -28,6 +28,7 @@ stale cache.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -61,6 +62,16 @@ class SparseTarget:
     prob: torch.Tensor   # (N, k) float32
 
 
+def on_device(target, device: torch.device):
+    """The cache lives in host memory (one copy for every stage); the step's targets go where
+    the student's outputs are (on CUDA the objective would otherwise mix cuda and cpu tensors)."""
+    if isinstance(target, torch.Tensor):
+        return target.to(device, non_blocking=True)
+    moved = {f.name: getattr(target, f.name).to(device, non_blocking=True) for f in dataclasses.fields(target)
+             if isinstance(getattr(target, f.name), torch.Tensor)}
+    return dataclasses.replace(target, **moved)
+
+
 class TeacherCache:
     """Teacher outputs by example index; a teacher source for the training step
     (compress.distill.teacher), called as `cache(x, idx)` in place of the teacher's forward."""
@@ -79,7 +90,7 @@ class TeacherCache:
         return SparseTarget(rows("index").long(), rows("prob").float())
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor):
-        return self.lookup(idx)
+        return on_device(self.lookup(idx), x.device)
 
 
 class AugmentedCache(TeacherCache):
@@ -102,7 +113,7 @@ class AugmentedCache(TeacherCache):
         return Replayed(loader, self)
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor):
-        return self.lookup(idx, self.views(idx))
+        return on_device(self.lookup(idx, self.views(idx)), x.device)
 
 
 class Replayed:

@@ -189,3 +189,16 @@ def test_ensemble_caches_give_each_term_the_average_at_its_own_temperature(small
         cached, ref = Objective(terms)(s, got, y, 0.0)[1], Objective(terms)(s, live, y, 0.0)[1]
         for name in ("kl", "kl1", "dkd", "mse_logits"):
             assert cached[name].item() == pytest.approx(ref[name].item(), rel=5e-3), name
+
+
+def test_cached_targets_go_to_the_students_device():
+    """On CUDA the objective got cpu targets beside cuda outputs; `meta` stands in for another device."""
+    from compress.distill.cache import SparseTarget, TeacherCache
+    from compress.distill.ensemble import Members
+    idx, x = torch.tensor([0, 2]), torch.empty(2, 1, 4, 4, device="meta")
+    full = TeacherCache("full", {"logits": torch.randn(3, 5).half()})(x, idx)
+    assert full.device.type == "meta" and full.dtype == torch.float32
+    sparse = TeacherCache("topk", {"index": torch.zeros(3, 2, dtype=torch.int16), "prob": torch.rand(3, 2)})(x, idx)
+    assert isinstance(sparse, SparseTarget) and sparse.index.device.type == sparse.prob.device.type == "meta"
+    members = TeacherCache("full", {"members": torch.randn(3, 2, 5), "weights": torch.tensor([0.5, 0.5])})(x, idx)
+    assert isinstance(members, Members) and members.logits.device.type == "meta"
