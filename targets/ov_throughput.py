@@ -19,11 +19,11 @@ MIN_S = 0.15  # per config and round: long enough to see every request finish a 
 
 def grid(threads: int, batch: int, dynamic_batch: bool, hint: tuple[int, int]) -> list[tuple[int, int, int]]:
     """(streams, infer requests, request batch): streams 1..threads (powers of 2 and threads
-    itself), one or two requests per stream, the whole batch or quarters of it, plus the hint's."""
+    itself), one or two requests per stream, the whole batch or quarters of it; the hint's first."""
     streams = sorted({s for s in (1, 2, 4, 8, 16) if s <= threads} | {threads, hint[0]})
     sub = sorted({batch, batch // 4} - {0}, reverse=True) if dynamic_batch else [batch]
     out = [(s, s * k, b) for s in streams for k in (1, 2) for b in sub]
-    return list(dict.fromkeys(out + [(hint[0], hint[1], batch)]))
+    return list(dict.fromkeys([(hint[0], hint[1], batch)] + out))
 
 
 def split(batches: list, request_batch: int) -> list:
@@ -66,7 +66,7 @@ def search(queues: Queues, x: np.ndarray, threads: int, dynamic_batch: bool) -> 
     """-> (best (streams, requests, request batch), the table measured, the hint's choice)."""
     hint = queues.hint()
     cfgs = grid(threads, len(x), dynamic_batch, hint)
-    per_batch = max(queues.run(cfgs[-1], [x] * 2) / 2, 1e-4)  # warm the hint's queue; time one batch
+    per_batch = max(queues.run(cfgs[0], [x] * 2) / 2, 1e-4)  # warm the hint's queue; time one batch
     n = int(min(16, max(2, np.ceil(MIN_S / per_batch))))
     rates: dict = {c: [] for c in cfgs}
     for r in range(ROUNDS):

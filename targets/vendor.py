@@ -69,10 +69,10 @@ def benchmark_app_cmd(exe: list[str], path: Path, props: dict, shape, seconds: f
                   "-shape", f"[{','.join(map(str, shape))}]", "-t", str(max(1, round(seconds)))]
 
 
-def parse_median_ms(out: str) -> float:
-    m = re.search(r"Median:\s+([\d.]+)\s+(ms|us)", out)
+def parse_median_ms(out: str, stat: str = "Median") -> float:
+    m = re.search(stat + r":\s+([\d.]+)\s+(ms|us)", out)
     if not m:
-        raise ValueError("no 'Median:' line in benchmark_app's output")
+        raise ValueError(f"no '{stat}:' line in benchmark_app's output")
     return float(m.group(1)) / (1000 if m.group(2) == "us" else 1)
 
 
@@ -88,6 +88,7 @@ def ov_vendor_latency(path: Path, props: dict, shape, seconds: float, run=subpro
             err = (out.stderr.strip().splitlines() or ["no output"])[-1]
             return {"tool": "benchmark_app", "p50": None, "status": f"failed (exit {out.returncode}: {err[:200]})"}
         return {"tool": "benchmark_app", "p50": parse_median_ms(out.stdout), "status": "ok",
+                "min": parse_median_ms(out.stdout, "Min"), "mean": parse_median_ms(out.stdout, "Average"),
                 "timer": "benchmark_app Median latency (InferRequest.latency over its own loop)",
                 "command": " ".join(["benchmark_app", *cmd[len(exe):]])}
     except (OSError, subprocess.SubprocessError, ValueError) as e:
