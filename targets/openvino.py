@@ -189,7 +189,8 @@ class OvRunner:
         prop = self.compiled.get_property
         props = {"device": self.device, "hint": str(prop("PERFORMANCE_HINT")), "threads": self.info["threads"],
                  "streams": self.info["streams"], "pinning": self.device == "CPU" and bool(prop("ENABLE_CPU_PINNING")),
-                 "precision": self.info["inference_precision"]}
+                 "precision": self.info["inference_precision"],
+                 "static": self.compiled.input(0).get_partial_shape().is_static}
         return ov_vendor_latency(self.path, props, shape, seconds)
 
     def run_many(self, batches: list) -> dict:

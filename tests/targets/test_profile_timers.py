@@ -59,7 +59,9 @@ def test_benchmark_app_command_carries_our_settings_and_its_median_parses():
     cmd = vendor.benchmark_app_cmd(["benchmark_app"], "m.xml", ours, (64, 1, 28, 28), 2)
     text = " ".join(cmd)
     assert "-hint none -nthreads 2 -nstreams 1 -nireq 1 -pin YES -infer_precision f32" in text
-    assert "-shape [64,1,28,28] -t 2" in text
+    assert "-data_shape [64,1,28,28] -t 2" in text  # a dynamic model stays dynamic, as ours runs
+    static = vendor.benchmark_app_cmd(["benchmark_app"], "m.xml", {**ours, "static": True}, (1, 3), 1)
+    assert "-shape [1,3]" in " ".join(static)
     assert vendor.parse_median_ms("[ INFO ]    Median:        83.97 us\n") == pytest.approx(0.08397)
     assert vendor.parse_median_ms("[ INFO ]    Median:        2.71 ms\n") == pytest.approx(2.71)
     with pytest.raises(ValueError):
@@ -78,7 +80,8 @@ def test_real_backends_report_their_own_timer_and_the_vendor_tool(backend, tmp_p
     if backend == "openvino":
         assert "InferRequest.latency" in lat["runtime"]["timer"]
         assert lat["vendor"]["tool"] == "benchmark_app" and lat["vendor"]["p50"] > 0, lat["vendor"]
-        assert "-nthreads 1 -nstreams 1" in lat["vendor"]["command"] and "-shape [1,1,8,8]" in lat["vendor"]["command"]
+        cmd = lat["vendor"]["command"]
+        assert "-nthreads 1 -nstreams 1" in cmd and "-data_shape [1,1,8,8]" in cmd
     else:
         assert "model_run" in lat["runtime"]["timer"]
         assert lat["vendor"]["tool"] == "onnxruntime_perf_test" and lat["vendor"]["p50"] is None
