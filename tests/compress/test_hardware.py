@@ -80,3 +80,11 @@ def test_compute_rates_in_report_rows():
     assert deps[0]["throughput"]["gmac_per_s"] == pytest.approx(200.0)
     assert deps[0]["throughput"]["int8_limit_fraction"] == pytest.approx(0.5)
     assert deps[1]["throughput"] is None
+
+
+def test_report_environment_carries_the_limit_and_says_how():
+    from compress.report import environment
+    hw = environment()["hardware"]
+    assert hw["how"] and hw["clock_source"] and hw["units_rule"]
+    assert hw["int8_limit_gmac_s"] is None or hw["int8_limit_gmac_s"] > 0
+    assert hw["cores"] >= 1 and hw["int8_isa"] in ("amx_int8", "avx512_vnni", "avx_vnni", "none")
