@@ -116,3 +116,16 @@ def test_report_cells_show_each_figure_and_the_share_of_the_limit():
     cells = timer_cells(lat, {"gmac_per_s": 217.04, "int8_limit_fraction": 0.653})
     assert cells == "0.091 | 0.087 (benchmark_app) | 217.0 (65%)"
     assert timer_cells({}, {}) == "— | — | —"
+
+
+def test_onnxruntime_throughput_is_the_searched_best(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    tiny_onnx(path, np.random.default_rng(0))
+    r = base.get("onnxruntime").compile(path, base.CompileOptions(threads=2, work_dir=tmp_path))
+    out = r.run_many([np.zeros((16, 1, 8, 8), np.float32)] * 3)
+    assert {(row["callers"], row["intra_op_threads"]) for row in out["search"]} == {(1, 2), (2, 1)}
+    best = max(out["search"], key=lambda row: row["items_per_s"])
+    assert (out["callers"], out["intra_op_threads"]) == (best["callers"], best["intra_op_threads"])
+    one = base.get("onnxruntime").compile(path, base.CompileOptions(threads=1, work_dir=tmp_path))
+    assert [(row["callers"], row["intra_op_threads"]) for row in one.run_many([np.zeros((4, 1, 8, 8), np.float32)])
+            ["search"]] == [(1, 1)]  # one thread: nothing to split
