@@ -107,16 +107,20 @@ def main() -> None:
               f"{gmac(row['items_per_s']):.1f} | {frac(gmac(row['items_per_s']))} |")
     variants = ort_variants(a.threads)
     sessions = {k: (ort_session(xml.with_suffix(".onnx"), a.threads, o), c) for k, (o, c) in variants.items()}
-    rates: dict = {"OpenVINO (chosen setting)": [], **{k: [] for k in variants}}
+    ort_target = base.get("onnxruntime").compile(xml.with_suffix(".onnx"),
+                                                 base.CompileOptions(threads=a.threads, work_dir=xml.parent))
+    print(f"\nORT target's search: {json.dumps(ort_target.run_many([x]))}")
+    rates: dict = {"OpenVINO (chosen setting)": [], "ORT target (chosen setting)": [], **{k: [] for k in variants}}
     per_cpu: dict = {k: [] for k in rates}  # items per CPU-second
     n = a.batches_per_run
     for r in range(a.rounds):
         order = list(rates) if r % 2 == 0 else list(rates)[::-1]
         for k in order:
-            if k.startswith("OpenVINO"):
-                ov.run_many([x])  # warm
+            if k.endswith("(chosen setting)"):
+                runner = ov if k.startswith("OpenVINO") else ort_target
+                runner.run_many([x] * a.threads)  # warm
                 c, t = cpu_s(), time.perf_counter()
-                ov.run_many([x] * n)
+                runner.run_many([x] * n)
                 rates[k].append(n * BATCH / (time.perf_counter() - t))
             else:
                 sess, callers = sessions[k]
