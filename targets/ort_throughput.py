@@ -3,8 +3,9 @@ batch), or, chosen by measurement, one intra-op thread per session run and as ma
 threads calling run() at once as the session had intra-op threads: ORT's analog of OpenVINO's
 streams (ORT sessions are thread-safe for run(); the call releases the GIL).
 
-Measured on the int8 teacher at batch 64, 2 threads (benchmarks/RESULTS.md, issue 16): one
-caller reached 0.64x OpenVINO's throughput, two single-threaded callers 0.91x.
+Measured on the int8 teacher at batch 64, 2 threads, 5 interleaved rounds (benchmarks/RESULTS.md,
+issue 16): one caller reached 0.60x OpenVINO's throughput, this search's choice (two
+single-threaded callers) 0.85x.
 """
 from __future__ import annotations
 
