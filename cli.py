@@ -149,10 +149,13 @@ def profile_cmd(model: Path = typer.Argument(..., help="an .onnx file or one in 
     typer.echo(f"{model} on {backend} ({res['runtime'].get('provider')}, {res['runtime'].get('threads')} threads), "
                f"input {res['input_shape']}")
     wu = lat["warmup"]
-    typer.echo(f"  latency b{lat['batch']}: p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f} ms, p99 {lat['p99']:.3f} ms, "
+    typer.echo(f"  latency b{lat['batch']} (Python call): p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f} ms, "
+               f"p99 {lat['p99']:.3f} ms, "
                f"mean {lat['mean']:.3f} ± {lat['ci95']:.3f} ms (95% CI, {lat['runs']} runs; warm-up "
                f"{wu['runs']} runs, {'settled' if wu['settled'] else 'NOT settled'})")
     typer.echo(f"  throughput b{thr['batch']}: {thr['items_per_s']:,.0f} items/s ({thr.get('mode')})")
+    from compress.profile_cli import timer_lines
+    typer.echo("\n".join(timer_lines(res)))
     sysinfo = res["system"]
     typer.echo(f"  process: CPUs {sysinfo['cpus_allowed']}, pinning {sysinfo['pinning']}, "
                f"peak RSS {sysinfo['peak_rss_mb']:.0f} MB")

@@ -119,3 +119,20 @@ def profile_file(path: Path, backend: str, batch: int = 1, threads: Optional[int
     return {"file": str(path), "backend": backend, "input_shape": list(shp), "input_dtype": dtype, **res,
             "executed_precision": runner.info["executed_precision"],
             "runtime": {k: v for k, v in runner.info.items() if k != "executed_precision"}}
+
+
+def timer_lines(res: dict) -> list[str]:
+    """The runtime's own figure and the vendor tool's beside the Python-side p50, each labelled."""
+    lat, out = res["latency_ms"], []
+    if lat.get("runtime"):
+        rt = lat["runtime"]
+        out.append(f"  runtime's own timer b{lat['batch']}: p50 {rt['p50']:.3f} ms ({rt['timer']})")
+    vd = lat.get("vendor")
+    if vd:
+        got = f"median {vd['p50']:.3f} ms ({vd['command']})" if vd.get("p50") is not None else vd["status"]
+        out.append(f"  vendor tool {vd['tool']} b{lat['batch']}: {got}")
+    thr = res["throughput"]
+    if thr.get("search"):
+        out.append(f"  throughput settings chosen by measurement: {thr['streams']} streams, {thr['infer_requests']} "
+                   f"requests of batch {thr['request_batch']} (the hint's: {thr['hint_choice']})")
+    return out

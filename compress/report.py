@@ -12,6 +12,8 @@ from typing import Callable
 from compress.checkpoint import atomic_write, write_json
 from compress.errors import UserError
 from compress.export import versions
+from compress.hardware import add_compute_rates
+from compress.hardware import describe as describe_hardware
 from compress.plan import RunIdentity
 from compress.tasks import HEADERS, get_task
 
@@ -32,7 +34,8 @@ def environment() -> dict:
     return {"python": sys.version.split()[0], "torch": v["torch"], "onnxruntime": v["onnxruntime"],
             "openvino": v["openvino"], "brevitas": v["brevitas"], "torch_pruning": v["torch-pruning"],
             "cpu": cpu_name(), "cores": __import__("os").cpu_count(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "hardware": describe_hardware()}
 
 
 STAGE_KEYS = ("name", "accuracy", "params", "macs", "size_bytes", "seconds")
@@ -70,6 +73,22 @@ def prune_lines(s: dict) -> list[str]:
 
 def _mean_ci(lat: dict) -> str:
     return "—" if lat.get("mean") is None else f"{lat['mean']:.3f} ± {lat.get('ci95', 0):.3f}"
+
+
+TIMERS_NOTE = ("p50 (Python call): what a Python caller waits, timed around each call; runtime's timer: the "
+               "runtime's own per-call time (OpenVINO InferRequest.latency in benchmark_app's loop, ONNX Runtime's "
+               "profiler model_run); vendor tool: benchmark_app's median on the same file, threads and streams "
+               "(report.json latency_ms.runtime / .vendor say which). GMAC/s: items/s x the stage's MACs; "
+               "of int8 limit: environment.hardware.")
+
+
+def timer_cells(lat: dict, thr: dict) -> str:
+    rt, vd = lat.get("runtime") or {}, lat.get("vendor") or {}
+    vendor = f"{_fmt(vd.get('p50'), '.3f')} ({vd['tool']})" if vd.get("p50") is not None else "—"
+    rate = thr.get("gmac_per_s")
+    frac = thr.get("int8_limit_fraction")
+    share = f"{rate:.1f} ({frac:.0%})" if rate is not None and frac is not None else _fmt(rate, ".1f")
+    return f"{_fmt(rt.get('p50'), '.3f')} | {vendor} | {share}"
 
 
 def diverging_markdown(deployments: list[dict]) -> list[str]:
@@ -139,9 +158,10 @@ def to_markdown(report: dict) -> str:
     for s in report["stages"]:
         lines += sensitivity_markdown(s)
     lines += ["", "## Deployments (measured on the runtime)", "",
-              f"| stage | backend | precision | status | {_heads(dcols)} | p50 ms (b1) | p99 ms "
-              "| mean ± 95% CI ms | items/s | peak RSS MB | size (bytes) | executed |",
-              "|---|---|---|---|" + "---:|" * (len(dcols) + 6) + "---|"]
+              f"| stage | backend | precision | status | {_heads(dcols)} | p50 ms (b1, Python call) | p99 ms "
+              "| mean ± 95% CI ms | items/s | peak RSS MB | size (bytes) | executed | runtime's timer p50 ms (b1) "
+              "| vendor tool ms (b1) | GMAC/s (of int8 limit) |",
+              "|---|---|---|---|" + "---:|" * (len(dcols) + 6) + "---|" + "---:|" * 3]
     for d in report["deployments"]:
         lat, thr = d.get("latency_ms") or {}, d.get("throughput") or {}
         executed = (d.get("executed_precision") or {}).get("summary") or d.get("reason") or ""
@@ -151,7 +171,8 @@ def to_markdown(report: dict) -> str:
             f"{_cells(d, dcols)} | {_fmt(lat.get('p50'), '.3f')} | "
             f"{_fmt(lat.get('p99'), '.3f')} | {_mean_ci(lat)} | {_fmt(thr.get('items_per_s'), ',.0f')} | "
             f"{_fmt((d.get('system') or {}).get('peak_rss_mb'), '.0f')} | "
-            f"{_fmt(d['size_bytes'], ',')} | {executed} |")
+            f"{_fmt(d['size_bytes'], ',')} | {executed} | {timer_cells(lat, thr)} |")
+    lines += ["", TIMERS_NOTE]
     lines += diverging_markdown(report["deployments"])
     compared = [d for d in report["deployments"] if d.get("vs_teacher")]
     if compared:
@@ -195,11 +216,13 @@ def write_report(run: RunIdentity, rows: list[dict], deployments: list[dict],
     run's compress.tasks.Task (its metrics are the tables' columns; None: classification)."""
     task = get_task(task)
     add_teacher_ratios(deployments, task)
+    env = environment()
+    add_compute_rates(deployments, rows, env["hardware"])
     report = {
         "name": run.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config_hash": run.config_hash,
-        "environment": environment(),
+        "environment": env,
         "stages": [{**{k: r.get(k) for k in STAGE_KEYS},
                     **{k: v for k, v in r.items() if k not in STAGE_KEYS and k not in PRIVATE_KEYS}}
                    for r in rows],

@@ -89,6 +89,8 @@ class OrtRunner:
         work = cfg.work_dir or Path(tempfile.mkdtemp(prefix="compress-ort-"))
         work.mkdir(parents=True, exist_ok=True)
         so = session_options(options_of(TARGET, cfg), cfg.threads or os.cpu_count() or 1)
+        self._again = (path, options_of(TARGET, cfg), cfg.threads or os.cpu_count() or 1, providers_for(cfg.device))
+        self._many = None
         self.session, ops, matmuls = op_counts(path, so, work, providers_for(cfg.device))
         inp = self.session.get_inputs()[0]
         self.input_name, self.dtype = inp.name, INPUT_DTYPES.get(inp.type, np.float32)
@@ -108,6 +110,37 @@ class OrtRunner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, self.dtype)})[0]
+
+    def runtime_latency(self, x: np.ndarray, runs: int) -> dict:
+        """ORT's own per-run timer, on a profiled twin of this session (see targets/vendor.py)."""
+        import onnxruntime as ort
+
+        from targets.vendor import ort_runtime_latency
+        path, opts, threads, providers = self._again
+
+        def make(prefix: str):
+            so = session_options(opts, threads)
+            so.enable_profiling, so.profile_file_prefix = True, prefix
+            return ort.InferenceSession(str(path), so, providers=providers)
+        return ort_runtime_latency(make, np.ascontiguousarray(x, self.dtype), runs)
+
+    def run_many(self, batches: list) -> dict:
+        """Throughput mode: the session as configured, or single-threaded runs from as many
+        callers as it has intra-op threads, whichever measures faster (targets/ort_throughput.py)."""
+        if self._many is None:
+            import onnxruntime as ort
+
+            from targets.ort_throughput import Search
+            path, opts, threads, providers = self._again
+            cands = {(1, threads): self.session}
+            if threads > 1 and opts.inter_op_threads == 1 and providers == ["CPUExecutionProvider"]:
+                cands[(threads, 1)] = ort.InferenceSession(str(path), session_options(opts, 1), providers=providers)
+            self._many = Search(cands, self.input_name)
+        return self._many([np.ascontiguousarray(b, self.dtype) for b in batches])
+
+    def vendor_latency(self, shape, seconds: float) -> dict:
+        from targets.vendor import ort_vendor_latency
+        return ort_vendor_latency()
 
 
 def prefix_extractor(model: onnx.ModelProto):

@@ -141,7 +141,7 @@ class OvRunner:
         opts = options_of(TARGET, cfg)
         if opts.fp16_weights and path.suffix == ".xml":
             path = fp16_ir(path, cfg.work_dir or path.parent)
-        self.model = self.core.read_model(str(path))
+        self.model, self.path = self.core.read_model(str(path)), path
         self.props = compile_properties(opts, cfg.threads or os.cpu_count() or 1)
         self.device = "GPU" if cfg.device in ("gpu", "cuda") else "CPU"
         self.compiled = self.core.compile_model(self.model, self.device,
@@ -171,27 +171,45 @@ class OvRunner:
         }
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        # shared buffers: no copy in or out of the request (~9 us of a 60 us tiny model,
-        # measured); the output is copied once because the next call overwrites it
-        res = self.request.infer({0: np.ascontiguousarray(batch, self.dtype)},
-                                 share_inputs=True, share_outputs=True)
+        # shared input buffer: no copy into the request (~9 us of a 60 us tiny model, measured);
+        # the output is copied once because the next call overwrites it. start_async + wait, not
+        # infer(): the request then runs on the plugin's pinned stream thread, as benchmark_app's
+        # do, not on the calling thread; on 2 threads under load (12-14) infer() took 1.3-20x as
+        # long per call (teacher int8 b1: 8.2-9.9 vs 0.86 ms, 4 interleaved rounds), same outputs
+        self.request.start_async({0: np.ascontiguousarray(batch, self.dtype)}, share_inputs=True)
+        self.request.wait()
         self.inner_ms.append(self.request.latency)  # the plugin's own timer for this call (ms)
-        return next(iter(res.values())).copy()
+        return self.request.get_output_tensor(0).data.copy()
+
+    def runtime_latency(self, x: np.ndarray, runs: int) -> dict:
+        """The plugin's own per-call time on this request (see targets/vendor.py)."""
+        from targets.vendor import ov_runtime_latency
+        return ov_runtime_latency(self.request, self.ov.Tensor(np.ascontiguousarray(x, self.dtype)), runs)
+
+    def vendor_latency(self, shape, seconds: float) -> dict:
+        """benchmark_app on the same file with what this compiled model runs with."""
+        from targets.vendor import ov_vendor_latency
+        prop = self.compiled.get_property
+        props = {"device": self.device, "hint": str(prop("PERFORMANCE_HINT")), "threads": self.info["threads"],
+                 "streams": self.info["streams"], "pinning": self.device == "CPU" and bool(prop("ENABLE_CPU_PINNING")),
+                 "precision": self.info["inference_precision"],
+                 "static": self.compiled.input(0).get_partial_shape().is_static}
+        return ov_vendor_latency(self.path, props, shape, seconds)
 
     def run_many(self, batches: list) -> dict:
-        """Throughput mode: a second compilation with the THROUGHPUT hint, as many async
-        requests as the plugin says are optimal, all kept busy by an AsyncInferQueue."""
+        """Throughput mode: THROUGHPUT-hint compilations with streams, async requests and the
+        batch of each request chosen by measurement on the first call (targets/ov_throughput.py),
+        all requests kept busy by an AsyncInferQueue."""
+        from targets import ov_throughput
         if self._queue is None:
-            props = {**self.props, "PERFORMANCE_HINT": "THROUGHPUT"}
-            tput = self.core.compile_model(self.model, self.device, props)
-            self._nireq = int(tput.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-            self._streams = int(tput.get_property("NUM_STREAMS"))
-            self._queue = self.ov.AsyncInferQueue(tput, self._nireq)
-        for b in batches:
-            self._queue.start_async({0: np.ascontiguousarray(b, self.dtype)})
-        self._queue.wait_all()
-        return {"mode": "openvino THROUGHPUT hint, AsyncInferQueue", "infer_requests": self._nireq,
-                "streams": self._streams}
+            self._queue = ov_throughput.Queues(self.ov, self.core, self.model, self.device, self.props, self.dtype)
+            dynamic = self.model.input(0).get_partial_shape()[0].is_dynamic
+            self._best, self._table, self._hint = ov_throughput.search(
+                self._queue, batches[0], self.info["threads"], dynamic)
+        self._queue.run(self._best, batches)
+        return {"mode": "openvino THROUGHPUT, streams/requests/request batch chosen by measurement, AsyncInferQueue",
+                "streams": self._best[0], "infer_requests": self._best[1], "request_batch": self._best[2],
+                "hint_choice": {"streams": self._hint[0], "infer_requests": self._hint[1]}, "search": self._table}
 
 
 def read_tensors(ir_path: Path, tensors: list[str], x: np.ndarray, cfg: CompileOptions) -> list:

@@ -7,16 +7,25 @@ the same way, so numbers across backends are comparable.
 A Runner may offer `run_many(batches)`: run all batches with the backend's own
 parallelism (OpenVINO: THROUGHPUT hint + AsyncInferQueue); without it the throughput
 runs are sequential calls.
+
+Three latency figures, each labelled in the result (targets/vendor.py says why they differ):
+  latency_ms.p50 ...      Python-side: perf_counter around each call (what a Python caller waits);
+  latency_ms.runtime      the runtime's own per-call timer, where the Runner offers
+                          `runtime_latency(x, runs)` (OpenVINO, ONNX Runtime) or `inner_ms` (TensorRT);
+  latency_ms.vendor       the vendor's tool on the same file and settings, where the Runner offers
+                          `vendor_latency(shape, seconds)` (benchmark_app; onnxruntime_perf_test: named).
 """
 from __future__ import annotations
 
 import os
 import resource
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
+PYTHON_TIMER = "python time.perf_counter around each runner call (what a Python caller waits)"
+VENDOR_SECONDS = 1.0  # benchmark_app -t: ~5k calls of a 0.1 ms model, ~750 of the 1.3 ms teacher
 WINDOW = 20  # warm-up runs per window: enough for a median and a CV, small enough to stop early
 
 
@@ -61,8 +70,25 @@ def latency(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, warmup: int,
     return {"batch": int(x.shape[0]), "runs": runs, "p50": float(np.percentile(ms, 50)),
             "p90": float(np.percentile(ms, 90)), "p99": float(np.percentile(ms, 99)),
             "mean": float(ms.mean()), "ci95": ci, "std": float(ms.std(ddof=1)) if runs > 1 else 0.0,
-            "cv": _cv(ms), "min": float(ms.min()), "warmup": wu,
+            "cv": _cv(ms), "min": float(ms.min()), "warmup": wu, "timer": PYTHON_TIMER,
             "inner_p50": float(np.median(inner)) if isinstance(inner, list) and inner else None}
+
+
+def runtime_side(run, x: np.ndarray, runs: int, lat: dict) -> Optional[dict]:
+    """The runtime's own per-call figure: the Runner's own loop where it has one, else the
+    per-call timer it recorded during our timed calls (inner_ms), else None."""
+    own = getattr(run, "runtime_latency", None)
+    if own is not None:
+        return own(x, runs)
+    if lat.get("inner_p50") is not None:
+        timer = (getattr(run, "info", {}) or {}).get("runtime_timer", "the runtime's per-call timer in our calls")
+        return {"p50": lat["inner_p50"], "runs": lat["runs"], "timer": timer}
+    return None
+
+
+def vendor_side(run, shape, seconds: float) -> Optional[dict]:
+    tool = getattr(run, "vendor_latency", None)
+    return tool(tuple(shape), seconds) if tool is not None and seconds > 0 else None
 
 
 def throughput(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, warmup: int, runs: int) -> dict:
@@ -99,14 +125,18 @@ def process_stats() -> dict:
 
 def profile(run: Callable[[np.ndarray], np.ndarray], sample: np.ndarray, *, warmup: int = 20,
             runs: int = 200, throughput_batch: int = 64, throughput_runs: int = 30,
-            batch: int = 1, max_warmup: int = 1000, settle_tolerance: float = 0.05) -> dict:
+            batch: int = 1, max_warmup: int = 1000, settle_tolerance: float = 0.05,
+            vendor_seconds: float = VENDOR_SECONDS) -> dict:
     """sample: a few real, preprocessed inputs; batches are tiled from them so timing
-    runs on realistic values (some kernels are data dependent)."""
+    runs on realistic values (some kernels are data dependent). vendor_seconds: how long the
+    vendor's tool runs (0: not run)."""
     reps = int(np.ceil(max(throughput_batch, batch) / len(sample)))
     tiled = np.concatenate([sample] * reps)
     info = getattr(run, "info", {}) or {}
-    res = {"latency_ms": latency(run, tiled[:batch], warmup, runs, max_warmup, settle_tolerance),
-           "throughput": throughput(run, tiled[:throughput_batch], warmup, throughput_runs)}
-    res["latency_ms"]["threads"] = info.get("threads")
+    lat = latency(run, tiled[:batch], warmup, runs, max_warmup, settle_tolerance)
+    lat["threads"] = info.get("threads")
+    lat["runtime"] = runtime_side(run, tiled[:batch], runs, lat)  # while the latency request is warm
+    lat["vendor"] = vendor_side(run, tiled[:batch].shape, vendor_seconds)
+    res = {"latency_ms": lat, "throughput": throughput(run, tiled[:throughput_batch], warmup, throughput_runs)}
     res["system"] = {"threads": info.get("threads"), "pinning": info.get("pinning"), **process_stats()}
     return res

@@ -150,5 +150,5 @@ def test_a_pipe_inside_a_cell_stays_in_its_cell():
                       "environment": {k: "x" for k in ("cpu", "cores", "gpu", "torch", "onnxruntime", "openvino",
                                                        "brevitas")}})
     assert "max \\|diff\\| 0.1 on ORT |" in md
-    row = markdown_to_html(md).split("<tr>")[-1]  # 14 columns, as the header has
-    assert row.count("<td") == 14 and "<td>ONNX check: max |diff| 0.1 on ORT</td>" in row
+    row = markdown_to_html(md).split("<tr>")[-1]  # 17 columns, as the header has
+    assert row.count("<td") == 17 and "<td>ONNX check: max |diff| 0.1 on ORT</td>" in row
