@@ -73,7 +73,7 @@ def test_int8_on_every_quantized_layer_with_parity(chain, backend):
     if spec == "torchvision:mobilenet_v3_small" and backend == "openvino":
         # OpenVINO 2026.4's int8 arithmetic on this net: 0.59 top-1 agreement with torch once
         # bn_refresh made the BatchNorm statistics real (both IRs OpenVINO can build are equally
-        # off, targets.openvino._distances); the deploy gate fails the row, as asserted here
+        # off, targets.openvino._compare); the deploy gate fails the row, as asserted here
         assert r["status"] == "failed" and "parity" in r["reason"], r
         pytest.xfail("OpenVINO's int8 MobileNetV3 disagrees with torch (known; the gate fails the row)")
     assert r["status"] == "ok", r["reason"]
