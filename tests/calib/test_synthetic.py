@@ -12,7 +12,7 @@ from compress.quantize import QuantizeConfig
 from compress.train import accuracy, predict
 from tests.conftest import make_ctx, run_stage
 
-CFG = SynthesisConfig(steps=40, lr=0.1, batch_size=64)
+CFG = SynthesisConfig(steps=40, batch_size=64)  # ZeroQ objective, its Adam lr 0.5
 
 
 @pytest.fixture(scope="module")
