@@ -15,8 +15,10 @@ normalized pixels themselves, from ZeroQ's near-zero uniform noise, with ReduceL
   pairs it with the i-th BatchNorm2d, which is the same thing when every BN follows its conv;
 - BN layers whose input has one value per channel per image (BatchNorm1d on (N, C)) have no
   per-image statistics and are skipped (ZeroQ counts BatchNorm2d only);
-- the images are stored as uint8 like every other split: clamped to the valid pixel range and
-  rounded after the optimization (`bn_distance` reports the objective before and after that).
+- the images are stored as uint8 like every other split, so the pixels are kept in the valid range
+  after every Adam step (projected) and rounded at the end. Unconstrained, as in ZeroQ, 27% of the
+  pixels left the range on the Fashion-MNIST student, and clamping them afterwards took the objective
+  from 0.21 to 3.69 (real images score 3.8); projected, the stored images keep 0.15.
 
 `ce_weight` adds DeepInversion's class-conditional cross-entropy (Yin et al., CVPR 2020) against
 targets assigned round-robin over the classes, so that every class appears. `objective: batch` is
@@ -144,11 +146,9 @@ def round_robin(start: int, n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(start, start + n) % num_classes
 
 
-def _pixels_from(normalize: Callable, input_shape) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The inverse of the dataset's per-channel affine normalization, measured on 0 and 1."""
-    zero = normalize(torch.zeros(1, *input_shape))
-    scale = normalize(torch.ones(1, *input_shape)) - zero
-    return lambda x: ((x - zero) / scale).clamp(0, 1)
+def _pixel_range(normalize: Callable, input_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalized values of pixels 0 and 1: the dataset's normalization is affine per channel."""
+    return normalize(torch.zeros(1, *input_shape)), normalize(torch.ones(1, *input_shape))
 
 
 def _optimize(model, stats: BNStats, b: int, input_shape, normalize, cfg: SynthesisConfig, g, targets):
@@ -160,6 +160,7 @@ def _optimize(model, stats: BNStats, b: int, input_shape, normalize, cfg: Synthe
         p = torch.randn(max(b, 2), *input_shape, generator=g)
         as_input = lambda p: normalize(torch.sigmoid(p))  # noqa: E731  float in [0, 1]: see Dataset.normalize
     p.requires_grad_(True)
+    lo, hi = _pixel_range(normalize, input_shape)
     opt = torch.optim.Adam([p], lr=cfg.learning_rate())
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=1e-4, patience=100)  # distill_data.py's
     first = None
@@ -175,8 +176,10 @@ def _optimize(model, stats: BNStats, b: int, input_shape, normalize, cfg: Synthe
         opt.step()
         if cfg.objective == "zeroq":
             sched.step(float(loss.detach()))
+            with torch.no_grad():
+                p.copy_(torch.maximum(torch.minimum(p, hi), lo))  # only valid pixels can be stored
     with torch.no_grad():
-        pixels = _pixels_from(normalize, input_shape)(p) if cfg.objective == "zeroq" else torch.sigmoid(p)
+        pixels = (p - lo) / (hi - lo) if cfg.objective == "zeroq" else torch.sigmoid(p)
     return (pixels * 255).round().to(torch.uint8), first
 
 
@@ -212,6 +215,7 @@ def synthesize(model: nn.Module, n: int, input_shape, normalize: Callable[[torch
         stats.close()
         for p in model.parameters():
             p.requires_grad_(True)
+    lo, hi = _pixel_range(normalize, input_shape)
     return SyntheticSplit(torch.cat(images), torch.cat(labels),
                           bn_distance=(sum(before) / len(before), sum(after) / len(after)))
 
