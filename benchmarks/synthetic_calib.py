@@ -106,11 +106,13 @@ def print_table(rows: list, args, f_acc: float) -> None:
         print(f"| {r['calibration']} | {r['seed']} | {r['PTQ W8A8']:.4f} | {r['PTQ W4A8']:.4f} | "
               f"{r['zeroq_objective']:.3f} | {r['classes'][0]} ({r['classes'][1]:.2f}) | {r['synthesis_s']:.0f} |")
     print("\n| calibration | mean PTQ W8A8 | mean PTQ W4A8 | vs real W8A8 | vs real W4A8 |\n|---|---:|---:|---:|---:|")
-    real = next((r for r in rows if r["calibration"] == "real"), None)
-    for name in dict.fromkeys(r["calibration"] for r in rows):
+    def means(name):
         rs = [r for r in rows if r["calibration"] == name]
-        m8, m4 = (sum(r[f] for r in rs) / len(rs) for f in FORMATS)
-        d8, d4 = ((f"{100 * (m - real[f]):+.2f} pt" if real else "—") for m, f in zip((m8, m4), FORMATS))
+        return [sum(r[f] for r in rs) / len(rs) for f in FORMATS] if rs else None
+    real = means("real")  # over the same seeds: each seed draws its own real subset too
+    for name in dict.fromkeys(r["calibration"] for r in rows):
+        m8, m4 = means(name)
+        d8, d4 = ((f"{100 * (m - r):+.2f} pt" if real else "—") for m, r in zip((m8, m4), real or (0, 0)))
         print(f"| {name} | {m8:.4f} | {m4:.4f} | {d8} | {d4} |")
 
 
