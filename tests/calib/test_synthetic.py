@@ -12,7 +12,7 @@ from compress.quantize import QuantizeConfig
 from compress.train import accuracy, predict
 from tests.conftest import make_ctx, run_stage
 
-CFG = SynthesisConfig(steps=40, lr=0.1, batch_size=64)
+CFG = SynthesisConfig(steps=40, batch_size=64)  # ZeroQ objective, its Adam lr 0.5
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,9 @@ def test_synthetic_images_move_bn_statistics_toward_running_ones(synth, trained_
     after = bn_distance(trained_tiny, tiny_data.normalize(split.images))
     assert after < 0.5 * before, (before, after)
     assert split.bn_distance[1] < split.bn_distance[0]  # recorded per optimization, too
+    # ZeroQ's objective on the stored uint8 images: 125.7 at the start, 0.87 after 40 steps (the pixels are
+    # kept in the valid range while optimizing, so rounding to uint8 loses little of the fit)
+    assert split.bn_distance[1] < 0.02 * split.bn_distance[0], split.bn_distance
     assert split.images.dtype == torch.uint8 and split.images.shape == (128, *tiny_data.input_shape)
     assert set(split.labels.tolist()) <= set(range(10)) and len(set(split.labels.tolist())) > 1
 
