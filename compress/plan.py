@@ -60,6 +60,9 @@ class TargetSpec:
     options: Optional[BaseModel] = None  # the backend's Options; None: its defaults
     parity: Parity = field(default_factory=Parity)
     host: Optional[str] = None  # ssh://user@host:port: a remote device, measured by `compress bench`
+    # as_exported: the artifact as exported; speed: an int8 artifact keeps float the layers this
+    # backend measured faster in float (compress/speed_precision.py), the choices in the row
+    precision: str = "as_exported"
 
 
 @dataclass
@@ -104,7 +107,8 @@ def target_spec(entry) -> TargetSpec:
     """A validated targets[] entry (compress.config.TargetConfig) as deployment reads it."""
     return TargetSpec(backend=entry.backend, threads=entry.threads, device=entry.device,
                       options=entry.options, parity=Parity(**entry.parity.model_dump()),
-                      host=str(entry.host) if getattr(entry, "host", None) else None)
+                      host=str(entry.host) if getattr(entry, "host", None) else None,
+                      precision=getattr(entry, "precision", "as_exported"))
 
 
 def deployment_plan(cfg: "RunConfig", rows: list[dict], models: dict, data: "Dataset",

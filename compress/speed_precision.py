@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compress.onnx_graph import consumers, producers
+from compress.checkpoint import atomic_write, write_json
+from compress.onnx_graph import producers
 
 COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 MARGIN = 0.03  # a layer goes float only when that is this much faster: below it, timing noise decides
@@ -240,6 +241,14 @@ def choose(onnx_path: Path, backend: str, work: Path, x: np.ndarray, threads: Op
     return out
 
 
+def read_json(path: Path) -> Optional[dict]:
+    import json
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, threads: Optional[int] = None,
                    batches: Sequence[int] = (1, 64), log: Callable[[str], None] = print,
                    timer: Optional[Callable] = None) -> tuple[Path, dict]:
@@ -250,17 +259,22 @@ def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, 
     target = base.get(backend)
     record = out_dir / f"speed-{backend}.json"
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
-    choice = json.loads(record.read_text()) if record.is_file() else None
+    choice = read_json(record)
     if not choice or (choice.get("source_sha256"), choice.get("threads"), choice.get("batches")) != (
             digest, threads, list(batches)):
-        choice = choose(onnx_path, backend, out_dir / f".speed-{backend}", x, threads, batches, timer)
-        record.write_text(json.dumps(choice, indent=1))
+        work = out_dir / f".speed-{backend}"
+        try:
+            choice = choose(onnx_path, backend, work, x, threads, batches, timer)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        write_json(record, choice)
         log(f"  precision: speed on {backend}: float {choice['float_layers'] or 'none'} "
             f"({choice['seconds']} s of timing)")
     if not choice["float_layers"]:
         return onnx_path, choice
     mixed = out_dir / f"{onnx_path.stem}.{backend}-speed.onnx"
-    onnx.save(keep_float(onnx.load(str(onnx_path)), choice["float_layers"]), str(mixed))
+    model = keep_float(onnx.load(str(onnx_path)), choice["float_layers"])
+    atomic_write(mixed, lambda tmp: onnx.save(model, str(tmp)))
     return target.prepare(mixed, out_dir), choice
 
 
