@@ -63,6 +63,7 @@ class TargetSpec:
     # as_exported: the artifact as exported; speed: an int8 artifact keeps float the layers this
     # backend measured faster in float (compress/speed_precision.py), the choices in the row
     precision: str = "as_exported"
+    shapes: str = "dynamic"  # auto: static-shape compiles for the timed batches where faster (compress/static_shape.py)
 
 
 @dataclass
@@ -108,7 +109,8 @@ def target_spec(entry) -> TargetSpec:
     return TargetSpec(backend=entry.backend, threads=entry.threads, device=entry.device,
                       options=entry.options, parity=Parity(**entry.parity.model_dump()),
                       host=str(entry.host) if getattr(entry, "host", None) else None,
-                      precision=getattr(entry, "precision", "as_exported"))
+                      precision=getattr(entry, "precision", "as_exported"),
+                      shapes=getattr(entry, "shapes", "dynamic"))
 
 
 def deployment_plan(cfg: "RunConfig", rows: list[dict], models: dict, data: "Dataset",

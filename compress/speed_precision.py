@@ -249,6 +249,11 @@ def read_json(path: Path) -> Optional[dict]:
         return None
 
 
+def mixed_onnx(onnx_path: Path, out_dir: Path, backend: str) -> Path:
+    """Where speed_artifact writes the mixed-precision ONNX for `backend`."""
+    return out_dir / f"{onnx_path.stem}.{backend}-speed.onnx"
+
+
 def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, threads: Optional[int] = None,
                    batches: Sequence[int] = (1, 64), log: Callable[[str], None] = print,
                    timer: Optional[Callable] = None) -> tuple[Path, dict]:
@@ -272,7 +277,7 @@ def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, 
             f"({choice['seconds']} s of timing)")
     if not choice["float_layers"]:
         return onnx_path, choice
-    mixed = out_dir / f"{onnx_path.stem}.{backend}-speed.onnx"
+    mixed = mixed_onnx(onnx_path, out_dir, backend)
     model = keep_float(onnx.load(str(onnx_path)), choice["float_layers"])
     atomic_write(mixed, lambda tmp: onnx.save(model, str(tmp)))
     return target.prepare(mixed, out_dir), choice
