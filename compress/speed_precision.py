@@ -23,7 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from compress.checkpoint import atomic_write, write_json
-from compress.onnx_graph import producers
+from compress.onnx_graph import consumers, producers
 
 COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 MARGIN = 0.03  # a layer goes float only when that is this much faster: below it, timing noise decides
@@ -121,7 +121,7 @@ def _per_channel_input(g: onnx.GraphProto, n: onnx.NodeProto, prod: dict, inits:
     n.input[0] = names[2]
 
 
-def keep_float(model: onnx.ModelProto, layers: Iterable[str]) -> onnx.ModelProto:
+def keep_float(model: onnx.ModelProto, layers: Iterable[str], own_input_dq: bool = True) -> onnx.ModelProto:
     """A copy of the Q/DQ graph in which the named compute layers read float weights and bias
     (their DequantizeLinear computed once, into an initializer): no runtime can pick an int8
     kernel for them, and each computes what the int8 graph's reference semantics compute."""
@@ -134,7 +134,8 @@ def keep_float(model: onnx.ModelProto, layers: Iterable[str]) -> onnx.ModelProto
     for n in list(g.node):
         if n.name not in wanted:
             continue
-        _per_channel_input(g, n, prod, inits)
+        if own_input_dq:  # float_graph removes the input's Q/DQ altogether
+            _per_channel_input(g, n, prod, inits)
         for k in range(1, len(n.input)):  # weight, bias: every input made from an initializer
             dq = _weight_dq(n.input[k], prod, inits)
             if dq is not None:
@@ -143,6 +144,45 @@ def keep_float(model: onnx.ModelProto, layers: Iterable[str]) -> onnx.ModelProto
                 n.input[k] = name
     _drop_dead(g)
     return out
+
+
+WHOLE = "*"  # the candidate "every layer float, activation Q/DQ removed too"
+
+
+def float_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every layer float and every activation QuantizeLinear -> DequantizeLinear pair removed:
+    the float network with the quantized weights' values. Where a runtime has no int8 kernel
+    for the activations between layers (ONNX Runtime runs a Q/DQ MobileNet's SiLU and Hardswish
+    as DQ -> Sigmoid -> Mul -> Q in float, unfused: 2.6x the time of the float graph's fused
+    QuickGelu, benchmarks/int8_layers.py), keeping only the convolutions float cannot win, but
+    this can. Its numbers differ from the int8 graph's by the activation rounding: the parity
+    gate judges it like any other artifact."""
+    out = keep_float(model, quantized_layers(model), own_input_dq=False)
+    g = out.graph
+    cons, inits = consumers(g), {i.name for i in g.initializer}
+    to = {}  # a pair's DQ output -> the Q's float input
+    for q in g.node:
+        users = cons.get(q.output[0], []) if q.op_type == "QuantizeLinear" else []
+        if users and q.input[0] not in inits and all(u.op_type == "DequantizeLinear" for u in users):
+            to.update({u.output[0]: q.input[0] for u in users})
+    for name in list(to):  # chains (a requantization Q -> DQ -> Q -> DQ) end at the first float tensor
+        while to[name] in to:
+            to[name] = to[to[name]]
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            n.input[k] = to.get(i, i)
+    keep = [n for n in g.node if n.output[0] not in to]  # the pairs' DQs; their Qs go as dead nodes
+    del g.node[:]
+    g.node.extend(keep)
+    for o in g.output:  # an output made by a removed DQ: an Identity of the float tensor
+        if o.name in to:
+            g.node.append(onnx.helper.make_node("Identity", [to[o.name]], [o.name], name=f"{o.name}_float"))
+    _drop_dead(g)
+    return out
+
+
+def candidate(model: onnx.ModelProto, floats: frozenset) -> onnx.ModelProto:
+    return float_graph(model) if WHOLE in floats else keep_float(model, floats)
 
 
 def _why(step: dict, backend: str) -> str:
@@ -160,6 +200,13 @@ def search(layers: Sequence[str], timer: Callable[[list[frozenset]], list[float]
     float when the candidate's score is lower by more than `margin`. timer(candidates) -> one
     score per candidate (a set of float layers), lower is faster, measured interleaved."""
     current, steps = frozenset(), {}
+    whole = _faster(timer, frozenset(), frozenset({WHOLE}), margin)
+    if whole is not None:  # the whole graph float beats int8 outright: nothing left to choose per layer
+        ratio = whole[0] / whole[1]
+        why = f"whole graph float (activation Q/DQ removed) measured {ratio:.2f}x as fast as int8 on {backend}"
+        steps = {n: {"precision": "fp32", "int8_score": round(whole[0], 4), "float_score": round(whole[1], 4),
+                     "why": why} for n in layers}
+        return {"float_layers": list(layers), "whole_graph_float": True, "layers": steps, "margin": margin}
     for layer in layers:
         cand = current | {layer}
         t_cur, t_cand = timer([current, cand])
@@ -172,7 +219,18 @@ def search(layers: Sequence[str], timer: Callable[[list[frozenset]], list[float]
                         "float_score": round(t_cand, 4)}
         steps[layer]["why"] = _why(steps[layer], backend)
         current = cand if fp else current
-    return {"float_layers": [n for n in layers if n in current], "layers": steps, "margin": margin}
+    return {"float_layers": [n for n in layers if n in current], "whole_graph_float": False, "layers": steps,
+            "margin": margin}
+
+
+def _faster(timer, base: frozenset, cand: frozenset, margin: float) -> Optional[tuple[float, float]]:
+    """(base score, candidate score), averaged over two measurements in both orders, when the
+    candidate was faster by more than `margin` in both; else None."""
+    t_base, t_cand = timer([base, cand])
+    if not t_cand < t_base * (1 - margin):
+        return None
+    t_cand2, t_base2 = timer([cand, base])
+    return ((t_base + t_base2) / 2, (t_cand + t_cand2) / 2) if t_cand2 < t_base2 * (1 - margin) else None
 
 
 def _time(run: Callable, x: np.ndarray, n: int) -> float:
@@ -205,7 +263,7 @@ class BackendTimer:
             self.work.mkdir(parents=True, exist_ok=True)
             self._made += 1
             path = self.work / f"cand{self._made}.onnx"
-            onnx.save(keep_float(self.model, floats), str(path))
+            onnx.save(candidate(self.model, floats), str(path))
             # the ONNX itself: OpenVINO reads a Q/DQ graph as to_ir keeps it (Core.read_model)
             self._runners[floats] = self.target.compile(path, CompileOptions(
                 threads=self.threads, precision="int8", work_dir=self.work))
@@ -249,6 +307,10 @@ def read_json(path: Path) -> Optional[dict]:
         return None
 
 
+def chosen_graph(model: onnx.ModelProto, choice: dict) -> onnx.ModelProto:
+    return float_graph(model) if choice.get("whole_graph_float") else keep_float(model, choice["float_layers"])
+
+
 def mixed_onnx(onnx_path: Path, out_dir: Path, backend: str) -> Path:
     """Where speed_artifact writes the mixed-precision ONNX for `backend`."""
     return out_dir / f"{onnx_path.stem}.{backend}-speed.onnx"
@@ -278,7 +340,7 @@ def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, 
     if not choice["float_layers"]:
         return onnx_path, choice
     mixed = mixed_onnx(onnx_path, out_dir, backend)
-    model = keep_float(onnx.load(str(onnx_path)), choice["float_layers"])
+    model = chosen_graph(onnx.load(str(onnx_path)), choice)
     atomic_write(mixed, lambda tmp: onnx.save(model, str(tmp)))
     return target.prepare(mixed, out_dir), choice
 
@@ -291,5 +353,5 @@ def search_file(onnx_path: Path, backend: str, work: Path, threads: Optional[int
     x = np.random.default_rng(0).standard_normal((64, *shape)).astype(np.float32)
     choice = choose(onnx_path, backend, work / "cands", x, threads)
     mixed = work / f"{onnx_path.stem}.{backend}-speed.onnx"
-    onnx.save(keep_float(onnx.load(str(onnx_path)), choice["float_layers"]), str(mixed))
+    onnx.save(chosen_graph(onnx.load(str(onnx_path)), choice), str(mixed))
     return mixed, choice

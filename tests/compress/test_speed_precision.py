@@ -62,11 +62,13 @@ def test_keep_float_refuses_a_name_that_is_not_a_quantized_layer(int8):
         sp.keep_float(onnx.load(str(int8[0])), ["/nope/Conv"])
 
 
-def fake_timer(int8_ms: dict, float_ms: dict, log: list):
-    """Score = the sum of each layer's time in its precision: what a perfect runtime would measure."""
+def fake_timer(int8_ms: dict, float_ms: dict, log: list, whole: float = 1e9):
+    """Score = the sum of each layer's time in its precision: what a perfect runtime would measure;
+    `whole`: the score of the whole graph in float (its activations unquantized too)."""
     def timer(cands):
         log.append(cands)
-        return [sum(float_ms[k] if k in c else int8_ms[k] for k in int8_ms) for c in cands]
+        return [whole if sp.WHOLE in c else sum(float_ms[k] if k in c else int8_ms[k] for k in int8_ms)
+                for c in cands]
     return timer
 
 
@@ -78,17 +80,41 @@ def test_search_keeps_float_exactly_the_layers_the_timer_makes_faster():
     assert out["float_layers"] == ["b", "d"]
     assert {k: v["precision"] for k, v in out["layers"].items()} == {"a": "int8", "b": "fp32", "c": "int8",
                                                                    "d": "fp32"}
-    # each step compares the choices so far with one more layer float; a flip is measured twice
-    assert log[0] == [frozenset(), frozenset({"a"})]
-    assert log[1:3] == [[frozenset(), frozenset({"b"})], [frozenset({"b"}), frozenset()]]
+    # first the whole graph float (slower here), then each step compares the
+    # choices so far with one more layer float; a flip is measured twice
+    assert log[0] == [frozenset(), frozenset({sp.WHOLE})] and not out["whole_graph_float"]
+    assert log[1] == [frozenset(), frozenset({"a"})]
+    assert log[2:4] == [[frozenset(), frozenset({"b"})], [frozenset({"b"}), frozenset()]]
     assert out["layers"]["b"]["int8_score"] == 9.0 and out["layers"]["b"]["float_score"] == 5.0
     assert out["layers"]["b"]["why"] == "float measured 1.80x as fast as int8 on onnxruntime"
     assert "within the 3% margin" in out["layers"]["c"]["why"]
     assert out["layers"]["a"]["why"].startswith("int8 measured")
 
 
+def test_the_whole_graph_goes_float_when_that_beats_every_per_layer_choice():
+    int8_ms, float_ms = {"a": 2.0, "b": 2.0}, {"a": 1.0, "b": 1.5}
+    out = sp.search(["a", "b"], fake_timer(int8_ms, float_ms, [], whole=2.5), "onnxruntime")
+    assert out["whole_graph_float"] and out["float_layers"] == ["a", "b"]
+    assert out["layers"]["a"]["why"] == ("whole graph float (activation Q/DQ removed) measured 1.60x as fast "
+                                         "as int8 on onnxruntime")
+
+
+def test_float_graph_removes_activation_qdq_and_runs_float(int8, tmp_path):
+    path, x = int8
+    out = tmp_path / "float.onnx"
+    onnx.save(sp.float_graph(onnx.load(str(path))), str(out))
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    runner = base.get("onnxruntime").compile(out, base.CompileOptions(threads=1, work_dir=tmp_path))
+    assert runner.info["executed_precision"]["int8_layers"] == 0
+    # the int8 graph without its activation rounding: close, not equal
+    ref, got = ort_run(path, x, False), runner(x)
+    assert 0 < np.abs(got - ref).max() < 0.1 * np.abs(ref).max() and (got.argmax(1) == ref.argmax(1)).mean() >= 0.8
+
+
 def test_a_flip_that_the_second_measurement_contradicts_is_not_kept():
-    answers = iter([[2.0, 1.0], [2.0, 1.0]])  # candidate first in the second call: it is now slower
+    # whole graph: not faster; then layer a: faster once, slower when measured again
+    answers = iter([[1.0, 1.0], [2.0, 1.0], [2.0, 1.0]])
     out = sp.search(["a"], lambda c: next(answers))
     assert out["float_layers"] == []
 
