@@ -104,12 +104,16 @@ def _per_channel_input(g: onnx.GraphProto, n: onnx.NodeProto, prod: dict, inits:
     c = _in_channels(n, _dequantized(prod[n.input[1]], inits))
     names = [f"{n.name}_float_x_scale", f"{n.name}_float_x_zp", f"{n.name}_float_x"]
     at, make = list(g.node).index(n), onnx.helper.make_node
-    if c > 1:
+    q = prod.get(dq.input[0])
+    after_concat = q is not None and q.input[0] in prod and prod[q.input[0]].op_type == "Concat"
+    if c > 1 and not after_concat:
         g.initializer.extend([numpy_helper.from_array(np.full(c, s.item(), s.dtype), names[0]),
                               numpy_helper.from_array(np.full(c, z.item(), z.dtype), names[1])])
         nodes = [make("DequantizeLinear", [dq.input[0], *names[:2]], [names[2]], name=names[2], axis=1)]
-    else:  # one channel (a grey-image stem): a scale of shape [1] counts as per-tensor, so spell
-        # the DQ out: float(q) - zp, times scale (exact: integers below 2^24, then one rounding)
+    else:  # one channel (a grey-image stem): a scale of shape [1] counts as per-tensor; after a
+        # Concat, OpenVINO 2026.4's MoveFakeQuantize moves a per-channel FakeQuantize into the
+        # Concat's inputs and fails on the channel count. Spell the DQ out instead:
+        # float(q) - zp, times scale (exact: integers below 2^24, then one rounding)
         g.initializer.extend([numpy_helper.from_array(s.astype(np.float32).reshape(()), names[0]),
                               numpy_helper.from_array(z.astype(np.float32).reshape(()), names[1])])
         cast, sub = f"{names[2]}_cast", f"{names[2]}_sub"
