@@ -189,12 +189,12 @@ def candidate(model: onnx.ModelProto, floats: frozenset) -> onnx.ModelProto:
     return float_graph(model) if WHOLE in floats else keep_float(model, floats)
 
 
-def _why(step: dict, backend: str) -> str:
+def _why(step: dict, backend: str, margin: float = MARGIN) -> str:
     ratio = step["int8_score"] / step["float_score"]
     if step["precision"] == "fp32":
         return f"float measured {ratio:.2f}x as fast as int8 on {backend}"
     if ratio > 1:
-        return f"float only {ratio:.2f}x as fast as int8 on {backend} (within the {MARGIN:.0%} margin): int8 kept"
+        return f"float only {ratio:.2f}x as fast as int8 on {backend} (within the {margin:.0%} margin): int8 kept"
     return f"int8 measured {1 / ratio:.2f}x as fast as float on {backend}"
 
 
@@ -221,7 +221,7 @@ def search(layers: Sequence[str], timer: Callable[[list[frozenset]], list[float]
             t_cur, t_cand = (t_cur + t_cur2) / 2, (t_cand + t_cand2) / 2
         steps[layer] = {"precision": "fp32" if fp else "int8", "int8_score": round(t_cur, 4),
                         "float_score": round(t_cand, 4)}
-        steps[layer]["why"] = _why(steps[layer], backend)
+        steps[layer]["why"] = _why(steps[layer], backend, margin)
         current = cand if fp else current
     return {"float_layers": [n for n in layers if n in current], "whole_graph_float": False, "layers": steps,
             "margin": margin}
