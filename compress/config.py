@@ -338,6 +338,10 @@ class TargetConfig(Strict):
         "the backend's own options (its Options model in targets/); their keys may also be written "
         "flat beside `backend`, as older configs do"))
     parity: ParityConfig = Field(default_factory=ParityConfig, description="the gate a deployment must pass")
+    precision: Literal["as_exported", "speed"] = Field("as_exported", description=(
+        "speed: an int8 export keeps float the layers this backend measures faster in float"))
+    shapes: Literal["dynamic", "auto"] = Field("dynamic", description=(
+        "auto: batch 1 and the throughput batch run a static-shape compile where it measures faster"))
     host: Optional[str] = Field(None, description=(
         "ssh://[user@]host[:port]: measure on that device (compress bench; targets/remote.py)"))
     python: str = Field("python3", description="the device's Python with numpy + the runtime (with host)")

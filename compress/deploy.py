@@ -15,6 +15,7 @@ from compress.evaluate import compare, logits_of, preprocess
 from compress.export import EXPORT_FORMAT, export_model
 from compress.parity import diverging_layers
 from compress.plan import DeploymentPlan, Parity, StageArtifact, TargetSpec, quant_activations, sparse_layers
+from compress.speed_precision import mixed_onnx
 from compress.tasks import get_task
 from compress.train import predict
 from targets import base
@@ -99,7 +100,8 @@ def int8_failure(row: dict, manifest: dict) -> str:
     ep = row["executed_precision"]
     fmt = manifest.get("quant_format") or {}
     quantized = len(fmt.get("weight_bits") or {}) + fmt.get("int8_matmuls", 0) or ep["compute_layers"]
-    expected = min(quantized, ep["compute_layers"])
+    kept_float = len((row.get("speed_precision") or {}).get("float_layers", ()))  # chosen by speed, on purpose
+    expected = min(quantized, ep["compute_layers"]) - kept_float
     if manifest["precision"] != "int8" or ep["int8_layers"] >= expected:
         return ""
     return (f"int8 artifact but only {ep['int8_layers']} of {expected} quantized "
@@ -127,6 +129,24 @@ def measure(plan: DeploymentPlan, runner, x: np.ndarray, labels: np.ndarray, ref
     return out
 
 
+def speed_precision(plan: DeploymentPlan, spec: TargetSpec, onnx_path: Path, sdir: Path, x: np.ndarray):
+    """`precision: speed`: the artifact with the layers this backend runs faster in float kept
+    float, timed at batch 1 and the throughput batch; the choice and its reasons go in the row."""
+    from compress.speed_precision import speed_artifact
+    return speed_artifact(onnx_path, sdir, spec.backend, x[:plan.profile.throughput_batch], spec.threads,
+                          (1, plan.profile.throughput_batch), plan.log)
+
+
+def static_shapes(plan: DeploymentPlan, target, source: Path, runner, cfg: base.CompileOptions, x: np.ndarray):
+    """`shapes: auto`: static-batch compiles of the artifact for batch 1 and the throughput batch,
+    each used where it measured faster than the dynamic one."""
+    import tempfile
+
+    from compress import static_shape
+    with tempfile.TemporaryDirectory(prefix="static-", dir=source.parent) as work:
+        return static_shape.auto(target, source, runner, cfg, x[:64], (1, plan.profile.throughput_batch), Path(work))
+
+
 def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spec: TargetSpec,
                x: np.ndarray, labels: np.ndarray, ref: np.ndarray, model=None) -> dict:
     """model: the torch model the artifact was exported from; given, a parity failure is
@@ -147,8 +167,15 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
     try:
         name = manifest["files"].get(target.artifact)
         path = sdir / name if name else target.prepare(onnx_path, sdir)
+        source = onnx_path
+        if spec.precision == "speed" and manifest["precision"] == "int8":
+            path, row["speed_precision"] = speed_precision(plan, spec, onnx_path, sdir, x)
+            source = mixed_onnx(onnx_path, sdir, spec.backend) if row["speed_precision"]["float_layers"] else source
         row["artifact"], row["size_bytes"] = str(path.relative_to(plan.run.run_dir)), artifact_size(path)
-        row.update(measure(plan, target.compile(path, cfg), x, labels, ref, spec.parity))
+        runner = target.compile(path, cfg)
+        if spec.shapes == "auto":  # the choice per batch lands in row["runtime"]["static_shapes"]
+            runner = static_shapes(plan, target, source, runner, cfg, x)
+        row.update(measure(plan, runner, x, labels, ref, spec.parity))
     except Exception as e:  # a backend failure is a result to report, not a crash of the run
         plan.log(traceback.format_exc())
         return {**row, "status": "failed", "reason": f"{type(e).__name__}: {e}"}

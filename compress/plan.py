@@ -60,6 +60,10 @@ class TargetSpec:
     options: Optional[BaseModel] = None  # the backend's Options; None: its defaults
     parity: Parity = field(default_factory=Parity)
     host: Optional[str] = None  # ssh://user@host:port: a remote device, measured by `compress bench`
+    # as_exported: the artifact as exported; speed: an int8 artifact keeps float the layers this
+    # backend measured faster in float (compress/speed_precision.py), the choices in the row
+    precision: str = "as_exported"
+    shapes: str = "dynamic"  # auto: static-shape compiles for the timed batches where faster (compress/static_shape.py)
 
 
 @dataclass
@@ -104,7 +108,9 @@ def target_spec(entry) -> TargetSpec:
     """A validated targets[] entry (compress.config.TargetConfig) as deployment reads it."""
     return TargetSpec(backend=entry.backend, threads=entry.threads, device=entry.device,
                       options=entry.options, parity=Parity(**entry.parity.model_dump()),
-                      host=str(entry.host) if getattr(entry, "host", None) else None)
+                      host=str(entry.host) if getattr(entry, "host", None) else None,
+                      precision=getattr(entry, "precision", "as_exported"),
+                      shapes=getattr(entry, "shapes", "dynamic"))
 
 
 def deployment_plan(cfg: "RunConfig", rows: list[dict], models: dict, data: "Dataset",

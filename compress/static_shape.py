@@ -1,0 +1,101 @@
+"""Static shapes for a deployment's fixed batches, where measured faster (issue 16 item 6,
+`shapes: auto` on a target).
+
+Our exports have a dynamic batch axis so one file serves every batch; a runtime compiling a
+dynamic shape may pick slower kernels or re-check shapes per call (measured on OpenVINO: the
+demo student's IR reshaped to a static [1,1,28,28] ran 1.09-1.27x faster at batch 1). Here
+each batch the deployment times (1 and the throughput batch) gets a copy of the artifact made
+from a static-batch ONNX by the target's own `prepare`, compiled beside the dynamic one; the two
+are timed interleaved and the static one serves that batch only where it was faster by more
+than MARGIN. Every other batch (accuracy passes, parity) runs on the dynamic artifact.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from compress.checkpoint import atomic_write
+
+MARGIN = 0.03  # below this, the dynamic artifact (one file for every batch) is kept
+ROUNDS = 7
+
+
+def static_onnx(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """The model with every symbolic first dimension of its inputs and outputs fixed to `batch`."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for v in list(out.graph.input) + list(out.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = batch
+    return out
+
+
+def _time(run, x: np.ndarray, n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        run(x)
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def paired_ms(a, b, x: np.ndarray, rounds: int = ROUNDS) -> tuple[float, float]:
+    """Median over rounds of each runner's mean time (ms) on x, the two alternating."""
+    n = max(2, 64 // x.shape[0])
+    ta, tb = [], []
+    for _ in range(rounds):
+        a(x), b(x)
+        ta.append(_time(a, x, n))
+        tb.append(_time(b, x, n))
+    return float(np.median(ta)), float(np.median(tb))
+
+
+class StaticBatches:
+    """A Runner: the static runner of a batch where it was chosen, the dynamic one otherwise.
+    `info` is the dynamic runner's plus `static_shapes` (per batch: times and the choice)."""
+
+    def __init__(self, dynamic, static: dict, record: dict):
+        self.dynamic, self.static = dynamic, static
+        self.info = {**dynamic.info, "static_shapes": record}
+        self.inner_ms: list[float] = []  # the runtime's own per-call times of whichever runner ran
+
+    def _for(self, batch: np.ndarray):
+        return self.static.get(int(batch.shape[0]), self.dynamic)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        run = self._for(batch)
+        out = run(batch)
+        inner = getattr(run, "inner_ms", None)
+        if inner:
+            self.inner_ms.append(inner[-1])
+        return out
+
+    def __getattr__(self, name):
+        if name == "run_many":  # throughput mode (OpenVINO): the runner of that batch
+            many = [getattr(r, "run_many", None) for r in (*self.static.values(), self.dynamic)]
+            if all(m is None for m in many):
+                raise AttributeError(name)
+            return lambda batches: getattr(self._for(batches[0]), "run_many")(batches)
+        raise AttributeError(name)
+
+
+def auto(target, onnx_path: Path, dynamic, cfg, x: np.ndarray, batches: Sequence[int], work: Path):
+    """`shapes: auto`: compile a static artifact per batch, keep it where it measured faster."""
+    model = onnx.load(str(onnx_path))
+    static, record = {}, {}
+    for b in dict.fromkeys(batches):
+        src = work / f"{onnx_path.stem}.b{b}.onnx"
+        m = static_onnx(model, b)
+        atomic_write(src, lambda tmp: onnx.save(m, str(tmp)))
+        runner = target.compile(target.prepare(src, work), cfg)
+        xb = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])), np.float32)
+        dyn_ms, st_ms = paired_ms(dynamic, runner, xb)
+        chosen = st_ms < dyn_ms * (1 - MARGIN)
+        record[str(b)] = {"shape": "static" if chosen else "dynamic", "dynamic_ms": round(dyn_ms, 4),
+                          "static_ms": round(st_ms, 4), "chosen_by": "measurement (shapes: auto)"}
+        if chosen:
+            static[b] = runner
+    return StaticBatches(dynamic, static, record)

@@ -1,0 +1,168 @@
+"""Per-layer precision chosen by measured speed (compress/speed_precision.py, `precision: speed`):
+the rewrite keeps chosen layers float with the int8 graph's own numbers, runtimes then really run
+them float, the search keeps float exactly the layers a (fake) timer makes faster, and the
+deployment row says which layers run in which precision and why."""
+import numpy as np
+import onnx
+import pytest
+
+from compress import speed_precision as sp
+from compress.config import TargetConfig
+from compress.export import export_qcdq
+from compress.quantize import QuantizeConfig
+from targets import base
+from tests.compress.test_export_qdq import SHAPE, calibrated, ort_run
+
+LAYERS = 24  # compute layers of mobilenet_tiny (tests/compress/test_export_qdq.py)
+KEPT = [0, 2, 22, LAYERS - 1]  # stem (1 channel), a depthwise conv, /mix.0/Conv (reads a Concat), the Gemm
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory):
+    x = np.random.default_rng(0).standard_normal((16, *SHAPE)).astype(np.float32)
+    d = tmp_path_factory.mktemp("speed")
+    export_qcdq(calibrated("mobilenet_tiny", QuantizeConfig(), x), d / "int8.onnx", SHAPE, uint8_activations=True)
+    return d / "int8.onnx", x
+
+
+def rewritten(int8, tmp_path, layers):
+    path, x = int8
+    layers = [sp.quantized_layers(onnx.load(str(path)))[i] for i in layers]
+    out = tmp_path / "mixed.onnx"
+    onnx.save(sp.keep_float(onnx.load(str(path)), layers), str(out))
+    return out, layers, x
+
+
+def test_keep_float_is_the_int8_graph_with_those_layers_dequantized(int8, tmp_path):
+    # the 1-channel stem, a depthwise conv, the conv after the Ghost block's Concat, the Gemm
+    mixed, layers, x = rewritten(int8, tmp_path, KEPT)
+    assert layers[0].endswith("Conv") and layers[-1].endswith("Gemm")
+    # Q/DQ as float ops: the rewrite computes exactly what the int8 graph's DQ computed
+    np.testing.assert_allclose(ort_run(mixed, x, False), ort_run(int8[0], x, False), rtol=0, atol=1e-5)
+    g = onnx.load(str(mixed)).graph
+    kept = {n.name: n for n in g.node if n.name in layers}
+    inits = {i.name for i in g.initializer}
+    assert all(n.input[1] in inits for n in kept.values())  # float weights, no DQ in front
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_runtimes_run_the_kept_layers_float_and_the_rest_int8(int8, tmp_path, backend):
+    mixed, layers, x = rewritten(int8, tmp_path, KEPT)
+    runner = base.get(backend).compile(mixed, base.CompileOptions(threads=1, work_dir=tmp_path))
+    ep = runner.info["executed_precision"]
+    # ORT would re-quantize a float-weight Conv behind a per-tensor DQ (WeightBiasQuantization):
+    # not here, the stem (1 channel) included; OpenVINO compiles the conv after the Concat
+    assert (ep["int8_layers"], ep["compute_layers"]) == (LAYERS - len(KEPT), LAYERS), ep["detail"]
+    ref = ort_run(mixed, x, False)
+    out = runner(x)
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.9 and np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_keep_float_refuses_a_name_that_is_not_a_quantized_layer(int8):
+    with pytest.raises(ValueError, match="not quantized compute layers"):
+        sp.keep_float(onnx.load(str(int8[0])), ["/nope/Conv"])
+
+
+def fake_timer(int8_ms: dict, float_ms: dict, log: list, whole: float = 1e9):
+    """Score = the sum of each layer's time in its precision: what a perfect runtime would measure;
+    `whole`: the score of the whole graph in float (its activations unquantized too)."""
+    def timer(cands):
+        log.append(cands)
+        return [whole if sp.WHOLE in c else sum(float_ms[k] if k in c else int8_ms[k] for k in int8_ms)
+                for c in cands]
+    return timer
+
+
+def test_search_keeps_float_exactly_the_layers_the_timer_makes_faster():
+    int8_ms = {"a": 1.0, "b": 5.0, "c": 1.0, "d": 2.0}
+    float_ms = {"a": 3.0, "b": 1.0, "c": 0.99, "d": 1.0}  # c: 1% of 9 ms faster, inside the margin
+    log = []
+    out = sp.search(list(int8_ms), fake_timer(int8_ms, float_ms, log), "onnxruntime")
+    assert out["float_layers"] == ["b", "d"]
+    assert {k: v["precision"] for k, v in out["layers"].items()} == {"a": "int8", "b": "fp32", "c": "int8",
+                                                                   "d": "fp32"}
+    # first the whole graph float (slower here), then each step compares the
+    # choices so far with one more layer float; a flip is measured twice
+    assert log[0] == [frozenset(), frozenset({sp.WHOLE})] and not out["whole_graph_float"]
+    assert log[1] == [frozenset(), frozenset({"a"})]
+    assert log[2:4] == [[frozenset(), frozenset({"b"})], [frozenset({"b"}), frozenset()]]
+    assert out["layers"]["b"]["int8_score"] == 9.0 and out["layers"]["b"]["float_score"] == 5.0
+    assert out["layers"]["b"]["why"] == "float measured 1.80x as fast as int8 on onnxruntime"
+    assert "within the 3% margin" in out["layers"]["c"]["why"]
+    assert out["layers"]["a"]["why"].startswith("int8 measured")
+
+
+def test_the_whole_graph_goes_float_when_that_beats_every_per_layer_choice():
+    int8_ms, float_ms = {"a": 2.0, "b": 2.0}, {"a": 1.0, "b": 1.5}
+    out = sp.search(["a", "b"], fake_timer(int8_ms, float_ms, [], whole=2.5), "onnxruntime")
+    assert out["whole_graph_float"] and out["float_layers"] == ["a", "b"]
+    assert out["layers"]["a"]["why"] == ("whole graph float (activation Q/DQ removed) measured 1.60x as fast "
+                                         "as int8 on onnxruntime")
+
+
+def test_float_graph_removes_activation_qdq_and_runs_float(int8, tmp_path):
+    path, x = int8
+    out = tmp_path / "float.onnx"
+    onnx.save(sp.float_graph(onnx.load(str(path))), str(out))
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    runner = base.get("onnxruntime").compile(out, base.CompileOptions(threads=1, work_dir=tmp_path))
+    assert runner.info["executed_precision"]["int8_layers"] == 0
+    # the int8 graph without its activation rounding: close, not equal
+    ref, got = ort_run(path, x, False), runner(x)
+    assert 0 < np.abs(got - ref).max() < 0.1 * np.abs(ref).max() and (got.argmax(1) == ref.argmax(1)).mean() >= 0.8
+
+
+def test_a_flip_that_the_second_measurement_contradicts_is_not_kept():
+    # whole graph: not faster; then layer a: faster once, slower when measured again
+    answers = iter([[1.0, 1.0], [2.0, 1.0], [2.0, 1.0]])
+    out = sp.search(["a"], lambda c: next(answers))
+    assert out["float_layers"] == []
+
+
+def test_backend_timer_times_real_candidates_on_onnxruntime(int8, tmp_path, monkeypatch):
+    monkeypatch.setattr(sp, "MAX_LAYERS", 2)
+    monkeypatch.setattr(sp, "ROUNDS", 2)
+    out = sp.choose(int8[0], "onnxruntime", tmp_path / "w", int8[1], threads=1, batches=(1, 4))
+    assert list(out["layers"]) == sp.quantized_layers(onnx.load(str(int8[0])))[:2]
+    for step in out["layers"].values():  # each decision follows its own measured scores
+        assert step["int8_score"] > 0 and step["float_score"] > 0
+        faster = step["float_score"] < step["int8_score"] * (1 - sp.MARGIN)
+        assert step["precision"] == "int8" or faster
+    assert out["backend"] == "onnxruntime" and out["batches"] == [1, 4] and out["seconds"] >= 0
+
+
+def test_precision_speed_is_a_target_key():
+    from compress.plan import target_spec
+    assert target_spec(TargetConfig(backend="openvino", precision="speed")).precision == "speed"
+    assert target_spec(TargetConfig(backend="openvino")).precision == "as_exported"
+    with pytest.raises(ValueError, match="precision"):
+        TargetConfig(backend="onnxruntime", precision="fastest")
+
+
+def test_deployment_row_says_which_layers_run_float_and_why(int8, tmp_path, monkeypatch):
+    from compress.deploy import deploy_one
+    from compress.plan import deployment_plan, target_spec
+    from tests.compress.test_deploy_options import CFG
+    path, x = int8
+    d = tmp_path / "stage"
+    d.mkdir()
+    (d / "model.onnx").write_bytes(path.read_bytes())
+    names = sp.quantized_layers(onnx.load(str(path)))
+    slow = names[1]  # the fake timer makes this one layer faster in float
+    int8_ms, float_ms = dict.fromkeys(names, 1.0), {**dict.fromkeys(names, 1.5), slow: 0.2}
+    monkeypatch.setattr(sp, "BackendTimer", lambda *a, **k: fake_timer(int8_ms, float_ms, []))
+    plan = deployment_plan(CFG, [], {}, None, tmp_path, log=lambda s: None)
+    ref = ort_run(path, x, False)
+    manifest = {"precision": "int8", "files": {"onnx": "model.onnx"},
+                "quant_format": {"weight_bits": dict.fromkeys(names, 8)}}
+    entry = TargetConfig(backend="onnxruntime", threads=1, precision="speed")
+    row = deploy_one(plan, "quantize", d, manifest, target_spec(entry), x, ref.argmax(1), ref)
+    assert row["status"] == "ok", row["reason"]
+    sp_row = row["speed_precision"]
+    assert sp_row["float_layers"] == [slow] and sp_row["backend"] == "onnxruntime"
+    assert sp_row["layers"][slow]["precision"] == "fp32" and "as fast as int8" in sp_row["layers"][slow]["why"]
+    assert all(sp_row["layers"][n]["precision"] == "int8" for n in names if n != slow)
+    assert row["executed_precision"]["int8_layers"] == LAYERS - 1
+    assert row["artifact"].endswith("model.onnxruntime-speed.onnx")
+    assert (d / "speed-onnxruntime.json").is_file() and not (d / ".speed-onnxruntime").exists()

@@ -1,0 +1,88 @@
+"""Static-shape compiles for a deployment's timed batches (compress/static_shape.py, `shapes: auto`):
+the static copy computes the same numbers, is used for exactly the batches where it measured faster,
+and the row says which shape each batch ran and the times that chose it."""
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from compress import static_shape
+from compress.config import TargetConfig
+from compress.export import export_float
+from targets import base
+from tests.compress.test_parity import SHAPE, tiny_model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("static")
+    export_float(tiny_model(), d / "model.onnx", SHAPE, 17)
+    return d / "model.onnx", np.random.default_rng(0).standard_normal((16, *SHAPE)).astype(np.float32)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_static_copy_has_a_fixed_batch_and_the_same_numbers(exported, tmp_path, backend):
+    path, x = exported
+    m = static_shape.static_onnx(onnx.load(str(path)), 4)
+    assert [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim] == [4, *SHAPE]
+    assert m.graph.output[0].type.tensor_type.shape.dim[0].dim_value == 4
+    onnx.save(m, str(tmp_path / "b4.onnx"))
+    target, cfg = base.get(backend), base.CompileOptions(threads=1, work_dir=tmp_path)
+    dyn = target.compile(target.prepare(path, tmp_path), cfg)
+    st = target.compile(target.prepare(tmp_path / "b4.onnx", tmp_path), cfg)
+    np.testing.assert_allclose(st(x[:4]), dyn(x[:4]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception):  # it really is static: another batch is refused
+        st(x[:3])
+
+
+class Counting:
+    def __init__(self, name, log):
+        self.name, self.log, self.info = name, log, {"provider": name}
+
+    def __call__(self, x):
+        self.log.append((self.name, x.shape[0]))
+        return x
+
+
+def test_static_runner_serves_only_the_batches_where_it_measured_faster(exported, tmp_path, monkeypatch):
+    path, x = exported
+    log = []
+    times = {1: (2.0, 1.0), 8: (1.0, 0.99)}  # (dynamic, static) ms: b1 static wins, b8 within the margin
+    monkeypatch.setattr(static_shape, "paired_ms", lambda a, b, xb: times[xb.shape[0]])
+
+    class Target:
+        def prepare(self, src, work):
+            return src
+
+        def compile(self, artifact, cfg):
+            return Counting(artifact.name, log)
+    runner = static_shape.auto(Target(), path, Counting("dynamic", log), None, x, (1, 8), tmp_path)
+    rec = runner.info["static_shapes"]
+    assert {b: r["shape"] for b, r in rec.items()} == {"1": "static", "8": "dynamic"}
+    assert rec["1"]["dynamic_ms"] == 2.0 and rec["1"]["static_ms"] == 1.0
+    log.clear()
+    runner(x[:1]), runner(x[:8]), runner(x[:5])
+    assert log == [("model.b1.onnx", 1), ("dynamic", 8), ("dynamic", 5)]
+    assert runner.info["provider"] == "dynamic"
+
+
+def test_shapes_auto_row_says_which_shape_ran(exported, tmp_path):
+    from compress.deploy import deploy_one
+    from compress.plan import deployment_plan, target_spec
+    from tests.compress.test_deploy_options import CFG
+    path, x = exported
+    d = tmp_path / "stage"
+    d.mkdir()
+    (d / "model.onnx").write_bytes(path.read_bytes())
+    with torch.no_grad():
+        ref = tiny_model()(torch.from_numpy(x)).numpy()
+    plan = deployment_plan(CFG, [], {}, None, tmp_path, log=lambda s: None)
+    entry = TargetConfig(backend="onnxruntime", threads=1, shapes="auto")
+    assert target_spec(entry).shapes == "auto" and target_spec(TargetConfig(backend="openvino")).shapes == "dynamic"
+    row = deploy_one(plan, "distill", d, {"precision": "fp32", "files": {"onnx": "model.onnx"}},
+                     target_spec(entry), x, ref.argmax(1), ref)
+    assert row["status"] == "ok", row["reason"]
+    rec = row["runtime"]["static_shapes"]
+    assert set(rec) == {"1", str(CFG.profile.throughput_batch)}
+    assert all(r["shape"] in ("static", "dynamic") and r["dynamic_ms"] > 0 and r["static_ms"] > 0 for r in rec.values())
+    assert not [p for p in d.iterdir() if p.name.startswith("static-")]  # the static copies are not kept
