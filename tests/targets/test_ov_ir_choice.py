@@ -1,0 +1,44 @@
+"""Which IR of a Q/DQ graph OpenVINO gets (targets.openvino._read): the one read as is unless it
+computes wrong; convert_model's where it runs as many layers int8 and is no farther from ONNX
+Runtime, since it is the smaller file (deployments are judged on size too)."""
+import numpy as np
+import openvino as ov
+import pytest
+
+from compress.export import export_qcdq
+from targets import openvino as ovt
+from tests.compress.test_parity import SHAPE, quantized, tiny_model
+
+
+@pytest.fixture(scope="module")
+def int8_onnx(tmp_path_factory):
+    d = tmp_path_factory.mktemp("irchoice")
+    x = np.random.default_rng(0).standard_normal((16, *SHAPE)).astype(np.float32)
+    export_qcdq(quantized(tiny_model(), x), d / "int8.onnx", SHAPE)
+    return d / "int8.onnx"
+
+
+def _size(model, path):
+    ov.save_model(model, str(path), compress_to_fp16=False)
+    return path.stat().st_size + path.with_suffix(".bin").stat().st_size
+
+
+def test_a_conv_net_ships_the_smaller_ir_with_the_same_int8_layers(int8_onnx, tmp_path):
+    read, conv = ov.Core().read_model(str(int8_onnx)), ov.convert_model(str(int8_onnx))
+    (d_read, n_read), (d_conv, n_conv), _ = ovt._compare(ov, int8_onnx, read, conv)
+    assert n_read == n_conv == 4 and d_conv <= d_read
+    chosen = ovt._read(ov, int8_onnx)
+    assert len(chosen.get_ops()) == len(conv.get_ops()) < len(read.get_ops())  # convert_model's
+    assert _size(chosen, tmp_path / "c.xml") < 0.8 * _size(read, tmp_path / "r.xml")
+
+
+@pytest.mark.parametrize("read_d,read_n,conv_d,conv_n,want", [
+    (0.5, 10, 0.0, 7, "converted"),   # read as is computes wrong: right numbers win over int8 count
+    (0.0, 10, 0.0, 7, "read"),        # convert_model's runs fewer layers int8
+    (0.0, 10, 0.001, 10, "read"),     # convert_model's is farther from ONNX Runtime
+    (0.001, 10, 0.001, 10, "converted"),
+])
+def test_the_rule(int8_onnx, monkeypatch, read_d, read_n, conv_d, conv_n, want):
+    monkeypatch.setattr(ovt, "_compare", lambda *a: ((read_d, read_n), (conv_d, conv_n), 1.0))
+    n_conv = len(ov.convert_model(str(int8_onnx)).get_ops())
+    assert (len(ovt._read(ov, int8_onnx).get_ops()) == n_conv) == (want == "converted")
