@@ -110,7 +110,7 @@ def test_round_robin_targets_cover_every_class_and_continue_across_batches():
 
 def test_old_configs_validate_and_the_learning_rate_follows_the_objective():
     old = SynthesisConfig.model_validate({"steps": 200, "lr": 0.1, "batch_size": 128})
-    assert old.objective == "zeroq" and old.learning_rate() == 0.1 and old.ce_weight == 0
+    assert old.objective == "zeroq" and old.learning_rate() == 0.1 and old.ce_weight is None
     assert SynthesisConfig().learning_rate() == 0.5  # ZeroQ's Adam lr
     assert SynthesisConfig(objective="batch").learning_rate() == 0.1  # the pre-issue-15 default
 
@@ -123,3 +123,21 @@ def test_class_balanced_term_makes_every_class_appear(trained_tiny, tiny_data):
         return set(split.labels.tolist())  # what the model predicts on the stored uint8 images
     assert labels(10.0) == set(range(10))
     assert len(labels(0.0)) <= 6  # ZeroQ alone: 4 classes here (0, 4, 5, 8), nothing asks for the others
+
+
+def test_the_class_term_defaults_on_for_classifiers_and_off_for_segmentation_maps():
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn, self.o = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1)
+
+        def forward(self, x):
+            return self.o(torch.relu(self.bn(self.c(x))))
+
+    def norm(u):
+        return u.float() / 255
+    torch.manual_seed(0)
+    split = synthesize(Seg().eval(), 8, (1, 8, 8), norm, SynthesisConfig(steps=3, batch_size=4), 0, lambda s: None)
+    assert split.labels.shape == (8, 8, 8)  # per-pixel argmax, no class term
+    with pytest.raises(ValueError, match="ce_weight.*not \\(N, classes\\)"):
+        synthesize(Seg().eval(), 4, (1, 8, 8), norm, SynthesisConfig(steps=1, ce_weight=1), 0, lambda s: None)
