@@ -65,6 +65,8 @@ class SparseTarget:
 def on_device(target, device: torch.device):
     """The cache lives in host memory (one copy for every stage); the step's targets go where
     the student's outputs are (on CUDA the objective would otherwise mix cuda and cpu tensors)."""
+    if device is None:
+        return target
     if isinstance(target, torch.Tensor):
         return target.to(device, non_blocking=True)
     moved = {f.name: getattr(target, f.name).to(device, non_blocking=True) for f in dataclasses.fields(target)
@@ -90,7 +92,7 @@ class TeacherCache:
         return SparseTarget(rows("index").long(), rows("prob").float())
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor):
-        return on_device(self.lookup(idx), x.device)
+        return on_device(self.lookup(idx), None if x is None else x.device)
 
 
 class AugmentedCache(TeacherCache):
@@ -113,7 +115,7 @@ class AugmentedCache(TeacherCache):
         return Replayed(loader, self)
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor):
-        return on_device(self.lookup(idx, self.views(idx)), x.device)
+        return on_device(self.lookup(idx, self.views(idx)), None if x is None else x.device)
 
 
 class Replayed:
