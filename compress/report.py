@@ -112,6 +112,26 @@ def diverging_markdown(deployments: list[dict]) -> list[str]:
     return lines
 
 
+def speed_markdown(deployments: list[dict]) -> list[str]:
+    """Per deployment with `precision: speed` or `shapes: auto`: what was chosen by timing on the
+    backend, and the times that chose it (targets[].precision / targets[].shapes)."""
+    lines = []
+    for d in deployments:
+        sp, shapes = d.get("speed_precision"), (d.get("runtime") or {}).get("static_shapes")
+        if sp:
+            lines += ["", f"### {d['stage']} @ {d['backend']}: precision per layer chosen by speed "
+                          f"(score: median ms, lower is faster; margin {sp.get('margin')})", "",
+                      "| layer | runs in | int8 score | float score | why |", "|---|---|---:|---:|---|"]
+            lines += [f"| `{name}` | {r['precision']} | {_fmt(r.get('int8_score'), '.4f')} | "
+                      f"{_fmt(r.get('float_score'), '.4f')} | {r.get('why', '')} |"
+                      for name, r in (sp.get("layers") or {}).items()]
+        if shapes:
+            cells = ", ".join(f"batch {b}: {r['shape']} ({_fmt(r['dynamic_ms'], '.3f')} ms dynamic, "
+                              f"{_fmt(r['static_ms'], '.3f')} ms static)" for b, r in shapes.items())
+            lines += ["", f"{d['stage']} @ {d['backend']}: input shapes chosen by measurement: {cells}"]
+    return lines
+
+
 def sensitivity_markdown(stage: dict) -> list[str]:
     """A quantize stage's format, and its mixed-precision sensitivity table when it has one."""
     out = []
@@ -174,6 +194,7 @@ def to_markdown(report: dict) -> str:
             f"{_fmt(d['size_bytes'], ',')} | {executed} | {timer_cells(lat, thr)} |")
     lines += ["", TIMERS_NOTE]
     lines += diverging_markdown(report["deployments"])
+    lines += speed_markdown(report["deployments"])
     compared = [d for d in report["deployments"] if d.get("vs_teacher")]
     if compared:
         primary = scols[0]

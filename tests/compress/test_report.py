@@ -138,3 +138,17 @@ def test_size_is_the_deployed_artifact_itself(runs):
         sdir = run_dir / folders[d["stage"]]
         files = {"onnxruntime": ["model.onnx"], "openvino": ["model.xml", "model.bin"]}[d["backend"]]
         assert d["size_bytes"] == sum((sdir / f).stat().st_size for f in files), d["backend"]
+
+
+def test_speed_choices_are_shown_with_their_times():
+    from compress.report import speed_markdown
+    d = {"stage": "quantize", "backend": "onnxruntime",
+         "speed_precision": {"margin": 0.03, "float_layers": ["stem"], "layers": {
+             "stem": {"precision": "fp32", "int8_score": 0.52, "float_score": 0.14, "why": "float 3.7x as fast"},
+             "fc": {"precision": "int8", "int8_score": 0.14, "float_score": 0.141, "why": "int8 not slower"}}},
+         "runtime": {"static_shapes": {"1": {"shape": "static", "dynamic_ms": 0.092, "static_ms": 0.076}}}}
+    text = "\n".join(speed_markdown([d, {"stage": "distill", "backend": "openvino"}]))
+    assert "| `stem` | fp32 | 0.5200 | 0.1400 | float 3.7x as fast |" in text
+    assert "| `fc` | int8 |" in text
+    assert "batch 1: static (0.092 ms dynamic, 0.076 ms static)" in text
+    assert "distill" not in text  # rows without choices add nothing
