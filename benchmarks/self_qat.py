@@ -2,7 +2,7 @@
 
 From one distilled float ResNet-8 student (a run's 01-distill/ folder, e.g. the demo's, or
 distilled here from the shipped teacher with --distill-epochs), the quantize stage runs
-calibration then QAT with the demo's objective (reverse_kl T=4 x 0.9 + ce x 0.1, adamw,
+calibration then QAT with KD (kl T=4 x 0.9 + ce x 0.1, as benchmarks/quantize.py; adamw,
 lr 1e-4, teacher-output cache full, no augmentation) at equal epochs, with the QAT teacher:
   configured  the shipped resnet_teacher (0.9472)
   self        the float student the stage received (BitDistiller, Du et al. 2024)
@@ -28,7 +28,7 @@ import compress.distill.teacher as teacher_mod
 from calib.datasets import FASHION_MNIST_DEFAULT_ROOT, fashion_mnist
 from calib.sampling import calibration_split
 from compress.checkpoint import load_into, read_state_dict
-from compress.distill.objectives import CE, ReverseKL
+from compress.distill.objectives import CE, KL
 from compress.distill.stage import DistillConfig
 from compress.measure import model_stats
 from compress.models import build_model
@@ -38,7 +38,7 @@ from compress.structure import Structure, rebuild
 from compress.train import TrainEnv, accuracy, fit, predict
 
 ROOT = Path(__file__).resolve().parents[1]
-LOSS = [ReverseKL(weight=0.9, temperature=4.0), CE(weight=0.1)]
+LOSS = [KL(weight=0.9, temperature=4.0), CE(weight=0.1)]  # kl: the mix cache is averaged at its T
 TEACHERS = {"configured": "configured", "self": "self", "mix 0.5/0.5": {"self": 0.5, "configured": 0.5}}
 CACHE_SECONDS: dict[str, float] = {}
 

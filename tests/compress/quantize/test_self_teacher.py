@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from calib.datasets import synthetic
 from compress.distill.ensemble import Ensemble, Members
 from compress.distill.teacher import LiveTeacher
+from compress.errors import UserError
 from compress.models import build_model
 from compress.quantize import QuantizeConfig
 from compress.quantize.self_teacher import qat_teacher, weights_key
@@ -146,3 +147,21 @@ def test_validate_accepts_teacher_self_on_quantize(teacher, tmp_path):
     cfg["stages"] = [{"kind": "distill", "epochs": 1}, {"kind": "quantize", "epochs": 1, "teacher": teacher}]
     res = invoke(["validate", write(tmp_path, cfg)])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("teacher, ok", [("self", True), ({"self": 0.5, "configured": 0.5}, True),
+                                         ("configured", False)])
+def test_feature_names_of_a_self_teacher_are_the_students(teacher, ok, tmp_path):
+    """With self in the teacher, feature terms hook the float model: preflight checks their names on
+    the student (whose layers.0 the run's vit teacher lacks), as for prune's recovery_teacher: unpruned."""
+    from compress.preflight import preflight
+    from tests.compress.test_preflight import config
+    stage = {"kind": "quantize", "epochs": 1, "teacher": teacher,
+             "features": [{"student": "layers.0", "teacher": "layers.0", "kind": "normalized"}]}
+    cfg = config(tmp_path, teacher={"model": "vit_tiny", "train": {"epochs": 1}}, stages=[stage])
+    if ok:
+        preflight(cfg)
+        return
+    with pytest.raises(UserError) as e:
+        preflight(cfg)
+    assert str(e.value).startswith("stages.0.features.0") and "layers.0" in str(e.value)
