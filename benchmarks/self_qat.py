@@ -49,6 +49,7 @@ def timed_cache(build):
         t0 = time.time()
         out = build(kind, k, temperature, forward, teacher_key, *a, **kw)
         CACHE_SECONDS[teacher_key] = CACHE_SECONDS.get(teacher_key, 0.0) + time.time() - t0
+        print(f"  cache {teacher_key}: {time.time() - t0:.0f} s", flush=True)
         return out
     return wrapper
 
