@@ -218,8 +218,9 @@ def check_features(cfg: "RunConfig", teacher: nn.Module, student: nn.Module, x: 
         terms = getattr(s, "features", [])  # a stage kind may train nothing
         if not terms:
             continue
-        # a prune stage may distill from the unpruned student itself (CoFi)
-        t = student if getattr(s, "recovery_teacher", "configured") == "unpruned" else teacher
+        # a prune stage may distill from the unpruned student itself (CoFi), a quantize stage from its float self
+        own = "self" in (s.teacher_weights() if hasattr(s, "teacher_weights") else {})
+        t = student if own or getattr(s, "recovery_teacher", "configured") == "unpruned" else teacher
         try:
             fd = FeatureDistiller(terms, student, t, x, where=f"stages.{i}.features")
         except UserError as e:

@@ -2,9 +2,10 @@
 settings recorded in structure.json to rebuild the quantized structure."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+import math
+from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compress.distill.objectives import LogitTerm, kd_default
 from compress.train import TrainConfig
@@ -31,6 +32,22 @@ class MixedPrecisionConfig(BaseModel):
         if (self.avg_bits is None) == (self.weight_bytes is None):
             raise ValueError("mixed_precision: give exactly one budget, avg_bits or weight_bytes")
         return self
+
+
+TeacherName = Literal["configured", "self"]
+TEACHER_NAMES = ("configured", "self")
+
+
+def teacher_choice(v):
+    """`teacher` as written: a name, or {name: weight > 0}; one error line for anything else."""
+    if isinstance(v, str) and v in TEACHER_NAMES:
+        return v
+    if isinstance(v, dict) and v and all(k in TEACHER_NAMES for k in v) and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+            for w in v.values()):
+        return {k: float(w) for k, w in v.items()}
+    raise ValueError(f"{v!r}: expected configured, self, or weights such as {{self: 0.7, configured: 0.3}} "
+                     f"(each > 0)")
 
 
 class QuantizeConfig(TrainConfig):
@@ -71,6 +88,31 @@ class QuantizeConfig(TrainConfig):
     precision: Literal["auto", "bf16", "fp32"] = Field("fp32")
     """fake-quant QAT runs in fp32 (bf16 would blur the int8 grid)"""
     channels_last: bool = Field(False, description="NHWC while training")
+    teacher: Union[TeacherName, dict[TeacherName, float]] = Field("configured")
+    """whom QAT distills from: configured (the run's teacher), self (a frozen copy of the float model that entered
+    this stage: BitDistiller's self-distillation), or both, probabilities averaged by weight, e.g. {self: 0.7,
+    configured: 0.3}"""
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _teacher_choice(cls, v):
+        return teacher_choice(v)
+
+    def teacher_weights(self) -> dict[str, float]:
+        """{source: weight}: configured -> {configured: 1}, self -> {self: 1}, a dict as given."""
+        return {self.teacher: 1.0} if isinstance(self.teacher, str) else dict(self.teacher)
+
+    @model_validator(mode="after")
+    def _teacher_rules(self):
+        if self.teacher == "configured":
+            return self
+        if self.epochs == 0:
+            raise ValueError(f"teacher: {self.teacher} distills during QAT, but epochs: 0 is post-training "
+                             f"quantization only; give epochs > 0, or remove teacher")
+        if not self.needs_teacher:
+            raise ValueError(f"teacher: {self.teacher}: the loss {[t.kind for t in self.loss]} has no teacher term; "
+                             f"add one (kl, cakld, ...), or remove teacher")
+        return self
 
     @model_validator(mode="after")
     def _bits_rules(self):

@@ -22,6 +22,7 @@ from compress.quantize.graph import (
     resolve_bits,
     weight_counts,
 )
+from compress.quantize.self_teacher import describe, qat_teacher
 from compress.stage import RunContext, StageResult
 from compress.structure import QuantSettings
 from compress.tasks import get_task
@@ -76,6 +77,16 @@ def _qat(qmodel: nn.Module, ctx: RunContext, cfg: QuantizeConfig) -> list[dict]:
     return fit(qmodel, data, cfg, env)
 
 
+def _with_teacher(ctx: RunContext, cfg: QuantizeConfig, float_model: nn.Module) -> RunContext:
+    """The stage's context with the teacher its objective uses (QAT, mixed-precision sensitivity):
+    the run's, the float model's own (teacher: self), or both; its cache key to match."""
+    if cfg.teacher == "configured":
+        return ctx
+    teacher, key = qat_teacher(float_model, ctx, cfg)
+    ctx.log(f"  QAT teacher: {describe(cfg)}")
+    return dataclasses.replace(ctx, teacher=teacher, teacher_key=key)
+
+
 class QuantizeStage:
     """brevitas fake-quant model from the float one, calibrated, then QAT with KD."""
     config = QuantizeConfig
@@ -91,7 +102,8 @@ class QuantizeStage:
         # MACs are counted on the float model (the op counter does not see brevitas layers);
         # preprocess merges BatchNorm into `model` in place, so keep it as it came
         float_model = copy.deepcopy(model).eval()
-        metrics: dict = {}
+        ctx = _with_teacher(ctx, cfg, float_model)
+        metrics: dict = {} if cfg.teacher == "configured" else {"qat_teacher": cfg.teacher_weights()}
         graph = preprocess(model, qs)
         if cfg.act_equalization > 0:
             regions = metrics["act_equalization_regions"] = equalize_activations(
@@ -101,6 +113,7 @@ class QuantizeStage:
         metrics["format"] = format_name(qs)
         qmodel = _calibrate(graph, qs, ctx, cfg, metrics)
         history = _qat(qmodel, ctx, cfg) if cfg.epochs > 0 else []
+        float_model.cpu()  # a self-teacher trains on ctx.device; MACs are counted on the CPU copy
         sqnr = layer_sqnr(qmodel, ctx)
         worst = sorted(sqnr.items(), key=lambda kv: kv[1])[:3]
         metrics.update(layer_sqnr_db=sqnr, worst_layers=[n for n, _ in worst])
