@@ -596,6 +596,11 @@ def user_path(loc: tuple, raw: Any) -> list:
     return parts
 
 
+# keys a user may carry over from one stage kind to another, with where they live
+STAGE_KEY_HINTS = {"teacher": " (a stage's own teacher is a quantize-stage key, `teacher: self` for self-distilled "
+                              "QAT; prune has `recovery_teacher: unpruned`; the run's teacher is top-level `teacher:`)"}
+
+
 def format_errors(err: ValidationError, source: str, raw: Any = None) -> str:
     lines = [f"{source}: invalid config ({err.error_count()} error"
              f"{'s' if err.error_count() != 1 else ''})"]
@@ -606,7 +611,8 @@ def format_errors(err: ValidationError, source: str, raw: Any = None) -> str:
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
             continue
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            in_stage = len(parts) > 2 and parts[0] == "stages"
+            msg = "unknown key" + (STAGE_KEY_HINTS.get(str(parts[-1]), "") if in_stage else "")
         elif e["type"] == "missing":
             msg = "required key is missing"
         else:

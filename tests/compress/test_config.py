@@ -32,6 +32,12 @@ def test_unknown_key_names_path_and_file(tmp_path):
     assert str(p) in msg and "stages.0.epochz: unknown key" in msg  # pastes back into --set
 
 
+def test_a_stage_teacher_outside_quantize_says_where_teachers_go(tmp_path):
+    p = write(tmp_path, MINIMAL + "    teacher: self\n")
+    with pytest.raises(ConfigError, match=r"stages\.0\.teacher: unknown key \(.*quantize-stage key.*recovery_teacher"):
+        load_config(p)
+
+
 def test_unknown_stage_kind_and_bad_values(tmp_path):
     p = write(tmp_path, MINIMAL.replace("kind: distill", "kind: distil"))
     with pytest.raises(ConfigError, match="stages.0"):
