@@ -135,6 +135,7 @@ def _ranks(rank: int, path: str, out: str) -> None:
         except Exception as e:
             res["differs"] = str(e)
         torch.save(res, f"{out}.{rank}")
+        dist.barrier()  # as compress.distributed.shutdown: leave the group together
     finally:
         dist.destroy_process_group()
 
@@ -197,6 +198,9 @@ def _fit_ranks(rank: int, store: str, sdir: str, stop_at: int, every: int, out: 
             except Stop:
                 pass
         torch.save({"state": model.state_dict(), "rows": rows, "logs": logs}, f"{out}.{rank}")
+        # both ranks done before either tears gloo down: a rank that destroys its group while the
+        # other is still in a collective aborts ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
