@@ -419,6 +419,12 @@ class ProfileConfig(Strict):
     runs: int = Field(200, ge=100, description="timed batch-1 runs (>= 100 for a stable p99)")
     throughput_batch: int = Field(64, ge=1, description="batch size of the throughput measurement")
     throughput_runs: int = Field(30, ge=1, description="timed runs at the throughput batch")
+    vendor_seconds: float = Field(1.0, ge=0, le=600, description=(
+        "how long the vendor's own tool (OpenVINO's benchmark_app) times the same file beside ours, "
+        "for the report's vendor column (0: not run)"))
+    throughput_search: bool = Field(True, description=(
+        "choose the throughput setting by measurement (OpenVINO streams/requests/request batch, ORT callers); "
+        "false: one caller, back-to-back runs of the compiled model"))
 
 
 class OutputConfig(Strict):

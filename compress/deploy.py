@@ -123,7 +123,8 @@ def measure(plan: DeploymentPlan, runner, x: np.ndarray, labels: np.ndarray, ref
     out = compare(logits_of(runner, x, plan.data.batch_size), labels, ref, plan.task, parity)
     out.update(profile(runner, x[:64], warmup=p.warmup, runs=p.runs, throughput_batch=p.throughput_batch,
                        throughput_runs=p.throughput_runs, max_warmup=p.max_warmup,
-                       settle_tolerance=p.settle_tolerance))
+                       settle_tolerance=p.settle_tolerance, vendor_seconds=p.vendor_seconds,
+                       throughput_search=p.throughput_search))
     out["executed_precision"] = runner.info["executed_precision"]
     out["runtime"] = {k: v for k, v in runner.info.items() if k != "executed_precision"}
     return out

@@ -49,6 +49,8 @@ class Profile:
     runs: int = 200
     throughput_batch: int = 64
     throughput_runs: int = 30
+    vendor_seconds: float = 1.0
+    throughput_search: bool = True
 
 
 @dataclass(frozen=True)

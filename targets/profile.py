@@ -91,8 +91,9 @@ def vendor_side(run, shape, seconds: float) -> Optional[dict]:
     return tool(tuple(shape), seconds) if tool is not None and seconds > 0 else None
 
 
-def throughput(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, warmup: int, runs: int) -> dict:
-    many = getattr(run, "run_many", None)
+def throughput(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, warmup: int, runs: int,
+               search: bool = True) -> dict:
+    many = getattr(run, "run_many", None) if search else None
     if many is not None:
         many([x] * max(1, warmup // 4))
         t = time.perf_counter()
@@ -126,7 +127,7 @@ def process_stats() -> dict:
 def profile(run: Callable[[np.ndarray], np.ndarray], sample: np.ndarray, *, warmup: int = 20,
             runs: int = 200, throughput_batch: int = 64, throughput_runs: int = 30,
             batch: int = 1, max_warmup: int = 1000, settle_tolerance: float = 0.05,
-            vendor_seconds: float = VENDOR_SECONDS) -> dict:
+            vendor_seconds: float = VENDOR_SECONDS, throughput_search: bool = True) -> dict:
     """sample: a few real, preprocessed inputs; batches are tiled from them so timing
     runs on realistic values (some kernels are data dependent). vendor_seconds: how long the
     vendor's tool runs (0: not run)."""
@@ -137,6 +138,7 @@ def profile(run: Callable[[np.ndarray], np.ndarray], sample: np.ndarray, *, warm
     lat["threads"] = info.get("threads")
     lat["runtime"] = runtime_side(run, tiled[:batch], runs, lat)  # while the latency request is warm
     lat["vendor"] = vendor_side(run, tiled[:batch].shape, vendor_seconds)
-    res = {"latency_ms": lat, "throughput": throughput(run, tiled[:throughput_batch], warmup, throughput_runs)}
+    res = {"latency_ms": lat, "throughput": throughput(run, tiled[:throughput_batch], warmup, throughput_runs,
+                                                                 throughput_search)}
     res["system"] = {"threads": info.get("threads"), "pinning": info.get("pinning"), **process_stats()}
     return res

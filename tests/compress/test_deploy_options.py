@@ -14,7 +14,7 @@ from tests.compress.test_parity import SHAPE, tiny_model
 from tests.conftest import ROOT
 
 CFG = load_config(ROOT / "examples" / "tiny.yaml", ["profile.runs=100", "profile.throughput_runs=2",
-                                                     "profile.throughput_batch=8"])
+                                                     "profile.throughput_batch=8", "profile.throughput_search=true"])
 
 
 @pytest.fixture(scope="module")

@@ -257,7 +257,7 @@ stages:
     loss: [{{kind: kl, weight: 0.9, temperature: 2}}, {{kind: dkd, weight: 0.1, temperature: 2}},
            {{kind: ce, weight: 0.1}}]
 targets: [{{backend: onnxruntime, threads: 1}}]
-profile: {{runs: 100, throughput_runs: 2}}
+profile: {{runs: 100, throughput_runs: 2, vendor_seconds: 0, throughput_search: false}}
 output: {{dir: {tmp_path}}}
 """)
     res = CliRunner().invoke(app, ["run", str(cfg)])

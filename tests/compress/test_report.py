@@ -24,7 +24,8 @@ def config(out, export_stages):
                        {"kind": "prune", "ratio": 0.5, "round_to": 4, "epochs": 0.25, "augment": False}],
             "export": {"stages": export_stages},
             "targets": [{"backend": b, "threads": 1} for b in BACKENDS],
-            "profile": {"warmup": 0, "max_warmup": 0, "runs": 100, "throughput_batch": 4, "throughput_runs": 2},
+            "profile": {"warmup": 0, "max_warmup": 0, "runs": 100, "throughput_batch": 4, "throughput_runs": 2,
+                        "vendor_seconds": 0, "throughput_search": False},
             "output": {"dir": str(out)}}
 
 
@@ -107,6 +108,8 @@ def test_deployments_table_shows_report_json(runs):
         assert num(cells[10]) == pytest.approx(d["throughput"]["items_per_s"], abs=0.5)
         assert num(cells[12]) == d["size_bytes"]
         assert cells[13] == d["executed_precision"]["summary"]
+        # profile.vendor_seconds: 0 and throughput_search: false (these runs) reach the harness
+        assert lat["vendor"] is None and d["throughput"]["mode"] == "sequential"
 
 
 def test_compared_with_teacher_table_shows_report_json_and_its_ratios_are_right(runs):

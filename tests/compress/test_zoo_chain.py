@@ -77,7 +77,8 @@ def chain_config(spec: str, out: Path) -> dict:
         "export": {"stages": STAGES},
         "targets": [{"backend": b, "threads": 1} for b in BACKENDS],
         # the least the profile section allows: timing is not what this file checks
-        "profile": {"warmup": 0, "max_warmup": 0, "runs": 100, "throughput_batch": 1, "throughput_runs": 1},
+        "profile": {"warmup": 0, "max_warmup": 0, "runs": 100, "throughput_batch": 1, "throughput_runs": 1,
+                    "vendor_seconds": 0, "throughput_search": False},
         "output": {"dir": str(out)},
     }
 
