@@ -9,7 +9,7 @@ own code runs unchanged); "producing the int8 model" also counts what the pipeli
 with a stage's result (the stage's scoring pass on the test split, MAC count, weights file)
 and the int8 ONNX export. NNCF is timed only where it is installed.
 
-    nice -n 5 python benchmarks/ptq_time.py --rounds 2
+    PYTHONPATH=. nice -n 5 python benchmarks/ptq_time.py --rounds 2   # PYTHONPATH: this checkout's compress
 """
 from __future__ import annotations
 
