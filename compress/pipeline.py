@@ -172,7 +172,8 @@ class Pipeline:
         save_weights(res.model, sdir / "model.safetensors", {"stage": name, "config_hash": h,
                                                              "classes": json.dumps(ctx.data.classes)})
         res.structure.write(sdir / "structure.json")
-        logits = predict(res.model, ctx.data.test, ctx.data, self.cfg.data.eval_batch_size)
+        logits = res.test_logits if res.test_logits is not None else \
+            predict(res.model, ctx.data.test, ctx.data, self.cfg.data.eval_batch_size)
         seconds = time.time() - t0
         scores = ctx.task.metrics(logits, ctx.data.test.labels)
         metrics = {"name": name, "config_hash": h, **scores,

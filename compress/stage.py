@@ -32,6 +32,9 @@ class StageResult:
     float_model: Optional[nn.Module] = None
     """the float model whose MACs stand for `model` when the op counter cannot see its layers
     (brevitas); None: `model` itself"""
+    test_logits: Any = None
+    """logits of `model` on the test split when the stage computed them anyway (a PTQ-only
+    quantize stage): the pipeline scores the stage from them instead of a second pass"""
 
 
 @dataclass

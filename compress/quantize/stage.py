@@ -53,15 +53,28 @@ def _bits(graph: nn.Module, names: list[str], qs: dict, ctx: RunContext, cfg: Qu
     return bits
 
 
+def _ptq_accuracy(qmodel: nn.Module, ctx: RunContext, metrics: dict):
+    """PTQ accuracy of the calibrated fake-quant model on the full test split; returns the
+    logits. Most of a PTQ-only stage's time on a large net (a 10k-image fake-quant pass: 47%
+    of it on the Fashion-MNIST teacher, benchmarks/ptq_time.py), so they are handed to the
+    pipeline when no QAT follows, which would otherwise score the same model a second time."""
+    logits = predict(qmodel, ctx.data.test, ctx.data)
+    metrics.update(ptq_accuracy=get_task(ctx.task).score(logits, ctx.data.test.labels),
+                   ptq_accuracy_on=f"test split ({len(logits)} examples), torch fake-quant")
+    return logits
+
+
 def _calibrate(graph: nn.Module, qs: dict, ctx: RunContext, cfg: QuantizeConfig, metrics: dict) -> nn.Module:
-    """Quantize the graph, calibrate its ranges (and biases), measure PTQ accuracy."""
+    """Quantize the graph, calibrate its ranges (and biases), measure PTQ accuracy (logits
+    kept in metrics["_ptq_logits"] until run() hands them on)."""
     qmodel = quantize_graph(graph, qs)
     pass_calibration_data(qmodel, ctx, cfg.calib_batches, "calibrate")
     if cfg.bias_correction:
         pass_calibration_data(qmodel, ctx, cfg.calib_batches, "bias_correction")
-    ptq_acc = get_task(ctx.task).score(predict(qmodel, ctx.data.test, ctx.data), ctx.data.test.labels)
+    metrics["_ptq_logits"] = _ptq_accuracy(qmodel, ctx, metrics)
+    ptq_acc = metrics["ptq_accuracy"]
     synthetic = getattr(ctx.calib, "synthetic", False)
-    metrics.update(ptq_accuracy=ptq_acc, calibration="synthetic" if synthetic else "real")
+    metrics.update(calibration="synthetic" if synthetic else "real")
     ctx.log(f"  {metrics['format']}: calibrated on {min(len(ctx.calib), cfg.calib_batches * ctx.batch_size)} "
             f"{'synthetic ' if synthetic else ''}images: PTQ accuracy {ptq_acc:.4f}")
     return qmodel
@@ -119,4 +132,8 @@ class QuantizeStage:
         metrics.update(layer_sqnr_db=sqnr, worst_layers=[n for n, _ in worst])
         ctx.log("  lowest per-layer SQNR: " + ", ".join(f"{n} {v:.1f} dB" for n, v in worst))
         structure = ctx.structure.model_copy(update={"quantize": QuantSettings(**qs)})
-        return StageResult(qmodel.eval(), structure, history, metrics, float_model=float_model)
+        # PTQ only: the returned model is the one the PTQ accuracy pass scored (layer_sqnr
+        # restores its quantizers), so the pipeline scores the stage from those logits
+        logits = metrics.pop("_ptq_logits")
+        return StageResult(qmodel.eval(), structure, history, metrics, float_model=float_model,
+                           test_logits=logits if cfg.epochs == 0 else None)
