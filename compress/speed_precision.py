@@ -24,6 +24,7 @@ from onnx import numpy_helper
 
 from compress.checkpoint import atomic_write, write_json
 from compress.onnx_graph import consumers, producers
+from targets.profile import mean_ms
 
 COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 MARGIN = 0.03  # a layer goes float only when that is this much faster: below it, timing noise decides
@@ -237,13 +238,6 @@ def _faster(timer, base: frozenset, cand: frozenset, margin: float) -> Optional[
     return ((t_base + t_base2) / 2, (t_cand + t_cand2) / 2) if t_cand2 < t_base2 * (1 - margin) else None
 
 
-def _time(run: Callable, x: np.ndarray, n: int) -> float:
-    t = time.perf_counter()
-    for _ in range(n):
-        run(x)
-    return (time.perf_counter() - t) / n * 1e3
-
-
 class BackendTimer:
     """Scores candidates (sets of float layers) of one Q/DQ graph on one backend: each is
     rewritten, compiled the way the target compiles it, and timed at every batch in
@@ -282,7 +276,7 @@ class BackendTimer:
             for b, x in self.x.items():
                 for i, r in enumerate(runners):
                     r(x)
-                    times[i, b].append(_time(r, x, self.runs[b]))
+                    times[i, b].append(mean_ms(r, x, self.runs[b]))
         med = {k: float(np.median(v)) for k, v in times.items()}
         for b in self.x:
             self._ref.setdefault(b, med[0, b])

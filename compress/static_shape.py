@@ -11,7 +11,6 @@ than MARGIN. Every other batch (accuracy passes, parity) runs on the dynamic art
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 import onnx
 
 from compress.checkpoint import atomic_write
+from targets.profile import mean_ms
 
 MARGIN = 0.03  # below this, the dynamic artifact (one file for every batch) is kept
 ROUNDS = 7
@@ -35,21 +35,14 @@ def static_onnx(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     return out
 
 
-def _time(run, x: np.ndarray, n: int) -> float:
-    t = time.perf_counter()
-    for _ in range(n):
-        run(x)
-    return (time.perf_counter() - t) / n * 1e3
-
-
 def paired_ms(a, b, x: np.ndarray, rounds: int = ROUNDS) -> tuple[float, float]:
     """Median over rounds of each runner's mean time (ms) on x, the two alternating."""
     n = max(2, 64 // x.shape[0])
     ta, tb = [], []
     for _ in range(rounds):
         a(x), b(x)
-        ta.append(_time(a, x, n))
-        tb.append(_time(b, x, n))
+        ta.append(mean_ms(a, x, n))
+        tb.append(mean_ms(b, x, n))
     return float(np.median(ta)), float(np.median(tb))
 
 

@@ -29,6 +29,14 @@ VENDOR_SECONDS = 1.0  # benchmark_app -t: ~5k calls of a 0.1 ms model, ~750 of t
 WINDOW = 20  # warm-up runs per window: enough for a median and a CV, small enough to stop early
 
 
+def mean_ms(run, x: np.ndarray, n: int) -> float:
+    """Mean ms per call over n back-to-back calls (for comparing candidates interleaved)."""
+    t = time.perf_counter()
+    for _ in range(n):
+        run(x)
+    return (time.perf_counter() - t) / n * 1e3
+
+
 def _timed(run, x) -> float:
     t = time.perf_counter()
     run(x)
