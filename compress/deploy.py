@@ -205,7 +205,8 @@ def deploy_stage(plan: DeploymentPlan, stage: StageArtifact) -> list[dict]:
     # the inputs every backend sees: raw test pixels through the manifest's preprocessing
     x = preprocess(data.test.images.numpy(), manifest)
     labels = data.test.labels.numpy()
-    ref = predict(stage.model, data.test, data, plan.data.batch_size)
+    ref = stage.test_logits if stage.test_logits is not None else predict(stage.model, data.test, data,
+                                                                          plan.data.batch_size)
     rows = []
     for spec in plan.targets:
         row = deploy_one(plan, stage.name, stage.dir, manifest, spec, x, labels, ref, model=stage.model)

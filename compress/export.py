@@ -19,6 +19,7 @@ from torch import nn
 from compress.checkpoint import atomic_write, write_json
 from compress.errors import UserError
 from compress.onnx_graph import consumers, producers
+from compress.quantize.inference import is_quantized
 
 INPUT, OUTPUT = "input", "logits"
 # Both exports use torch's TorchScript-based exporter (dynamo=False): brevitas' QCDQ
@@ -34,10 +35,6 @@ EXPORT_FORMAT = 3
 
 class ExportError(UserError):
     pass
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(type(m).__module__.startswith("brevitas") for m in model.modules())
 
 
 def _exportable(model: nn.Module) -> nn.Module:

@@ -136,7 +136,15 @@ def compute_rate(items_per_s: Optional[float], macs: Optional[int], hw: dict, th
     cores = min(threads or hw["cores"], hw["cores"])
     per_core = hw["int8_limit_gmac_s"] / hw["cores"] if hw.get("int8_limit_gmac_s") else None
     limit = per_core * cores if per_core else None
-    return {"gmac_per_s": gmacs, "int8_limit_gmac_s": limit, "int8_limit_fraction": gmacs / limit if limit else None}
+    out = {"gmac_per_s": gmacs, "int8_limit_gmac_s": limit, "int8_limit_fraction": gmacs / limit if limit else None}
+    if limit and gmacs > limit:
+        # measured above the limit: the MACs per cycle are the ISA's, so the clock read was too
+        # low (a VM shows the host's nominal clock, not its boost): say so and by how much
+        ghz = gmacs / (hw["int8_macs_per_cycle_per_core"] * cores)
+        out["int8_limit_note"] = (f"{gmacs:.0f} GMAC/s is above the {limit:.0f} GMAC/s limit at {hw['clock_ghz']:.2f} "
+                                  f"GHz ({hw['clock_source']}): the cores ran at {ghz:.2f} GHz or more, so the "
+                                  f"fraction overstates the share of the real limit")
+    return out
 
 
 def add_compute_rates(deployments: list[dict], stages: list[dict], hw: dict) -> None:

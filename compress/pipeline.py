@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -158,6 +159,9 @@ class Pipeline:
             self.log = lambda s: None
         self.task = from_config(cfg)
         self.data_digest: Optional[str] = None  # of the data as loaded (calib.checks.data_digest), hashed for resume
+        # stage name -> its torch logits on the test split, where this process scored it:
+        # deployment's reference for agreement, instead of a second pass over the same model
+        self.scored: dict[str, np.ndarray] = {}
 
     def _save(self, sdir: Path, name: str, res: StageResult, h: str, t0: float, ctx: RunContext, scfg) -> dict:
         """Rank 0 writes and scores the stage; every rank gets its metrics, after checking that
@@ -172,9 +176,14 @@ class Pipeline:
         save_weights(res.model, sdir / "model.safetensors", {"stage": name, "config_hash": h,
                                                              "classes": json.dumps(ctx.data.classes)})
         res.structure.write(sdir / "structure.json")
+        t_score = time.time()
         logits = res.test_logits if res.test_logits is not None else \
             predict(res.model, ctx.data.test, ctx.data, self.cfg.data.eval_batch_size)
+        # the test-split pass in torch, this one or the stage's that handed its logits on
+        res.metrics["score_seconds"] = round(time.time() - t_score, 2) if res.test_logits is None \
+            else res.metrics.get("ptq_score_seconds", 0.0)
         seconds = time.time() - t0
+        self.scored[name] = logits
         scores = ctx.task.metrics(logits, ctx.data.test.labels)
         metrics = {"name": name, "config_hash": h, **scores,
                    **ctx.model_stats(res.model, res.float_model or res.model, ctx.data.input_shape),
@@ -185,8 +194,8 @@ class Pipeline:
         write_sealed(sdir / "metrics.json", metrics, ["model.safetensors", "structure.json"])
         train_state.clear(sdir)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-        self.log(f"[{name}] torch {shown}, params {metrics['params']:,}, "
-                 f"MACs {metrics['macs']:,} ({seconds:.0f}s)")
+        self.log(f"[{name}] torch {shown}, params {metrics['params']:,}, MACs {metrics['macs']:,} "
+                 f"({seconds:.0f}s, of which {res.metrics['score_seconds']:.0f}s scoring the test split)")
         return metrics
 
     def _teacher_id(self, i: int, tc) -> tuple[str, Path, Optional[str]]:
@@ -343,7 +352,7 @@ class Pipeline:
         from compress.deploy import deploy_all
         from compress.plan import deployment_plan
         from compress.report import write_report
-        plan = deployment_plan(self.cfg, rows, models, ctx.data, self.run_dir, self.log, ctx.task)
+        plan = deployment_plan(self.cfg, rows, models, ctx.data, self.run_dir, self.log, ctx.task, self.scored)
         from calib.datasets import IMPORTED  # the code its config named (issue 14 item 6), kept with the report
         report = {**write_report(plan.run, rows, deploy_all(plan), self.log, ctx.task),
                   "imported_modules": sorted(IMPORTED)}

@@ -76,6 +76,7 @@ class StageArtifact:
     dir: Path
     structure: Any  # the stage's compress.structure.Structure; read only through sparse_layers(), quant_activations()
     export_hash: str  # marks the exports in `dir` as made from this model and these settings
+    test_logits: Any = None  # the model's torch logits on the test split where the run has them; None: score it
 
 
 @dataclass
@@ -116,9 +117,11 @@ def target_spec(entry) -> TargetSpec:
 
 
 def deployment_plan(cfg: "RunConfig", rows: list[dict], models: dict, data: "Dataset",
-                    run_dir: Path, log: Callable[[str], None] = print, task=None) -> DeploymentPlan:
+                    run_dir: Path, log: Callable[[str], None] = print, task=None,
+                    logits: Optional[dict] = None) -> DeploymentPlan:
     """rows: the stage rows (metrics, each with its chained config_hash); models: stage name
-    -> (model, stage dir, structure), in run order."""
+    -> (model, stage dir, structure), in run order; logits: stage name -> the model's torch
+    logits on the test split, where this process computed them."""
     from compress.config import config_hash
     from compress.export import EXPORT_FORMAT
     wanted = cfg.export.stages or list(models)
@@ -129,7 +132,8 @@ def deployment_plan(cfg: "RunConfig", rows: list[dict], models: dict, data: "Dat
     # True: the IR flag these hashes held before each target prepared its own artifact (kept
     # so that only a change of EXPORT_FORMAT, not this refactor, makes runs export again)
     stages = [StageArtifact(name, *models[name],
-                            export_hash=config_hash(stage_hash[name], cfg.export.opset, True, EXPORT_FORMAT))
+                            export_hash=config_hash(stage_hash[name], cfg.export.opset, True, EXPORT_FORMAT),
+                            test_logits=(logits or {}).get(name))
               for name in wanted]
     return DeploymentPlan(
         run=RunIdentity(cfg.name, Path(run_dir), config_hash(cfg), cfg.seed), stages=stages,

@@ -87,7 +87,8 @@ def timer_cells(lat: dict, thr: dict) -> str:
     vendor = f"{_fmt(vd.get('p50'), '.3f')} ({vd['tool']})" if vd.get("p50") is not None else "—"
     rate = thr.get("gmac_per_s")
     frac = thr.get("int8_limit_fraction")
-    share = f"{rate:.1f} ({frac:.0%})" if rate is not None and frac is not None else _fmt(rate, ".1f")
+    over = " of a limit read too low: report.json int8_limit_note" if thr.get("int8_limit_note") else ""
+    share = f"{rate:.1f} ({frac:.0%}{over})" if rate is not None and frac is not None else _fmt(rate, ".1f")
     return f"{_fmt(rt.get('p50'), '.3f')} | {vendor} | {share}"
 
 

@@ -3,6 +3,8 @@
 config.py      QuantizeConfig, settings recorded for rebuilds
 graph.py       trace + BN merge + per-layer formats; prepare / rebuild_quantized
 calibrate.py   activation ranges, bias correction, activation equalization, layer SQNR
+kth.py         the exact extreme percentiles calibration reads, without a full selection
+inference.py   scoring a fake-quant model through brevitas' cached-quantizer mode
 sensitivity.py mixed precision by measured per-layer sensitivity
 stage.py       QuantizeStage (the Stage contract) and its preflight `check`
 """

@@ -22,8 +22,11 @@ def pass_calibration_data(model: nn.Module, ctx, n_batches: int, mode: str) -> N
     ranges; "bias_correction" corrects each layer's bias for the mean shift quantization
     causes."""
     from brevitas.graph.calibrate import bias_correction_mode, calibration_mode
+
+    from compress.quantize.kth import fast_percentiles
     model.eval()
-    with {"calibrate": calibration_mode, "bias_correction": bias_correction_mode}[mode](model):
+    # the percentile statistics' selection was 60% of the pass; the same values, faster (kth.py)
+    with {"calibrate": calibration_mode, "bias_correction": bias_correction_mode}[mode](model), fast_percentiles():
         for x in calib_inputs(ctx, n_batches):
             model(x)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 
 from torch import nn
 
@@ -58,9 +59,11 @@ def _ptq_accuracy(qmodel: nn.Module, ctx: RunContext, metrics: dict):
     logits. Most of a PTQ-only stage's time on a large net (a 10k-image fake-quant pass: 47%
     of it on the Fashion-MNIST teacher, benchmarks/ptq_time.py), so they are handed to the
     pipeline when no QAT follows, which would otherwise score the same model a second time."""
+    t0 = time.perf_counter()
     logits = predict(qmodel, ctx.data.test, ctx.data)
     metrics.update(ptq_accuracy=get_task(ctx.task).score(logits, ctx.data.test.labels),
-                   ptq_accuracy_on=f"test split ({len(logits)} examples), torch fake-quant")
+                   ptq_accuracy_on=f"test split ({len(logits)} examples), torch fake-quant",
+                   ptq_score_seconds=round(time.perf_counter() - t0, 2))
     return logits
 
 

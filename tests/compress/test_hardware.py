@@ -74,12 +74,23 @@ def test_compute_rates_in_report_rows():
     assert r["gmac_per_s"] == pytest.approx(165.51185) and r["int8_limit_gmac_s"] == 200.0
     assert r["int8_limit_fraction"] == pytest.approx(0.8275593)
     assert compute_rate(1000.0, 1, {"cores": 2, "int8_limit_gmac_s": None}, 2)["int8_limit_fraction"] is None
+    assert "int8_limit_note" not in r
     deps = [{"stage": "teacher", "status": "ok", "throughput": {"items_per_s": 2000.0}, "runtime": {"threads": 2}},
             {"stage": "teacher", "status": "skipped", "throughput": None}]
     add_compute_rates(deps, [{"name": "teacher", "macs": 100_000_000}], hw)
     assert deps[0]["throughput"]["gmac_per_s"] == pytest.approx(200.0)
     assert deps[0]["throughput"]["int8_limit_fraction"] == pytest.approx(0.5)
     assert deps[1]["throughput"] is None
+
+
+def test_a_rate_above_the_limit_says_the_clock_was_read_too_low():
+    """Measured here: 425 GMAC/s on a Zen 4 VM whose cpuinfo shows 2.596 GHz (limit 332)."""
+    hw = {"cores": 2, "int8_limit_gmac_s": 332.3, "int8_macs_per_cycle_per_core": 64, "clock_ghz": 2.596,
+          "clock_source": "/proc/cpuinfo cpu MHz (current clock; turbo may be higher)"}
+    r = compute_rate(2568.0, 165_511_850, hw, threads=2)
+    assert r["int8_limit_fraction"] == pytest.approx(1.279, abs=1e-3)
+    # 425.0 GMAC/s / (64 MAC x 2 cores) = 3.32 GHz at least
+    assert "the cores ran at 3.32 GHz or more" in r["int8_limit_note"]
 
 
 def test_report_environment_carries_the_limit_and_says_how():

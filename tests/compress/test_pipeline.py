@@ -347,3 +347,22 @@ def test_a_stage_after_quantize_counts_the_float_models_macs(tmp_path):
     assert res.exit_code == 0, res.output
     macs = {s["name"]: s["macs"] for s in json.loads((tmp_path / "tiny" / "report.json").read_text())["stages"]}
     assert macs["distill"] == macs["quantize"] > 0
+
+
+def test_deployment_reuses_the_stage_logits_and_agrees_with_a_fresh_pass(tmp_path, monkeypatch):
+    """A run scores each stage once in torch: deployment takes that pass's logits as its
+    reference instead of scoring the same model again. A resumed run (stages read from disk)
+    scores afresh, and its agreement must be the first run's."""
+    import compress.deploy as deploy
+    calls = []
+    real = deploy.predict
+    monkeypatch.setattr(deploy, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = ("--set", f"output.dir={tmp_path}", "--set", "stages=[{kind: quantize, calib_batches: 2, epochs: 0}]",
+            "--set", "targets=[{backend: onnxruntime, threads: 1}]", "--set", "profile.throughput_runs=1")
+    assert run_cli(*args).exit_code == 0
+    first = json.loads((tmp_path / "tiny" / "report.json").read_text())["deployments"]
+    assert calls == [] and len(first) == 2
+    res = run_cli(*args)
+    assert res.exit_code == 0 and len(calls) == 2, res.output
+    again = json.loads((tmp_path / "tiny" / "report.json").read_text())["deployments"]
+    assert [d["agreement"] for d in again] == [d["agreement"] for d in first]
