@@ -1,4 +1,4 @@
-"""Per-layer precision chosen by measured speed (compress/speed_precision.py, `precision: speed`):
+"""Per-layer precision chosen by measured speed (compress/speed_precision.py, keep_float.py, `precision: speed`):
 the rewrite keeps chosen layers float with the int8 graph's own numbers, runtimes then really run
 them float, the search keeps float exactly the layers a (fake) timer makes faster, and the
 deployment row says which layers run in which precision and why."""
@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
+from compress import keep_float as kf
 from compress import speed_precision as sp
 from compress.config import TargetConfig
 from compress.export import export_qcdq
@@ -27,9 +28,9 @@ def int8(tmp_path_factory):
 
 def rewritten(int8, tmp_path, layers):
     path, x = int8
-    layers = [sp.quantized_layers(onnx.load(str(path)))[i] for i in layers]
+    layers = [kf.quantized_layers(onnx.load(str(path)))[i] for i in layers]
     out = tmp_path / "mixed.onnx"
-    onnx.save(sp.keep_float(onnx.load(str(path)), layers), str(out))
+    onnx.save(kf.keep_float(onnx.load(str(path)), layers), str(out))
     return out, layers, x
 
 
@@ -60,7 +61,7 @@ def test_runtimes_run_the_kept_layers_float_and_the_rest_int8(int8, tmp_path, ba
 
 def test_keep_float_refuses_a_name_that_is_not_a_quantized_layer(int8):
     with pytest.raises(ValueError, match="not quantized compute layers"):
-        sp.keep_float(onnx.load(str(int8[0])), ["/nope/Conv"])
+        kf.keep_float(onnx.load(str(int8[0])), ["/nope/Conv"])
 
 
 def fake_timer(int8_ms: dict, float_ms: dict, log: list, whole: float = 1e9):
@@ -68,7 +69,7 @@ def fake_timer(int8_ms: dict, float_ms: dict, log: list, whole: float = 1e9):
     `whole`: the score of the whole graph in float (its activations unquantized too)."""
     def timer(cands):
         log.append(cands)
-        return [whole if sp.WHOLE in c else sum(float_ms[k] if k in c else int8_ms[k] for k in int8_ms)
+        return [whole if kf.WHOLE in c else sum(float_ms[k] if k in c else int8_ms[k] for k in int8_ms)
                 for c in cands]
     return timer
 
@@ -83,7 +84,7 @@ def test_search_keeps_float_exactly_the_layers_the_timer_makes_faster():
                                                                    "d": "fp32"}
     # first the whole graph float (slower here), then each step compares the
     # choices so far with one more layer float; a flip is measured twice
-    assert log[0] == [frozenset(), frozenset({sp.WHOLE})] and not out["whole_graph_float"]
+    assert log[0] == [frozenset(), frozenset({kf.WHOLE})] and not out["whole_graph_float"]
     assert log[1] == [frozenset(), frozenset({"a"})]
     assert log[2:4] == [[frozenset(), frozenset({"b"})], [frozenset({"b"}), frozenset()]]
     assert out["layers"]["b"]["int8_score"] == 9.0 and out["layers"]["b"]["float_score"] == 5.0
@@ -103,7 +104,7 @@ def test_the_whole_graph_goes_float_when_that_beats_every_per_layer_choice():
 def test_float_graph_removes_activation_qdq_and_runs_float(int8, tmp_path):
     path, x = int8
     out = tmp_path / "float.onnx"
-    onnx.save(sp.float_graph(onnx.load(str(path))), str(out))
+    onnx.save(kf.float_graph(onnx.load(str(path))), str(out))
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
     runner = base.get("onnxruntime").compile(out, base.CompileOptions(threads=1, work_dir=tmp_path))
@@ -124,7 +125,7 @@ def test_backend_timer_times_real_candidates_on_onnxruntime(int8, tmp_path, monk
     monkeypatch.setattr(sp, "MAX_LAYERS", 2)
     monkeypatch.setattr(sp, "ROUNDS", 2)
     out = sp.choose(int8[0], "onnxruntime", tmp_path / "w", int8[1], threads=1, batches=(1, 4))
-    assert list(out["layers"]) == sp.quantized_layers(onnx.load(str(int8[0])))[:2]
+    assert list(out["layers"]) == kf.quantized_layers(onnx.load(str(int8[0])))[:2]
     for step in out["layers"].values():  # each decision follows its own measured scores
         assert step["int8_score"] > 0 and step["float_score"] > 0
         faster = step["float_score"] < step["int8_score"] * (1 - sp.MARGIN)
@@ -148,7 +149,7 @@ def test_deployment_row_says_which_layers_run_float_and_why(int8, tmp_path, monk
     d = tmp_path / "stage"
     d.mkdir()
     (d / "model.onnx").write_bytes(path.read_bytes())
-    names = sp.quantized_layers(onnx.load(str(path)))
+    names = kf.quantized_layers(onnx.load(str(path)))
     slow = names[1]  # the fake timer makes this one layer faster in float
     int8_ms, float_ms = dict.fromkeys(names, 1.0), {**dict.fromkeys(names, 1.5), slow: 0.2}
     monkeypatch.setattr(sp, "BackendTimer", lambda *a, **k: fake_timer(int8_ms, float_ms, []))
