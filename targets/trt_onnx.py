@@ -140,7 +140,8 @@ def make_trt_ready(src: Path, dst: Path, fp16: bool = False) -> dict:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as e:
         raise TrtOnnxError(f"{src}: the TensorRT-ready graph fails onnx.checker: {e}") from e
-    onnx.save(model, str(dst))
+    from compress.checkpoint import atomic_write  # a build interrupted mid-write leaves no half file
+    atomic_write(Path(dst), lambda tmp: onnx.save(model, str(tmp)))
     return {"path": str(dst), "precision": "int8" if quantized else ("fp16" if fp16 else "fp32"),
             "bias_dequantize_folded": folded}
 
