@@ -74,3 +74,15 @@ def train_loader(split: Split, batch_size: int, sampler: Sampler,
 def eval_loader(split: Split, batch_size: int) -> DataLoader:
     """Every example once, in order (the last batch may be short)."""
     return batch_loader(split, batch_size, SequentialSampler(range(len(split))), False)
+
+
+# On the CPU a conv net runs fastest on batches whose activations stay in cache: the
+# Fashion-MNIST teacher scored 2048 images in 4.1 s at 64 against 5.3 s at 256 and 7.2 s
+# at 1024 (2 threads); its int8 fake-quant twin 5.6 s at 64 against 12.9 s at 512.
+CPU_CALL_BATCH = 64
+
+
+def calls(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """An inference batch as the forward calls to make of it: on the CPU, pieces of
+    CPU_CALL_BATCH (the loader's batch stays what the caller asked for); elsewhere, whole."""
+    return x.split(CPU_CALL_BATCH) if x.device.type == "cpu" else (x,)

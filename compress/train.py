@@ -30,7 +30,7 @@ from compress.distill.features import FeatureTerm
 from compress.distill.objectives import CE, NEEDS_TEACHER, LogitTerm, Objective
 from compress.distill.teacher import TeacherSource, feature_distiller, teacher_source
 from compress.errors import UserError
-from compress.loader import SamplerFactory, SeededPermutation, eval_loader, train_loader
+from compress.loader import SamplerFactory, SeededPermutation, calls, eval_loader, train_loader
 from compress.tasks import Task, get_task
 
 
@@ -155,13 +155,6 @@ class TrainEnv:
     made, before the progress bar, evaluation and log line"""
 
 
-# On the CPU a conv net runs fastest on batches whose activations stay in cache: the
-# Fashion-MNIST teacher scored 2048 images in 4.1 s at 64 against 5.3 s at 256 and 7.2 s
-# at 1024 (2 threads); its int8 fake-quant twin 5.6 s at 64 against 12.9 s at 512. The
-# loader's batch stays what the caller asked for; on the CPU each call is cut to this.
-CPU_CALL_BATCH = 64
-
-
 @torch.no_grad()
 def predict(model: nn.Module, split: Split, data: Dataset, batch_size: int = 512,
             device: torch.device = torch.device("cpu")) -> np.ndarray:
@@ -169,10 +162,9 @@ def predict(model: nn.Module, split: Split, data: Dataset, batch_size: int = 512
     a brevitas model through its cached-quantizer twin (compress/quantize/inference.py)."""
     from compress.quantize.inference import inference_twin
     model.eval()
-    call = batch_size if device.type != "cpu" else min(batch_size, CPU_CALL_BATCH)
     outs, run = [], None
     for x, _, _ in eval_loader(split, batch_size):
-        for part in data.normalize(x).to(device).split(call):
+        for part in calls(data.normalize(x).to(device)):
             if run is None:
                 run = inference_twin(model, part)
             outs.append(run(part).float().cpu())

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from compress import distributed
 from compress.checkpoint import load_sealed_tensors, save_sealed_tensors
 from compress.distill.ensemble import Members
+from compress.loader import calls
 
 PAD = 2  # the loop's shift-crop: up to 2 px each way (28x28 Fashion-MNIST: 7%), then a coin-flip mirror
 AUGMENT = f"shift{PAD}flip"  # names the augmentation in the augmented cache's file name
@@ -154,7 +155,7 @@ def _teacher_logits(forward, data, batch_size: int, device, view: Optional[dict]
             x = shift_flip(x, *(view[k][i:i + batch_size] for k in ("dy", "dx", "flip")))
         x = data.normalize(x).to(device).contiguous(memory_format=fmt)
         with torch.autocast(torch.device(device).type, dtype=amp or torch.float32, enabled=amp is not None):
-            outs.append(forward(x).float().cpu())
+            outs.extend(forward(part).float().cpu() for part in calls(x))
     return torch.cat(outs)
 
 
