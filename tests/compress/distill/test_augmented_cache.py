@@ -126,7 +126,7 @@ def _fit(data, t, tmp_path, epochs=3, callbacks=()):
 
 def test_training_replays_the_view_whose_targets_it_reads_and_never_runs_the_teacher(small, tmp_path, monkeypatch):
     t, calls, views = teacher(0), [], {}
-    t.register_forward_hook(lambda *a: calls.append(1))
+    t.register_forward_hook(lambda m, inp, out: calls.append(len(inp[0])))  # images per teacher call
     real = C.AugmentedCache.__call__
 
     def check(self, x, idx):  # the student's input is the stored view whose targets are returned
@@ -139,11 +139,11 @@ def test_training_replays_the_view_whose_targets_it_reads_and_never_runs_the_tea
 
     monkeypatch.setattr(C.AugmentedCache, "__call__", check)
     _fit(small, t, tmp_path)
-    assert len(calls) == 2  # the build: 2 views x one batch of 256; training itself never runs the teacher
+    assert sum(calls) == 2 * 256  # the build: 2 views of the 256 images; training itself never runs the teacher
     assert sorted(views) == [0, 1, 2]
     assert all(views[e][i] == (e + i) % 2 for e in views for i in views[e])  # every view once per R epochs
     _fit(small, t, tmp_path, epochs=1)
-    assert len(calls) == 2  # the re-run reads the cache
+    assert sum(calls) == 2 * 256  # the re-run reads the cache
 
 
 class _Stop:
