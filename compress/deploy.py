@@ -140,12 +140,10 @@ def speed_precision(plan: DeploymentPlan, spec: TargetSpec, onnx_path: Path, sdi
 
 def static_shapes(plan: DeploymentPlan, target, source: Path, runner, cfg: base.CompileOptions, x: np.ndarray):
     """`shapes: auto`: static-batch compiles of the artifact for batch 1 and the throughput batch,
-    each used where it measured faster than the dynamic one."""
-    import tempfile
-
+    each used where it measured faster than the dynamic one and then kept beside it."""
     from compress import static_shape
-    with tempfile.TemporaryDirectory(prefix="static-", dir=source.parent) as work:
-        return static_shape.auto(target, source, runner, cfg, x[:64], (1, plan.profile.throughput_batch), Path(work))
+    return static_shape.auto(target, source, runner, cfg, x[:64], (1, plan.profile.throughput_batch), source.parent,
+                             target.name)
 
 
 def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spec: TargetSpec,

@@ -67,28 +67,42 @@ class StaticBatches:
         return out
 
     def __getattr__(self, name):
-        if name == "run_many":  # throughput mode (OpenVINO): the runner of that batch
-            many = [getattr(r, "run_many", None) for r in (*self.static.values(), self.dynamic)]
-            if all(m is None for m in many):
-                raise AttributeError(name)
-            return lambda batches: getattr(self._for(batches[0]), "run_many")(batches)
-        raise AttributeError(name)
+        # the optional Runner methods, answered by the runner of the batch they are asked about:
+        # throughput mode, the runtime's own timer, the vendor tool on that runner's file
+        if name not in PER_BATCH or all(getattr(r, name, None) is None for r in (*self.static.values(), self.dynamic)):
+            raise AttributeError(name)
+        pick = PER_BATCH[name]
+        return lambda first, *rest: getattr(self.static.get(pick(first), self.dynamic), name)(first, *rest)
 
 
-def auto(target, onnx_path: Path, dynamic, cfg, x: np.ndarray, batches: Sequence[int], work: Path):
-    """`shapes: auto`: compile a static artifact per batch, keep it where it measured faster."""
+PER_BATCH = {  # method -> the batch size its first argument asks about
+    "run_many": lambda batches: int(batches[0].shape[0]),
+    "runtime_latency": lambda x: int(x.shape[0]),
+    "vendor_latency": lambda shape: int(shape[0]),
+}
+
+
+def auto(target, onnx_path: Path, dynamic, cfg, x: np.ndarray, batches: Sequence[int], work: Path,
+         backend: str = "static"):
+    """`shapes: auto`: compile a static artifact per batch, keep it where it measured faster
+    (files named by `backend`: two targets of one stage share its folder)."""
     model = onnx.load(str(onnx_path))
     static, record = {}, {}
     for b in dict.fromkeys(batches):
-        src = work / f"{onnx_path.stem}.b{b}.onnx"
+        src = work / f"{onnx_path.stem}.{backend}.b{b}.onnx"
         m = static_onnx(model, b)
         atomic_write(src, lambda tmp: onnx.save(m, str(tmp)))
-        runner = target.compile(target.prepare(src, work), cfg)
+        artifact = target.prepare(src, work)
+        runner = target.compile(artifact, cfg)
         xb = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])), np.float32)
         dyn_ms, st_ms = paired_ms(dynamic, runner, xb)
         chosen = st_ms < dyn_ms * (1 - MARGIN)
         record[str(b)] = {"shape": "static" if chosen else "dynamic", "dynamic_ms": round(dyn_ms, 4),
                           "static_ms": round(st_ms, 4), "chosen_by": "measurement (shapes: auto)"}
-        if chosen:
+        if chosen:  # kept beside the dynamic artifact: what a fixed-batch deployment ships (and the vendor tool times)
             static[b] = runner
+            record[str(b)]["artifact"] = artifact.name
+        else:
+            for f in {src, artifact, *([artifact.with_suffix(".bin")] if artifact.suffix == ".xml" else [])}:
+                f.unlink(missing_ok=True)
     return StaticBatches(dynamic, static, record)
