@@ -342,6 +342,9 @@ class TargetConfig(Strict):
         "speed: an int8 export keeps float the layers this backend measures faster in float"))
     shapes: Literal["dynamic", "auto"] = Field("dynamic", description=(
         "auto: batch 1 and the throughput batch run a static-shape compile where it measures faster"))
+    latency_threads: Literal["configured", "auto"] = Field("configured", description=(
+        "auto: batch 1 runs on one thread where that measures faster than `threads` (small models: "
+        "the intra-op pool costs more than it shares); accuracy and throughput runs keep `threads`"))
     host: Optional[str] = Field(None, description=(
         "ssh://[user@]host[:port]: measure on that device (compress bench; targets/remote.py)"))
     python: str = Field("python3", description="the device's Python with numpy + the runtime (with host)")

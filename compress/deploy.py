@@ -146,6 +146,17 @@ def static_shapes(plan: DeploymentPlan, target, source: Path, runner, cfg: base.
                              target.name)
 
 
+def latency_threads(target, path: Path, runner, cfg: base.CompileOptions, x: np.ndarray):
+    """`latency_threads: auto`: batch 1 on one thread where that measured faster, compiled from
+    the artifact batch 1 runs (the static one where `shapes: auto` chose it)."""
+    import os
+
+    from compress import static_shape
+    b1 = ((runner.info.get("static_shapes") or {}).get("1") or {}).get("artifact")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return static_shape.one_thread_at_batch1(target, path.parent / b1 if b1 else path, runner, cfg, x, cores)
+
+
 def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spec: TargetSpec,
                x: np.ndarray, labels: np.ndarray, ref: np.ndarray, model=None) -> dict:
     """model: the torch model the artifact was exported from; given, a parity failure is
@@ -174,6 +185,8 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
         runner = target.compile(path, cfg)
         if spec.shapes == "auto":  # the choice per batch lands in row["runtime"]["static_shapes"]
             runner = static_shapes(plan, target, source, runner, cfg, x)
+        if spec.latency_threads == "auto":  # the choice lands in row["runtime"]["latency_threads"]
+            runner = latency_threads(target, path, runner, cfg, x)
         row.update(measure(plan, runner, x, labels, ref, spec.parity))
     except Exception as e:  # a backend failure is a result to report, not a crash of the run
         plan.log(traceback.format_exc())

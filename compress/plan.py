@@ -66,6 +66,7 @@ class TargetSpec:
     # backend measured faster in float (compress/speed_precision.py), the choices in the row
     precision: str = "as_exported"
     shapes: str = "dynamic"  # auto: static-shape compiles for the timed batches where faster (compress/static_shape.py)
+    latency_threads: str = "configured"  # auto: batch 1 on one thread where faster (compress/static_shape.py)
 
 
 @dataclass
@@ -113,7 +114,8 @@ def target_spec(entry) -> TargetSpec:
                       options=entry.options, parity=Parity(**entry.parity.model_dump()),
                       host=str(entry.host) if getattr(entry, "host", None) else None,
                       precision=getattr(entry, "precision", "as_exported"),
-                      shapes=getattr(entry, "shapes", "dynamic"))
+                      shapes=getattr(entry, "shapes", "dynamic"),
+                      latency_threads=getattr(entry, "latency_threads", "configured"))
 
 
 def deployment_plan(cfg: "RunConfig", rows: list[dict], models: dict, data: "Dataset",

@@ -114,8 +114,8 @@ def diverging_markdown(deployments: list[dict]) -> list[str]:
 
 
 def speed_markdown(deployments: list[dict]) -> list[str]:
-    """Per deployment with `precision: speed` or `shapes: auto`: what was chosen by timing on the
-    backend, and the times that chose it (targets[].precision / targets[].shapes)."""
+    """Per deployment with `precision: speed`, `shapes: auto` or `latency_threads: auto`: what was
+    chosen by timing on the backend, and the times that chose it (those targets[] keys)."""
     lines = []
     for d in deployments:
         sp, shapes = d.get("speed_precision"), (d.get("runtime") or {}).get("static_shapes")
@@ -130,6 +130,11 @@ def speed_markdown(deployments: list[dict]) -> list[str]:
             cells = ", ".join(f"batch {b}: {r['shape']} ({_fmt(r['dynamic_ms'], '.3f')} ms dynamic, "
                               f"{_fmt(r['static_ms'], '.3f')} ms static)" for b, r in shapes.items())
             lines += ["", f"{d['stage']} @ {d['backend']}: input shapes chosen by measurement: {cells}"]
+        lt = ((d.get("runtime") or {}).get("latency_threads") or {}).get("1")
+        if lt:
+            lines += ["", f"{d['stage']} @ {d['backend']}: batch 1 runs on {lt['threads']} thread(s), chosen by "
+                          f"measurement ({_fmt(lt['configured_ms'], '.3f')} ms on {lt['configured_threads']}, "
+                          f"{_fmt(lt['one_thread_ms'], '.3f')} ms on 1)"]
     return lines
 
 

@@ -8,9 +8,13 @@ each batch the deployment times (1 and the throughput batch) gets a copy of the 
 from a static-batch ONNX by the target's own `prepare`, compiled beside the dynamic one; the two
 are timed interleaved and the static one serves that batch only where it was faster by more
 than MARGIN. Every other batch (accuracy passes, parity) runs on the dynamic artifact.
+
+`latency_threads: auto` routes batch 1 the same way, to a one-thread compile where that was
+faster than the configured threads (`one_thread_at_batch1`).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -50,9 +54,9 @@ class StaticBatches:
     """A Runner: the static runner of a batch where it was chosen, the dynamic one otherwise.
     `info` is the dynamic runner's plus `static_shapes` (per batch: times and the choice)."""
 
-    def __init__(self, dynamic, static: dict, record: dict):
+    def __init__(self, dynamic, static: dict, record: dict, key: str = "static_shapes"):
         self.dynamic, self.static = dynamic, static
-        self.info = {**dynamic.info, "static_shapes": record}
+        self.info = {**dynamic.info, key: record}
         self.inner_ms: list[float] = []  # the runtime's own per-call times of whichever runner ran
 
     def _for(self, batch: np.ndarray):
@@ -106,3 +110,21 @@ def auto(target, onnx_path: Path, dynamic, cfg, x: np.ndarray, batches: Sequence
             for f in {src, artifact, *([artifact.with_suffix(".bin")] if artifact.suffix == ".xml" else [])}:
                 f.unlink(missing_ok=True)
     return StaticBatches(dynamic, static, record)
+
+
+def one_thread_at_batch1(target, artifact: Path, runner, cfg, x: np.ndarray, cores: int):
+    """`latency_threads: auto`: batch 1 on a one-thread compile of `artifact` (what batch 1 runs)
+    where it measured faster than `runner` at the configured threads. Measured here: ONNX
+    Runtime ran the demo's int8 student at batch 1 in 0.200 ms on 2 threads and 0.113 ms on 1
+    (benchmarks/RESULTS.md, "At 2 threads"): on a model this small the pool's wake-ups cost more
+    than the work they share. Other batches keep the configured threads."""
+    threads = cfg.threads or cores
+    if threads <= 1:
+        return runner
+    one = target.compile(artifact, dataclasses.replace(cfg, threads=1))
+    xb = np.ascontiguousarray(x[:1], np.float32)
+    base_ms, one_ms = paired_ms(runner, one, xb)
+    chosen = one_ms < base_ms * (1 - MARGIN)
+    record = {"threads": 1 if chosen else threads, "configured_threads": threads, "configured_ms": round(base_ms, 4),
+              "one_thread_ms": round(one_ms, 4), "chosen_by": "measurement (latency_threads: auto)"}
+    return StaticBatches(runner, {1: one} if chosen else {}, {"1": record}, key="latency_threads")

@@ -149,8 +149,11 @@ def test_speed_choices_are_shown_with_their_times():
          "speed_precision": {"margin": 0.03, "float_layers": ["stem"], "layers": {
              "stem": {"precision": "fp32", "int8_score": 0.52, "float_score": 0.14, "why": "float 3.7x as fast"},
              "fc": {"precision": "int8", "int8_score": 0.14, "float_score": 0.141, "why": "int8 not slower"}}},
-         "runtime": {"static_shapes": {"1": {"shape": "static", "dynamic_ms": 0.092, "static_ms": 0.076}}}}
+         "runtime": {"static_shapes": {"1": {"shape": "static", "dynamic_ms": 0.092, "static_ms": 0.076}},
+                     "latency_threads": {"1": {"threads": 1, "configured_threads": 2, "configured_ms": 0.2,
+                                               "one_thread_ms": 0.113}}}}
     text = "\n".join(speed_markdown([d, {"stage": "distill", "backend": "openvino"}]))
+    assert "batch 1 runs on 1 thread(s), chosen by measurement (0.200 ms on 2, 0.113 ms on 1)" in text
     assert "| `stem` | fp32 | 0.5200 | 0.1400 | float 3.7x as fast |" in text
     assert "| `fc` | int8 |" in text
     assert "batch 1: static (0.092 ms dynamic, 0.076 ms static)" in text

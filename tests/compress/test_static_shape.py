@@ -115,3 +115,32 @@ def test_the_runtime_timer_and_vendor_tool_ask_the_runner_of_their_batch():
     assert wrapped.runtime_latency(np.zeros((64, 3)), 5)["runner"] == "dynamic"
     with pytest.raises(AttributeError):
         wrapped.run_many  # noqa: B018 - neither runner has a throughput mode
+
+
+@pytest.mark.parametrize("times,chosen", [((0.200, 0.113), True), ((0.200, 0.199), False)])
+def test_latency_threads_auto_runs_batch1_on_one_thread_only_where_faster(exported, monkeypatch, times, chosen):
+    """(configured, one thread) ms at batch 1: 0.200 vs 0.113 is what ORT measured on the demo's
+    int8 student at 2 threads; a difference inside the margin keeps the configured threads."""
+    import dataclasses
+    path, x = exported
+    log = []
+    monkeypatch.setattr(static_shape, "paired_ms", lambda a, b, xb: times)
+
+    class Target:
+        def compile(self, artifact, cfg):
+            return Counting(f"{artifact.name} threads={cfg.threads}", log)
+    cfg = dataclasses.replace(base.CompileOptions(), threads=2)
+    runner = static_shape.one_thread_at_batch1(Target(), path, Counting("configured", log), cfg, x, cores=2)
+    rec = runner.info["latency_threads"]["1"]
+    assert rec["threads"] == (1 if chosen else 2) and rec["configured_threads"] == 2
+    assert rec["configured_ms"] == 0.2 and rec["one_thread_ms"] == times[1]
+    log.clear()
+    runner(x[:1]), runner(x[:64])
+    assert log == [("model.onnx threads=1" if chosen else "configured", 1), ("configured", 16)]
+
+
+def test_latency_threads_auto_has_nothing_to_try_on_one_thread(exported):
+    path, x = exported
+    runner = Counting("configured", [])
+    assert static_shape.one_thread_at_batch1(None, path, runner, base.CompileOptions(threads=1), x, 8) is runner
+    assert static_shape.one_thread_at_batch1(None, path, runner, base.CompileOptions(), x, 1) is runner
