@@ -149,12 +149,9 @@ def static_shapes(plan: DeploymentPlan, target, source: Path, runner, cfg: base.
 def latency_threads(target, path: Path, runner, cfg: base.CompileOptions, x: np.ndarray):
     """`latency_threads: auto`: batch 1 on one thread where that measured faster, compiled from
     the artifact batch 1 runs (the static one where `shapes: auto` chose it)."""
-    import os
-
     from compress import static_shape
     b1 = ((runner.info.get("static_shapes") or {}).get("1") or {}).get("artifact")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return static_shape.one_thread_at_batch1(target, path.parent / b1 if b1 else path, runner, cfg, x, cores)
+    return static_shape.one_thread_at_batch1(target, path.parent / b1 if b1 else path, runner, cfg, x)
 
 
 def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spec: TargetSpec,

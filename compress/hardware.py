@@ -103,6 +103,11 @@ def int8_macs_per_cycle(info: dict) -> tuple[Optional[int], str]:
     return units * per, f"{rule} x {per} int8 MAC per VPDPBUSD"
 
 
+def allowed_cores() -> int:
+    """The CPUs this process may run on (its affinity mask), what a runtime's "all cores" uses."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def describe(cpuinfo: Optional[str] = None, cores: Optional[int] = None,
              sys_cpu: Path = Path("/sys/devices/system/cpu")) -> dict:
     """The machine's int8 limit and how it was read. cpuinfo: a /proc/cpuinfo text (default:
@@ -114,7 +119,7 @@ def describe(cpuinfo: Optional[str] = None, cores: Optional[int] = None,
             cpuinfo = ""
     info = parse_cpuinfo(cpuinfo)
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = allowed_cores()
     ghz, clock_source = clock_ghz(info, sys_cpu)
     macs, rule = int8_macs_per_cycle(info)
     limit = macs * ghz * cores if macs and ghz else None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import onnx
@@ -112,13 +112,15 @@ def auto(target, onnx_path: Path, dynamic, cfg, x: np.ndarray, batches: Sequence
     return StaticBatches(dynamic, static, record)
 
 
-def one_thread_at_batch1(target, artifact: Path, runner, cfg, x: np.ndarray, cores: int):
+def one_thread_at_batch1(target, artifact: Path, runner, cfg, x: np.ndarray, cores: Optional[int] = None):
     """`latency_threads: auto`: batch 1 on a one-thread compile of `artifact` (what batch 1 runs)
     where it measured faster than `runner` at the configured threads. Measured here: ONNX
     Runtime ran the demo's int8 student at batch 1 in 0.200 ms on 2 threads and 0.113 ms on 1
     (benchmarks/RESULTS.md, "At 2 threads"): on a model this small the pool's wake-ups cost more
-    than the work they share. Other batches keep the configured threads."""
-    threads = cfg.threads or cores
+    than the work they share. Other batches keep the configured threads. cores: what `threads`
+    unset means (default: the CPUs this process may use)."""
+    from compress.hardware import allowed_cores
+    threads = cfg.threads or cores or allowed_cores()
     if threads <= 1:
         return runner
     one = target.compile(artifact, dataclasses.replace(cfg, threads=1))

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from compress.config import load_config
 from compress.pipeline import Pipeline
+from tests.compress.test_resume import same_weights
 
 STAGES = {"teacher": "00-teacher", "distill": "01-distill", "quantize": "02-quantize"}
 
@@ -41,10 +42,6 @@ def weights(out, stage="quantize"):
     return load_file(str(out / "selfq" / STAGES[stage] / "model.safetensors"))
 
 
-def same(a, b):
-    return a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-
-
 @pytest.fixture(scope="module")
 def first(tmp_path_factory):
     out = tmp_path_factory.mktemp("selfq")
@@ -74,12 +71,12 @@ def test_unchanged_rerun_skips_and_interrupted_quantize_reproduces(first, tmp_pa
     _, ran, logs = run(out)
     assert ran == ["quantize"]
     assert any("teacher cache: reusing teacher-float-" in line for line in logs)
-    assert same(weights(out), first[2])
+    assert same_weights(weights(out), first[2])
 
 
 def test_switching_the_teacher_reruns_quantize_alone(first, tmp_path):
     out = copy_of(first, tmp_path)
     _, ran, _ = run(out, ["stages.1.teacher=configured"])
     assert ran == ["quantize"]
-    assert not same(weights(out), first[2])
-    assert same(weights(out, "distill"), weights(first[0], "distill"))
+    assert not same_weights(weights(out), first[2])
+    assert same_weights(weights(out, "distill"), weights(first[0], "distill"))
