@@ -132,10 +132,14 @@ def measure(plan: DeploymentPlan, runner, x: np.ndarray, labels: np.ndarray, ref
 
 def speed_precision(plan: DeploymentPlan, spec: TargetSpec, onnx_path: Path, sdir: Path, x: np.ndarray):
     """`precision: speed`: the artifact with the layers this backend runs faster in float kept
-    float, timed at batch 1 and the throughput batch; the choice and its reasons go in the row."""
+    float, timed at batch 1 and the throughput batch the ways this target may run them (batch 1
+    on one thread under `latency_threads: auto`; single-threaded callers or streams where the
+    throughput search may choose them); the choice and its reasons go in the row."""
     from compress.speed_precision import speed_artifact
+    how = {"latency_one_thread": spec.latency_threads == "auto", "options": spec.options,
+           "streams": plan.profile.throughput_search and spec.device == "cpu"}
     return speed_artifact(onnx_path, sdir, spec.backend, x[:plan.profile.throughput_batch], spec.threads,
-                          (1, plan.profile.throughput_batch), plan.log)
+                          (1, plan.profile.throughput_batch), plan.log, how=how)
 
 
 def static_shapes(plan: DeploymentPlan, target, source: Path, runner, cfg: base.CompileOptions, x: np.ndarray):

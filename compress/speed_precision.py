@@ -53,7 +53,9 @@ def search(layers: Sequence[str], timer: Callable[[list[frozenset]], list[float]
         steps = {n: {"precision": "fp32", "int8_score": round(whole[0], 4), "float_score": round(whole[1], 4),
                      "why": why} for n in layers}
         return {"float_layers": list(layers), "whole_graph_float": True, "layers": steps, "margin": margin}
-    for layer in layers:
+    for i, layer in enumerate(layers):
+        if layer in current:  # went float with the layer before it (a pair)
+            continue
         cand = current | {layer}
         t_cur, t_cand = timer([current, cand])
         fp = t_cand < t_cur * (1 - margin)
@@ -65,8 +67,29 @@ def search(layers: Sequence[str], timer: Callable[[list[frozenset]], list[float]
                         "float_score": round(t_cand, 4)}
         steps[layer]["why"] = _why(steps[layer], backend, margin)
         current = cand if fp else current
+        if not fp and t_cand < t_cur * (1 + margin) and i + 1 < len(layers):
+            current = _pair(timer, current, layer, layers[i + 1], steps, backend, margin)
     return {"float_layers": [n for n in layers if n in current], "whole_graph_float": False, "layers": steps,
             "margin": margin}
+
+
+def _pair(timer, current: frozenset, layer: str, nxt: str, steps: dict, backend: str, margin: float) -> frozenset:
+    """A layer no slower in float alone is tried float together with the next one: a float
+    island in an int8 graph costs layout changes and Q/DQ at its edges, which a float neighbour
+    shares (measured: ORT, the demo student's stem and first block float together ran 5% faster
+    at 1 thread than the stem alone, while either block conv alone gained nothing). Kept only if
+    the pair beats both the choices so far and the next layer float alone, in two measurements."""
+    both, alone = current | {layer, nxt}, current | {nxt}
+    scores = [timer([current, alone, both]), timer([both, alone, current])[::-1]]
+    if not all(s[2] < min(s[0], s[1]) * (1 - margin) for s in scores):
+        return current
+    t_cur, t_alone, t_both = (np.mean(v) for v in zip(*scores))
+    for n in (layer, nxt):
+        steps[n] = {"precision": "fp32", "int8_score": round(float(t_cur), 4), "float_score": round(float(t_both), 4),
+                    "why": f"float with `{nxt if n == layer else layer}`: the two measured "
+                           f"{t_cur / t_both:.2f}x as fast as int8 and {t_alone / t_both:.2f}x as fast as "
+                           f"`{nxt}` float alone on {backend}"}
+    return both
 
 
 def _faster(timer, base: frozenset, cand: frozenset, margin: float) -> Optional[tuple[float, float]]:
@@ -79,65 +102,108 @@ def _faster(timer, base: frozenset, cand: frozenset, margin: float) -> Optional[
     return ((t_base + t_base2) / 2, (t_cand + t_cand2) / 2) if t_cand2 < t_base2 * (1 - margin) else None
 
 
+# backends whose throughput mode may run single-threaded callers side by side, chosen there by
+# measurement: ORT's callers (targets/ort_throughput.py), OpenVINO's streams (targets/ov_throughput.py)
+STREAMS = {"onnxruntime", "openvino"}
+
+
+def modes(batches: Sequence[int], threads: int, latency_one_thread: bool, streams: bool) -> dict:
+    """batch -> (threads of the compile, divisor): how candidates are timed at that batch, the way
+    the deployment will run it. Batch 1 on one thread where `latency_threads: auto` may send it
+    there; a throughput batch as one call on one thread over `threads` where the backend runs
+    `threads` single-threaded callers or streams at once (measured: two ORT callers of the int8
+    demo student reached 22,443 items/s against 2 x 11,315 for one alone). Else the configured
+    threads. One thread where the deployment allows it, also because sessions with thread pools
+    timed side by side slow each other: ORT's FP32 student at batch 64, 2 threads, took 5.4 ms
+    alone and 7.6 ms interleaved with a second session, while one-thread timings stayed within 2%.
+    Which threads the chosen artifact runs on is still decided by measurement at deployment."""
+    one = {b: (1, 1 if b == 1 else threads) for b in batches
+           if threads > 1 and (latency_one_thread if b == 1 else streams)}
+    return {b: one.get(b, (threads, 1)) for b in batches}
+
+
 class BackendTimer:
     """Scores candidates (sets of float layers) of one Q/DQ graph on one backend: each is
-    rewritten, compiled the way the target compiles it, and timed at every batch in
-    `batches`; score = sum over batches of time / the all-int8 graph's first time there, so
-    batch 1 and batch 64 weigh alike. Compiled candidates are kept while they are compared."""
+    rewritten, compiled the way the target compiles it, and timed at every batch in `batches`
+    the way the deployment runs that batch (`modes`); score = sum over batches of that time /
+    the all-int8 graph's first time there, so batch 1 and batch 64 weigh alike. Compiled
+    candidates are kept while they are compared."""
 
     def __init__(self, model: onnx.ModelProto, backend: str, work: Path, x: np.ndarray,
-                 threads: Optional[int] = None, batches: Sequence[int] = (1, 64)):
+                 threads: Optional[int] = None, batches: Sequence[int] = (1, 64), latency_one_thread: bool = False,
+                 streams: bool = False, options=None):
+        from compress.hardware import allowed_cores
         from targets import base
-        self.model, self.backend, self.work, self.threads = model, backend, Path(work), threads
+        self.model, self.backend, self.work, self.options = model, backend, Path(work), options
+        self.threads = threads or allowed_cores()
         self.target = base.get(backend)
         self.x = {b: np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])), np.float32) for b in batches}
+        self.modes = modes(batches, self.threads, latency_one_thread, streams and backend in STREAMS)
         # ~equal work per timing at each batch, and at least 4 runs: with 2 runs of batch 64 a loaded
         # 2-core machine hid a 19% gain at batch 64 (the demo's stem kept float, ORT)
         self.runs = {b: max(4, 128 // b) for b in batches}
-        self._runners: dict[frozenset, object] = {}
+        self._runners: dict[tuple, object] = {}
         self._ref: dict[int, float] = {}
         self._made = 0
 
-    def _runner(self, floats: frozenset):
+    def described(self) -> dict:
+        """batch -> how it was timed, for the record."""
+        return {str(b): f"{t} thread(s)" + (f", as {d} callers at once" if d > 1 else "")
+                for b, (t, d) in self.modes.items()}
+
+    def _runner(self, floats: frozenset, threads: int):
         from targets.base import CompileOptions
-        if floats not in self._runners:
+        if (floats, threads) not in self._runners:
             self.work.mkdir(parents=True, exist_ok=True)
             self._made += 1
             path = self.work / f"cand{self._made}.onnx"
             onnx.save(candidate(self.model, floats), str(path))
             # the ONNX itself: OpenVINO reads a Q/DQ graph as to_ir keeps it (Core.read_model)
-            self._runners[floats] = self.target.compile(path, CompileOptions(
-                threads=self.threads, precision="int8", work_dir=self.work))
-        return self._runners[floats]
+            self._runners[floats, threads] = self.target.compile(path, CompileOptions(
+                threads=threads, precision="int8", work_dir=self.work, options=self.options))
+        return self._runners[floats, threads]
 
     def __call__(self, candidates: list[frozenset]) -> list[float]:
-        runners = [self._runner(c) for c in candidates]
-        times = {(i, b): [] for i in range(len(runners)) for b in self.x}
+        times = {(i, b): [] for i in range(len(candidates)) for b in self.x}
         for _ in range(ROUNDS):
             for b, x in self.x.items():
-                for i, r in enumerate(runners):
+                threads, div = self.modes[b]
+                for i, c in enumerate(candidates):
+                    r = self._runner(c, threads)
                     r(x)
-                    times[i, b].append(mean_ms(r, x, self.runs[b]))
+                    times[i, b].append(mean_ms(r, x, self.runs[b]) / div)
         med = {k: float(np.median(v)) for k, v in times.items()}
         for b in self.x:
             self._ref.setdefault(b, med[0, b])
-        for c in list(self._runners):  # keep the compiled candidates still in play
-            if c not in candidates:
-                del self._runners[c]
-        return [sum(med[i, b] / self._ref[b] for b in self.x) for i in range(len(runners))]
+        in_use = {(c, m[0]) for c in candidates for m in self.modes.values()}
+        for key in list(self._runners):  # keep the compiled candidates still in play
+            if key not in in_use:
+                del self._runners[key]
+        return [sum(med[i, b] / self._ref[b] for b in self.x) for i in range(len(candidates))]
 
 
 def choose(onnx_path: Path, backend: str, work: Path, x: np.ndarray, threads: Optional[int] = None,
-           batches: Sequence[int] = (1, 64), timer: Optional[Callable] = None) -> dict:
-    """The speed-chosen precision of every quantized layer of `onnx_path` on `backend`."""
+           batches: Sequence[int] = (1, 64), timer: Optional[Callable] = None, how: Optional[dict] = None) -> dict:
+    """The speed-chosen precision of every quantized layer of `onnx_path` on `backend`. how:
+    BackendTimer's keywords saying how the deployment runs each batch (latency_one_thread,
+    streams, options)."""
     model = onnx.load(str(onnx_path))
     layers = quantized_layers(model)[:MAX_LAYERS]
     t0 = time.time()
-    timer = timer or BackendTimer(model, backend, work, x, threads, batches)
+    timer = timer or BackendTimer(model, backend, work, x, threads, batches, **(how or {}))
     out = search(layers, timer, backend)
     out.update(backend=backend, threads=threads, batches=list(batches), seconds=round(time.time() - t0, 1),
-               source_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest())
+               source_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest(), how=key_of(how),
+               timed=getattr(timer, "described", dict)())
     return out
+
+
+def key_of(how: Optional[dict]) -> dict:
+    """The parts of `how` a saved choice must match to be reused (options as their values)."""
+    how = dict(how or {})
+    if how.get("options") is not None:
+        how["options"] = how["options"].model_dump()
+    return how
 
 
 def read_json(path: Path) -> Optional[dict]:
@@ -159,7 +225,7 @@ def mixed_onnx(onnx_path: Path, out_dir: Path, backend: str) -> Path:
 
 def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, threads: Optional[int] = None,
                    batches: Sequence[int] = (1, 64), log: Callable[[str], None] = print,
-                   timer: Optional[Callable] = None) -> tuple[Path, dict]:
+                   timer: Optional[Callable] = None, how: Optional[dict] = None) -> tuple[Path, dict]:
     """The artifact `backend` deploys under `precision: speed` and the choice it holds. The
     choice is saved beside it (speed-<backend>.json) and reused while the ONNX it was made
     from and the threads and batches are the same."""
@@ -168,11 +234,11 @@ def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, 
     record = out_dir / f"speed-{backend}.json"
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     choice = read_json(record)
-    if not choice or (choice.get("source_sha256"), choice.get("threads"), choice.get("batches")) != (
-            digest, threads, list(batches)):
+    wanted = (digest, threads, list(batches), key_of(how))
+    if not choice or tuple(choice.get(k) for k in ("source_sha256", "threads", "batches", "how")) != wanted:
         work = out_dir / f".speed-{backend}"
         try:
-            choice = choose(onnx_path, backend, work, x, threads, batches, timer)
+            choice = choose(onnx_path, backend, work, x, threads, batches, timer, how)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         write_json(record, choice)
@@ -187,12 +253,12 @@ def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, 
 
 
 def search_file(onnx_path: Path, backend: str, work: Path, threads: Optional[int] = None,
-                shape=(1, 28, 28)) -> tuple[Path, dict]:
+                shape=(1, 28, 28), how: Optional[dict] = None) -> tuple[Path, dict]:
     """For benchmarks: speed_artifact on random inputs of `shape`, the ONNX itself returned
     (OpenVINO and ORT both compile it) rather than the backend's prepared artifact."""
     work.mkdir(parents=True, exist_ok=True)
     x = np.random.default_rng(0).standard_normal((64, *shape)).astype(np.float32)
-    choice = choose(onnx_path, backend, work / "cands", x, threads)
+    choice = choose(onnx_path, backend, work / "cands", x, threads, how=how)
     mixed = work / f"{onnx_path.stem}.{backend}-speed.onnx"
     onnx.save(chosen_graph(onnx.load(str(onnx_path)), choice), str(mixed))
     return mixed, choice

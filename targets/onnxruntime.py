@@ -125,16 +125,18 @@ class OrtRunner:
         return ort_runtime_latency(make, np.ascontiguousarray(x, self.dtype), runs)
 
     def run_many(self, batches: list) -> dict:
-        """Throughput mode: the session as configured, or single-threaded runs from as many
-        callers as it has intra-op threads, whichever measures faster (targets/ort_throughput.py)."""
+        """Throughput mode: the session as configured, or as many callers as it has intra-op
+        threads, each on its own single-threaded session, whichever measures faster
+        (targets/ort_throughput.py)."""
         if self._many is None:
             import onnxruntime as ort
 
             from targets.ort_throughput import Search
             path, opts, threads, providers = self._again
-            cands = {(1, threads): self.session}
+            cands = {(1, threads): [self.session]}
             if threads > 1 and opts.inter_op_threads == 1 and providers == ["CPUExecutionProvider"]:
-                cands[(threads, 1)] = ort.InferenceSession(str(path), session_options(opts, 1), providers=providers)
+                cands[(threads, 1)] = [ort.InferenceSession(str(path), session_options(opts, 1), providers=providers)
+                                       for _ in range(threads)]
             self._many = Search(cands, self.input_name)
         return self._many([np.ascontiguousarray(b, self.dtype) for b in batches])
 

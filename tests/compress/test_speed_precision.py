@@ -133,6 +133,58 @@ def test_backend_timer_times_real_candidates_on_onnxruntime(int8, tmp_path, monk
     assert out["backend"] == "onnxruntime" and out["batches"] == [1, 4] and out["seconds"] >= 0
 
 
+def test_a_pair_goes_float_only_when_it_beats_the_next_layer_float_alone():
+    # a float island costs its edges: a and b are only faster in float together (0.5 saved by the
+    # shared edge), c is faster alone; d's pair gain comes from e alone, so d stays int8
+    int8_ms = {"a": 1.0, "b": 1.0, "c": 2.0, "d": 1.0, "e": 2.0}
+    float_ms = {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0, "e": 1.0}
+
+    def timer(cands):
+        return [sum(float_ms[k] if k in c else int8_ms[k] for k in int8_ms) - (0.5 if {"a", "b"} <= c else 0)
+                for c in cands]
+    out = sp.search(list(int8_ms), timer, "onnxruntime")
+    assert out["float_layers"] == ["a", "b", "c", "e"]
+    assert out["layers"]["a"]["why"].startswith("float with `b`: the two measured")
+    assert out["layers"]["b"]["why"].startswith("float with `a`")
+    assert out["layers"]["d"]["precision"] == "int8" and out["layers"]["e"]["precision"] == "fp32"
+
+
+def test_candidates_are_timed_the_way_the_deployment_runs_each_batch():
+    # batch 1 on one thread under latency_threads: auto; the throughput batch as single-threaded
+    # callers where the backend streams; else the configured threads
+    assert sp.modes((1, 64), 2, True, True) == {1: (1, 1), 64: (1, 2)}
+    assert sp.modes((1, 64), 2, False, False) == {1: (2, 1), 64: (2, 1)}
+    assert sp.modes((1, 64), 4, False, True) == {1: (4, 1), 64: (1, 4)}
+    assert sp.modes((1, 64), 1, True, True) == {1: (1, 1), 64: (1, 1)}
+
+
+def test_a_saved_choice_is_reused_only_for_the_same_timing(int8, tmp_path):
+    path, x = int8
+    names = kf.quantized_layers(onnx.load(str(path)))
+    log, calls = [], []
+    fast = fake_timer(dict.fromkeys(names, 1.0), {**dict.fromkeys(names, 1.5), names[1]: 0.2}, log)
+
+    def choose(how):
+        calls.append(how)
+        return sp.speed_artifact(path, tmp_path, "onnxruntime", x, 2, (1, 4), lambda s: None, fast, how)
+    one = {"latency_one_thread": True, "streams": True}
+    first = choose(one)[1]
+    searched = len(log)
+    assert first["float_layers"] == [names[1]] and first["how"] == one
+    assert choose(dict(one))[1] == first and len(log) == searched  # same timing: read back, not searched
+    choose({**one, "streams": False})
+    assert len(log) > searched  # timed another way: searched again
+
+
+def test_backend_timer_on_two_threads_times_one_thread_compiles(int8, tmp_path, monkeypatch):
+    monkeypatch.setattr(sp, "MAX_LAYERS", 1)
+    monkeypatch.setattr(sp, "ROUNDS", 1)
+    out = sp.choose(int8[0], "onnxruntime", tmp_path / "w", int8[1], threads=2, batches=(1, 4),
+                    how={"latency_one_thread": True, "streams": True})
+    assert out["timed"] == {"1": "1 thread(s)", "4": "1 thread(s), as 2 callers at once"}
+    assert out["how"] == {"latency_one_thread": True, "streams": True}
+
+
 def test_precision_speed_is_a_target_key():
     from compress.plan import target_spec
     assert target_spec(TargetConfig(backend="openvino", precision="speed")).precision == "speed"

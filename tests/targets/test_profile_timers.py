@@ -126,6 +126,9 @@ def test_onnxruntime_throughput_is_the_searched_best(tmp_path):
     assert {(row["callers"], row["intra_op_threads"]) for row in out["search"]} == {(1, 2), (2, 1)}
     best = max(out["search"], key=lambda row: row["items_per_s"])
     assert (out["callers"], out["intra_op_threads"]) == (best["callers"], best["intra_op_threads"])
+    callers = r._many.candidates[(2, 1)]  # each caller runs its own single-threaded session of the file
+    assert len({id(s) for s in callers}) == 2 and all(
+        s.get_session_options().intra_op_num_threads == 1 for s in callers)
     one = base.get("onnxruntime").compile(path, base.CompileOptions(threads=1, work_dir=tmp_path))
     assert [(row["callers"], row["intra_op_threads"]) for row in one.run_many([np.zeros((4, 1, 8, 8), np.float32)])
             ["search"]] == [(1, 1)]  # one thread: nothing to split
