@@ -130,16 +130,25 @@ def measure(plan: DeploymentPlan, runner, x: np.ndarray, labels: np.ndarray, ref
     return out
 
 
-def speed_precision(plan: DeploymentPlan, spec: TargetSpec, onnx_path: Path, sdir: Path, x: np.ndarray):
+def speed_precision(plan: DeploymentPlan, spec: TargetSpec, onnx_path: Path, sdir: Path, x: np.ndarray,
+                    labels: np.ndarray, ref: np.ndarray):
     """`precision: speed`: the artifact with the layers this backend runs faster in float kept
     float, timed at batch 1 and the throughput batch the ways this target may run them (batch 1
     on one thread under `latency_threads: auto`; single-threaded callers or streams where the
-    throughput search may choose them); the choice and its reasons go in the row."""
+    throughput search may choose them); the whole graph in float only where it passes this
+    target's parity gate. The choice and its reasons go in the row."""
     from compress.speed_precision import speed_artifact
+    target, task = base.get(spec.backend), get_task(plan.task)
+
+    def accept(path: Path):
+        runner = target.compile(path, base.CompileOptions(threads=spec.threads, device=spec.device, precision="int8",
+                                                          work_dir=sdir, options=spec.options))
+        row = compare(logits_of(runner, x, plan.data.batch_size), labels, ref, plan.task, spec.parity)
+        return "; ".join(parity_failures(row, task.score(ref, labels), spec.parity, task)) or None
     how = {"latency_one_thread": spec.latency_threads == "auto", "options": spec.options,
            "streams": plan.profile.throughput_search and spec.device == "cpu"}
     return speed_artifact(onnx_path, sdir, spec.backend, x[:plan.profile.throughput_batch], spec.threads,
-                          (1, plan.profile.throughput_batch), plan.log, how=how)
+                          (1, plan.profile.throughput_batch), plan.log, how=how, accept=accept)
 
 
 def static_shapes(plan: DeploymentPlan, target, source: Path, runner, cfg: base.CompileOptions, x: np.ndarray):
@@ -180,7 +189,7 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
         path = sdir / name if name else target.prepare(onnx_path, sdir)
         source = onnx_path
         if spec.precision == "speed" and manifest["precision"] == "int8":
-            path, row["speed_precision"] = speed_precision(plan, spec, onnx_path, sdir, x)
+            path, row["speed_precision"] = speed_precision(plan, spec, onnx_path, sdir, x, labels, ref)
             source = mixed_onnx(onnx_path, sdir, spec.backend) if row["speed_precision"]["float_layers"] else source
         row["artifact"], row["size_bytes"] = str(path.relative_to(plan.run.run_dir)), artifact_size(path)
         runner = target.compile(path, cfg)

@@ -113,6 +113,21 @@ def diverging_markdown(deployments: list[dict]) -> list[str]:
     return lines
 
 
+def _speed_table(d: dict, sp: dict) -> list[str]:
+    """`precision: speed`: how the candidates were timed and, per layer, the precision chosen and why."""
+    timed = "; ".join(f"batch {b} on {how}" for b, how in (sp.get("timed") or {}).items())
+    lines = ["", f"### {d['stage']} @ {d['backend']}: precision per layer chosen by speed", "",
+             f"score: median time relative to the all-int8 graph, summed over the batches timed, lower is faster; "
+             f"a flip needs {sp.get('margin', 0):.0%}" + (f"; timed as deployed: {timed}" if timed else "")]
+    if sp.get("whole_graph_rejected"):
+        lines += ["", f"the whole graph in float measured faster but failed parity ({sp['whole_graph_rejected']}): "
+                      f"layers chosen one by one instead"]
+    lines += ["", "| layer | runs in | int8 score | float score | why |", "|---|---|---:|---:|---|"]
+    return lines + [f"| `{name}` | {r['precision']} | {_fmt(r.get('int8_score'), '.4f')} | "
+                    f"{_fmt(r.get('float_score'), '.4f')} | {r.get('why', '')} |"
+                    for name, r in (sp.get("layers") or {}).items()]
+
+
 def speed_markdown(deployments: list[dict]) -> list[str]:
     """Per deployment with `precision: speed`, `shapes: auto` or `latency_threads: auto`: what was
     chosen by timing on the backend, and the times that chose it (those targets[] keys)."""
@@ -120,12 +135,7 @@ def speed_markdown(deployments: list[dict]) -> list[str]:
     for d in deployments:
         sp, shapes = d.get("speed_precision"), (d.get("runtime") or {}).get("static_shapes")
         if sp:
-            lines += ["", f"### {d['stage']} @ {d['backend']}: precision per layer chosen by speed "
-                          f"(score: median ms, lower is faster; margin {sp.get('margin')})", "",
-                      "| layer | runs in | int8 score | float score | why |", "|---|---|---:|---:|---|"]
-            lines += [f"| `{name}` | {r['precision']} | {_fmt(r.get('int8_score'), '.4f')} | "
-                      f"{_fmt(r.get('float_score'), '.4f')} | {r.get('why', '')} |"
-                      for name, r in (sp.get("layers") or {}).items()]
+            lines += _speed_table(d, sp)
         if shapes:
             cells = ", ".join(f"batch {b}: {r['shape']} ({_fmt(r['dynamic_ms'], '.3f')} ms dynamic, "
                               f"{_fmt(r['static_ms'], '.3f')} ms static)" for b, r in shapes.items())
@@ -201,6 +211,7 @@ def to_markdown(report: dict) -> str:
     lines += ["", TIMERS_NOTE]
     lines += diverging_markdown(report["deployments"])
     lines += speed_markdown(report["deployments"])
+    lines += float_markdown(report["deployments"])
     compared = [d for d in report["deployments"] if d.get("vs_teacher")]
     if compared:
         primary = scols[0]
@@ -237,12 +248,46 @@ def add_teacher_ratios(deployments: list[dict], task=None) -> None:
         d["vs_teacher"][f"{primary}_delta"] = d[primary] - t[primary]
 
 
+def add_float_ratios(deployments: list[dict]) -> None:
+    """Each quantized deployment against the float stage it was quantized from (the last fp32
+    stage before it on the same backend): "my int8 model is not faster" answered per backend."""
+    last_float: dict = {}
+    for d in deployments:
+        ok = d["status"] == "ok" and d.get("latency_ms") and d.get("throughput")
+        if ok and d["precision"] == "fp32":
+            last_float[d["backend"]] = d
+        elif ok and d["backend"] in last_float:
+            f = last_float[d["backend"]]
+            d["vs_float"] = {"stage": f["stage"], "latency_speedup": f["latency_ms"]["p50"] / d["latency_ms"]["p50"],
+                             "throughput_ratio": d["throughput"]["items_per_s"] / f["throughput"]["items_per_s"]}
+
+
+def float_markdown(deployments: list[dict]) -> list[str]:
+    rows = [d for d in deployments if d.get("vs_float")]
+    if not rows:
+        return []
+    lines = ["", "## Quantized against its own float model on the same backend", "",
+             "| stage | backend | float stage | faster (p50 b1) | throughput |", "|---|---|---|---:|---:|"]
+    for d in rows:
+        v = d["vs_float"]
+        lines.append(f"| {d['stage']} | {d['backend']} | {v['stage']} | {v['latency_speedup']:.2f}× | "
+                     f"{v['throughput_ratio']:.2f}× |")
+    slower = [f"{d['stage']} @ {d['backend']}" for d in rows
+              if min(d["vs_float"]["latency_speedup"], d["vs_float"]["throughput_ratio"]) < 1]
+    if slower:
+        lines += ["", f"slower than its float model at batch 1 or in throughput: {', '.join(slower)} "
+                      f"(one run: below ~1 ms a call, batch-1 times swing between runs on shared or virtual "
+                      f"machines; benchmarks/int8_vs_fp32.py repeats both in fresh processes)"]
+    return lines
+
+
 def write_report(run: RunIdentity, rows: list[dict], deployments: list[dict],
                  log: Callable[[str], None] = print, task=None) -> dict:
     """rows: the stage rows (metrics.json of each stage); deployments: deploy's rows; task: the
     run's compress.tasks.Task (its metrics are the tables' columns; None: classification)."""
     task = get_task(task)
     add_teacher_ratios(deployments, task)
+    add_float_ratios(deployments)
     env = environment()
     add_compute_rates(deployments, rows, env["hardware"])
     report = {

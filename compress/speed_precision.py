@@ -41,12 +41,13 @@ def _why(step: dict, backend: str, margin: float = MARGIN) -> str:
 
 
 def search(layers: Sequence[str], timer: Callable[[list[frozenset]], list[float]], backend: str = "",
-           margin: float = MARGIN) -> dict:
+           margin: float = MARGIN, whole_graph: bool = True) -> dict:
     """Greedy in graph order: each layer is tried float on top of the choices so far and kept
     float when the candidate's score is lower by more than `margin`. timer(candidates) -> one
-    score per candidate (a set of float layers), lower is faster, measured interleaved."""
+    score per candidate (a set of float layers), lower is faster, measured interleaved.
+    whole_graph: try the whole graph float (activation Q/DQ removed) first."""
     current, steps = frozenset(), {}
-    whole = _faster(timer, frozenset(), frozenset({WHOLE}), margin)
+    whole = _faster(timer, frozenset(), frozenset({WHOLE}), margin) if whole_graph else None
     if whole is not None:  # the whole graph float beats int8 outright: nothing left to choose per layer
         ratio = whole[0] / whole[1]
         why = f"whole graph float (activation Q/DQ removed) measured {ratio:.2f}x as fast as int8 on {backend}"
@@ -183,7 +184,8 @@ class BackendTimer:
 
 
 def choose(onnx_path: Path, backend: str, work: Path, x: np.ndarray, threads: Optional[int] = None,
-           batches: Sequence[int] = (1, 64), timer: Optional[Callable] = None, how: Optional[dict] = None) -> dict:
+           batches: Sequence[int] = (1, 64), timer: Optional[Callable] = None, how: Optional[dict] = None,
+           whole_graph: bool = True) -> dict:
     """The speed-chosen precision of every quantized layer of `onnx_path` on `backend`. how:
     BackendTimer's keywords saying how the deployment runs each batch (latency_one_thread,
     streams, options)."""
@@ -191,7 +193,7 @@ def choose(onnx_path: Path, backend: str, work: Path, x: np.ndarray, threads: Op
     layers = quantized_layers(model)[:MAX_LAYERS]
     t0 = time.time()
     timer = timer or BackendTimer(model, backend, work, x, threads, batches, **(how or {}))
-    out = search(layers, timer, backend)
+    out = search(layers, timer, backend, whole_graph=whole_graph)
     out.update(backend=backend, threads=threads, batches=list(batches), seconds=round(time.time() - t0, 1),
                source_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest(), how=key_of(how),
                timed=getattr(timer, "described", dict)())
@@ -225,31 +227,47 @@ def mixed_onnx(onnx_path: Path, out_dir: Path, backend: str) -> Path:
 
 def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, threads: Optional[int] = None,
                    batches: Sequence[int] = (1, 64), log: Callable[[str], None] = print,
-                   timer: Optional[Callable] = None, how: Optional[dict] = None) -> tuple[Path, dict]:
+                   timer: Optional[Callable] = None, how: Optional[dict] = None,
+                   accept: Optional[Callable[[Path], Optional[str]]] = None) -> tuple[Path, dict]:
     """The artifact `backend` deploys under `precision: speed` and the choice it holds. The
     choice is saved beside it (speed-<backend>.json) and reused while the ONNX it was made
-    from and the threads and batches are the same."""
-    from targets import base
-    target = base.get(backend)
+    from, the threads, batches and `how` are the same. accept(artifact) -> None, or why the
+    whole graph in float may not ship: that graph computes other numbers than the int8 one (its
+    activations are not rounded), so it is judged first, and where it fails the layers are
+    chosen one by one, each kept float with the int8 graph's own numbers."""
     record = out_dir / f"speed-{backend}.json"
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     choice = read_json(record)
     wanted = (digest, threads, list(batches), key_of(how))
-    if not choice or tuple(choice.get(k) for k in ("source_sha256", "threads", "batches", "how")) != wanted:
-        work = out_dir / f".speed-{backend}"
-        try:
-            choice = choose(onnx_path, backend, work, x, threads, batches, timer, how)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    fresh = not choice or tuple(choice.get(k) for k in ("source_sha256", "threads", "batches", "how")) != wanted
+    work = out_dir / f".speed-{backend}"
+    try:
+        choice = choose(onnx_path, backend, work, x, threads, batches, timer, how) if fresh else choice
+        # judged on every deployment, a saved choice too: the gate's settings may have changed since
+        rejected = accept and choice["whole_graph_float"] and accept(_write(onnx_path, out_dir, backend, choice))
+        if rejected:
+            log(f"  precision: speed on {backend}: the whole graph in float fails parity ({rejected}); "
+                f"choosing per layer")
+            choice = {**choose(onnx_path, backend, work, x, threads, batches, timer, how, whole_graph=False),
+                      "whole_graph_rejected": rejected}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if fresh or rejected:
         write_json(record, choice)
         log(f"  precision: speed on {backend}: float {choice['float_layers'] or 'none'} "
             f"({choice['seconds']} s of timing)")
     if not choice["float_layers"]:
         return onnx_path, choice
+    return _write(onnx_path, out_dir, backend, choice), choice
+
+
+def _write(onnx_path: Path, out_dir: Path, backend: str, choice: dict) -> Path:
+    """The chosen graph, written beside the stage and prepared for `backend`."""
+    from targets import base
     mixed = mixed_onnx(onnx_path, out_dir, backend)
     model = chosen_graph(onnx.load(str(onnx_path)), choice)
     atomic_write(mixed, lambda tmp: onnx.save(model, str(tmp)))
-    return target.prepare(mixed, out_dir), choice
+    return base.get(backend).prepare(mixed, out_dir)
 
 
 def search_file(onnx_path: Path, backend: str, work: Path, threads: Optional[int] = None,

@@ -158,3 +158,25 @@ def test_speed_choices_are_shown_with_their_times():
     assert "| `fc` | int8 |" in text
     assert "batch 1: static (0.092 ms dynamic, 0.076 ms static)" in text
     assert "distill" not in text  # rows without choices add nothing
+
+
+def test_quantized_rows_are_compared_with_their_own_float_stage():
+    from compress.report import add_float_ratios, float_markdown
+
+    def row(stage, backend, precision, p50, items, status="ok"):
+        return {"stage": stage, "backend": backend, "precision": precision, "status": status,
+                "latency_ms": {"p50": p50}, "throughput": {"items_per_s": items}}
+    rows = [row("teacher", "onnxruntime", "fp32", 1.5, 700), row("prune", "onnxruntime", "fp32", 0.10, 16000),
+            row("prune", "openvino", "fp32", 0.15, 16000), row("quantize", "onnxruntime", "int8", 0.08, 25000),
+            row("quantize", "openvino", "int8", 0.30, 32000),
+            row("quantize", "tensorrt", "int8", None, None, "skipped")]
+    add_float_ratios(rows)
+    ort, ov = rows[3]["vs_float"], rows[4]["vs_float"]
+    assert ort["stage"] == "prune" and ort["latency_speedup"] == pytest.approx(1.25)
+    assert ort["throughput_ratio"] == pytest.approx(25000 / 16000)
+    assert ov["latency_speedup"] == pytest.approx(0.5) and "vs_float" not in rows[5]
+    assert all("vs_float" not in r for r in rows[:3])  # float rows are the reference, not compared
+    md = float_markdown(rows)
+    assert "| quantize | onnxruntime | prune | 1.25× | 1.56× |" in md
+    assert any(line.startswith("slower than its float model at batch 1 or in throughput: quantize @ openvino")
+               for line in md)

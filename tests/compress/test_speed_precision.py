@@ -219,3 +219,50 @@ def test_deployment_row_says_which_layers_run_float_and_why(int8, tmp_path, monk
     assert row["executed_precision"]["int8_layers"] == LAYERS - 1
     assert row["artifact"].endswith("model.onnxruntime-speed.onnx")
     assert (d / "speed-onnxruntime.json").is_file() and not (d / ".speed-onnxruntime").exists()
+
+
+def test_a_whole_float_graph_that_fails_parity_is_not_shipped(int8, tmp_path):
+    path, x = int8
+    names = kf.quantized_layers(onnx.load(str(path)))
+    slow = names[2]
+    timer = fake_timer(dict.fromkeys(names, 1.0), {**dict.fromkeys(names, 1.5), slow: 0.2}, [], whole=1.0)
+    judged = []
+
+    def accept(artifact):  # what deploy passes: the parity gate's reasons, or None
+        judged.append(len(kf.quantized_layers(onnx.load(str(artifact)))))
+        return "agreement with torch 0.9400 < min_agreement 0.98"
+    out, choice = sp.speed_artifact(path, tmp_path, "onnxruntime", x, 1, (1, 4), lambda s: None, timer,
+                                    accept=accept)
+    assert judged == [0]  # judged: the whole graph float, no quantized layer left
+    assert not choice["whole_graph_float"] and choice["float_layers"] == [slow]
+    assert choice["whole_graph_rejected"].startswith("agreement with torch 0.9400")
+    assert len(kf.quantized_layers(onnx.load(str(out)))) == len(names) - 1  # the per-layer graph is what ships
+    assert sp.speed_artifact(path, tmp_path, "onnxruntime", x, 1, (1, 4), lambda s: None, timer,
+                             accept=accept)[1] == choice and judged == [0]  # reused: not judged again
+
+
+def test_deploy_judges_the_whole_float_graph_with_the_targets_parity_gate(int8, tmp_path, monkeypatch):
+    import dataclasses
+
+    from compress.deploy import deploy_one
+    from compress.plan import deployment_plan, target_spec
+    from compress.report import speed_markdown
+    from tests.compress.test_deploy_options import CFG
+    path, x = int8
+    d = tmp_path / "stage"
+    d.mkdir()
+    (d / "model.onnx").write_bytes(path.read_bytes())
+    names = kf.quantized_layers(onnx.load(str(path)))
+    monkeypatch.setattr(sp, "BackendTimer", lambda *a, **k: fake_timer(
+        dict.fromkeys(names, 1.0), {**dict.fromkeys(names, 1.5), names[0]: 0.2}, [], whole=1.0))
+    plan = deployment_plan(CFG, [], {}, None, tmp_path, log=lambda s: None)
+    ref = ort_run(path, x, False)
+    manifest = {"precision": "int8", "files": {"onnx": "model.onnx"},
+                "quant_format": {"weight_bits": dict.fromkeys(names, 8)}}
+    spec = target_spec(TargetConfig(backend="onnxruntime", threads=1, precision="speed"))
+    # a gate the float graph (activations unrounded) cannot pass: logits within 1e-3 of the int8 graph's
+    spec = dataclasses.replace(spec, parity=dataclasses.replace(spec.parity, max_abs_diff=1e-3))
+    row = deploy_one(plan, "quantize", d, manifest, spec, x, ref.argmax(1), ref)
+    chosen = row["speed_precision"]
+    assert "max_abs_diff 0.001" in chosen["whole_graph_rejected"] and chosen["float_layers"] == [names[0]]
+    assert any("failed parity" in line for line in speed_markdown([row]))
