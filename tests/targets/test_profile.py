@@ -114,3 +114,19 @@ def test_runtime_own_timer_is_summarised_over_the_timed_runs_only():
     assert res["latency_ms"]["inner_p50"] == 1.5 and len(r.inner_ms) >= 100
     assert profile(SleepRunner(), np.zeros((1, 1, 4, 4), np.float32), warmup=0, runs=100,
                    throughput_batch=1, throughput_runs=1)["latency_ms"]["inner_p50"] is None
+
+
+def test_throughput_is_the_median_of_rounds_so_one_slow_round_does_not_set_it(monkeypatch):
+    import targets.profile as prof
+    monkeypatch.setattr(prof, "THROUGHPUT_SECONDS", 10.0)  # bounded by rounds here
+    calls = []
+
+    def run(x):  # the first timed round is 10x slower (a machine busy elsewhere), the rest steady
+        calls.append(1)
+        time.sleep(0.02 if len(calls) <= 1 + 4 else 0.002)  # warm-up: 1 call (warmup 4 // 4)
+        return x
+    out = prof.throughput(run, np.zeros((8, 1), np.float32), warmup=4, runs=4, search=False)
+    assert out["rounds"] == prof.THROUGHPUT_ROUNDS
+    lo, hi = out["rounds_items_per_s"]
+    assert hi > 5 * lo  # the slow round was measured...
+    assert out["items_per_s"] > 0.5 * hi  # ...and the median of rounds is the steady rate, not that round
