@@ -193,7 +193,11 @@ def test_precision_speed_is_a_target_key():
         TargetConfig(backend="onnxruntime", precision="fastest")
 
 
-def test_deployment_row_says_which_layers_run_float_and_why(int8, tmp_path, monkeypatch):
+def deploy_speed(int8, tmp_path, monkeypatch, fast: int, whole: float = 1e9, parity: dict = None):
+    """deploy_one on the int8 export with `precision: speed` (ORT, 1 thread), a fake timer making
+    layer `fast` faster in float and the whole float graph score `whole`; parity: the gate's changes."""
+    import dataclasses
+
     from compress.deploy import deploy_one
     from compress.plan import deployment_plan, target_spec
     from tests.compress.test_deploy_options import CFG
@@ -202,15 +206,20 @@ def test_deployment_row_says_which_layers_run_float_and_why(int8, tmp_path, monk
     d.mkdir()
     (d / "model.onnx").write_bytes(path.read_bytes())
     names = kf.quantized_layers(onnx.load(str(path)))
-    slow = names[1]  # the fake timer makes this one layer faster in float
-    int8_ms, float_ms = dict.fromkeys(names, 1.0), {**dict.fromkeys(names, 1.5), slow: 0.2}
-    monkeypatch.setattr(sp, "BackendTimer", lambda *a, **k: fake_timer(int8_ms, float_ms, []))
+    int8_ms, float_ms = dict.fromkeys(names, 1.0), {**dict.fromkeys(names, 1.5), names[fast]: 0.2}
+    monkeypatch.setattr(sp, "BackendTimer", lambda *a, **k: fake_timer(int8_ms, float_ms, [], whole))
     plan = deployment_plan(CFG, [], {}, None, tmp_path, log=lambda s: None)
     ref = ort_run(path, x, False)
     manifest = {"precision": "int8", "files": {"onnx": "model.onnx"},
                 "quant_format": {"weight_bits": dict.fromkeys(names, 8)}}
-    entry = TargetConfig(backend="onnxruntime", threads=1, precision="speed")
-    row = deploy_one(plan, "quantize", d, manifest, target_spec(entry), x, ref.argmax(1), ref)
+    spec = target_spec(TargetConfig(backend="onnxruntime", threads=1, precision="speed"))
+    spec = dataclasses.replace(spec, parity=dataclasses.replace(spec.parity, **(parity or {})))
+    return deploy_one(plan, "quantize", d, manifest, spec, x, ref.argmax(1), ref), names, d
+
+
+def test_deployment_row_says_which_layers_run_float_and_why(int8, tmp_path, monkeypatch):
+    row, names, d = deploy_speed(int8, tmp_path, monkeypatch, fast=1)
+    slow = names[1]  # the fake timer makes this one layer faster in float
     assert row["status"] == "ok", row["reason"]
     sp_row = row["speed_precision"]
     assert sp_row["float_layers"] == [slow] and sp_row["backend"] == "onnxruntime"
@@ -242,27 +251,9 @@ def test_a_whole_float_graph_that_fails_parity_is_not_shipped(int8, tmp_path):
 
 
 def test_deploy_judges_the_whole_float_graph_with_the_targets_parity_gate(int8, tmp_path, monkeypatch):
-    import dataclasses
-
-    from compress.deploy import deploy_one
-    from compress.plan import deployment_plan, target_spec
     from compress.report import speed_markdown
-    from tests.compress.test_deploy_options import CFG
-    path, x = int8
-    d = tmp_path / "stage"
-    d.mkdir()
-    (d / "model.onnx").write_bytes(path.read_bytes())
-    names = kf.quantized_layers(onnx.load(str(path)))
-    monkeypatch.setattr(sp, "BackendTimer", lambda *a, **k: fake_timer(
-        dict.fromkeys(names, 1.0), {**dict.fromkeys(names, 1.5), names[0]: 0.2}, [], whole=1.0))
-    plan = deployment_plan(CFG, [], {}, None, tmp_path, log=lambda s: None)
-    ref = ort_run(path, x, False)
-    manifest = {"precision": "int8", "files": {"onnx": "model.onnx"},
-                "quant_format": {"weight_bits": dict.fromkeys(names, 8)}}
-    spec = target_spec(TargetConfig(backend="onnxruntime", threads=1, precision="speed"))
     # a gate the float graph (activations unrounded) cannot pass: logits within 1e-3 of the int8 graph's
-    spec = dataclasses.replace(spec, parity=dataclasses.replace(spec.parity, max_abs_diff=1e-3))
-    row = deploy_one(plan, "quantize", d, manifest, spec, x, ref.argmax(1), ref)
+    row, names, _ = deploy_speed(int8, tmp_path, monkeypatch, fast=0, whole=1.0, parity={"max_abs_diff": 1e-3})
     chosen = row["speed_precision"]
     assert "max_abs_diff 0.001" in chosen["whole_graph_rejected"] and chosen["float_layers"] == [names[0]]
     assert any("failed parity" in line for line in speed_markdown([row]))
