@@ -106,7 +106,10 @@ def vendor_side(run, shape, seconds: float) -> Optional[dict]:
 
 
 def throughput(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, warmup: int, runs: int,
-               search: bool = True) -> dict:
+               search: bool = True, max_rounds: int = 0) -> dict:
+    """Items/s at x's batch: the median of rounds of `runs` batches. max_rounds: at most this
+    many (0: THROUGHPUT_ROUNDS); `compress bench` passes 1, its own rounds interleave artifacts."""
+    max_rounds = max_rounds or THROUGHPUT_ROUNDS
     many = getattr(run, "run_many", None) if search else None
     if many is not None:
         many([x] * max(1, warmup // 4))  # runs the runner's setting search, if it has one
@@ -117,7 +120,7 @@ def throughput(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, warmup: i
         for _ in range(max(1, warmup // 4)):
             run(x)
     rates, mode, start = [], {"mode": "sequential"}, time.perf_counter()
-    while not rates or (len(rates) < THROUGHPUT_ROUNDS and time.perf_counter() - start < THROUGHPUT_SECONDS):
+    while not rates or (len(rates) < max_rounds and time.perf_counter() - start < THROUGHPUT_SECONDS):
         t = time.perf_counter()
         if many is not None:
             mode = many([x] * runs) or {}

@@ -109,7 +109,7 @@ def measure(job_path):
         for key, (runner, x, runs) in runners.items():
             lat = prof.latency(runner, x[:1], p["warmup"], p["runs"], p["max_warmup"], p["settle_tolerance"])
             thr = prof.throughput(runner, np.concatenate([x[:64]] * -(-p["throughput_batch"] // 64))[
-                :p["throughput_batch"]], p["warmup"], runs)
+                :p["throughput_batch"]], p["warmup"], runs, max_rounds=1)
             results[key]["rounds"].append({"p50": lat["p50"], "p90": lat["p90"], "items_per_s": thr["items_per_s"]})
     desc = fp.describe()
     return {"fingerprint": desc, "key": fp.key(desc), "results": results, "seconds": time.perf_counter() - start}
