@@ -339,7 +339,8 @@ class TargetConfig(Strict):
         "flat beside `backend`, as older configs do"))
     parity: ParityConfig = Field(default_factory=ParityConfig, description="the gate a deployment must pass")
     precision: Literal["as_exported", "speed"] = Field("as_exported", description=(
-        "speed: an int8 export keeps float the layers this backend measures faster in float"))
+        "speed: an int8 export keeps float the layers this backend measures faster in float, timed the way "
+        "this target runs batch 1 and the throughput batch; the whole graph in float only if it passes parity"))
     shapes: Literal["dynamic", "auto"] = Field("dynamic", description=(
         "auto: batch 1 and the throughput batch run a static-shape compile where it measures faster"))
     latency_threads: Literal["configured", "auto"] = Field("configured", description=(
