@@ -9,7 +9,7 @@ says, chosen again by measurement; the profile settings of the run), FP32 and in
 alternating. Printed per backend: the median and range over trials of the batch-1 p50 and of
 items/s at the throughput batch, and FP32 / int8 of the medians (> 1: int8 faster).
 
-    nice -n 5 python benchmarks/int8_vs_fp32.py --run /work/demo5/fashion-mnist --trials 5
+    nice -n 5 python benchmarks/int8_vs_fp32.py --run runs/fashion-mnist --trials 5
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def trial(run: Path, row: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", type=Path, default=Path("/work/demo5/fashion-mnist"))
+    ap.add_argument("--run", type=Path, default=Path("runs/fashion-mnist"), help="a finished run folder")
     ap.add_argument("--fp32", default="prune", help="the FP32 stage the int8 one was quantized from")
     ap.add_argument("--int8", default="quantize")
     ap.add_argument("--trials", type=int, default=5)

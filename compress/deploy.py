@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -118,9 +119,12 @@ def skipped(target, why: str, onnx_path: Path, cfg: base.CompileOptions, x: np.n
 
 
 def measure(plan: DeploymentPlan, runner, x: np.ndarray, labels: np.ndarray, ref: np.ndarray,
-            parity: Parity = None) -> dict:
+            parity: Parity = None, compared: Optional[dict] = None) -> dict:
+    """compared: compare()'s result for this artifact where it was already scored (the accuracy
+    pass is not run twice)."""
     p = plan.profile
-    out = compare(logits_of(runner, x, plan.data.batch_size), labels, ref, plan.task, parity)
+    out = dict(compared) if compared else compare(logits_of(runner, x, plan.data.batch_size), labels, ref,
+                                                  plan.task, parity)
     out.update(profile(runner, x[:64], warmup=p.warmup, runs=p.runs, throughput_batch=p.throughput_batch,
                        throughput_runs=p.throughput_runs, max_warmup=p.max_warmup,
                        settle_tolerance=p.settle_tolerance, vendor_seconds=p.vendor_seconds,
@@ -136,19 +140,23 @@ def speed_precision(plan: DeploymentPlan, spec: TargetSpec, onnx_path: Path, sdi
     float, timed at batch 1 and the throughput batch the ways this target may run them (batch 1
     on one thread under `latency_threads: auto`; single-threaded callers or streams where the
     throughput search may choose them); the whole graph in float only where it passes this
-    target's parity gate. The choice and its reasons go in the row."""
+    target's parity gate. The choice and its reasons go in the row. -> (artifact, choice, the
+    artifact's compare() where it was scored for the gate, else None)."""
     from compress.speed_precision import speed_artifact
-    target, task = base.get(spec.backend), get_task(plan.task)
+    target, task, scored = base.get(spec.backend), get_task(plan.task), {}
 
     def accept(path: Path):
         runner = target.compile(path, base.CompileOptions(threads=spec.threads, device=spec.device, precision="int8",
                                                           work_dir=sdir, options=spec.options))
-        row = compare(logits_of(runner, x, plan.data.batch_size), labels, ref, plan.task, spec.parity)
+        row = scored[path] = compare(logits_of(runner, x, plan.data.batch_size), labels, ref, plan.task, spec.parity)
         return "; ".join(parity_failures(row, task.score(ref, labels), spec.parity, task)) or None
+    # streams: the target's throughput mode may run single-thread callers or streams side by side
     how = {"latency_one_thread": spec.latency_threads == "auto", "options": spec.options,
-           "streams": plan.profile.throughput_search and spec.device == "cpu"}
-    return speed_artifact(onnx_path, sdir, spec.backend, x[:plan.profile.throughput_batch], spec.threads,
-                          (1, plan.profile.throughput_batch), plan.log, how=how, accept=accept)
+           "streams": plan.profile.throughput_search and spec.device == "cpu"
+           and getattr(target, "throughput_streams", False)}
+    path, choice = speed_artifact(onnx_path, sdir, spec.backend, x[:plan.profile.throughput_batch], spec.threads,
+                                  (1, plan.profile.throughput_batch), plan.log, how=how, accept=accept)
+    return path, choice, scored.get(path)
 
 
 def static_shapes(plan: DeploymentPlan, target, source: Path, runner, cfg: base.CompileOptions, x: np.ndarray):
@@ -187,9 +195,9 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
     try:
         name = manifest["files"].get(target.artifact)
         path = sdir / name if name else target.prepare(onnx_path, sdir)
-        source = onnx_path
+        source, compared = onnx_path, None
         if spec.precision == "speed" and manifest["precision"] == "int8":
-            path, row["speed_precision"] = speed_precision(plan, spec, onnx_path, sdir, x, labels, ref)
+            path, row["speed_precision"], compared = speed_precision(plan, spec, onnx_path, sdir, x, labels, ref)
             source = mixed_onnx(onnx_path, sdir, spec.backend) if row["speed_precision"]["float_layers"] else source
         row["artifact"], row["size_bytes"] = str(path.relative_to(plan.run.run_dir)), artifact_size(path)
         runner = target.compile(path, cfg)
@@ -197,7 +205,7 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
             runner = static_shapes(plan, target, source, runner, cfg, x)
         if spec.latency_threads == "auto":  # the choice lands in row["runtime"]["latency_threads"]
             runner = latency_threads(target, path, runner, cfg, x)
-        row.update(measure(plan, runner, x, labels, ref, spec.parity))
+        row.update(measure(plan, runner, x, labels, ref, spec.parity, compared))
     except Exception as e:  # a backend failure is a result to report, not a crash of the run
         plan.log(traceback.format_exc())
         return {**row, "status": "failed", "reason": f"{type(e).__name__}: {e}"}

@@ -104,11 +104,6 @@ def _faster(timer, base: frozenset, cand: frozenset, margin: float) -> Optional[
     return ((t_base + t_base2) / 2, (t_cand + t_cand2) / 2) if t_cand2 < t_base2 * (1 - margin) else None
 
 
-# backends whose throughput mode may run single-threaded callers side by side, chosen there by
-# measurement: ORT's callers (targets/ort_throughput.py), OpenVINO's streams (targets/ov_throughput.py)
-STREAMS = {"onnxruntime", "openvino"}
-
-
 def modes(batches: Sequence[int], threads: int, latency_one_thread: bool, streams: bool) -> dict:
     """batch -> (threads of the compile, divisor): how candidates are timed at that batch, the way
     the deployment will run it. Batch 1 on one thread where `latency_threads: auto` may send it
@@ -140,7 +135,7 @@ class BackendTimer:
         self.threads = threads or allowed_cores()
         self.target = base.get(backend)
         self.x = {b: np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])), np.float32) for b in batches}
-        self.modes = modes(batches, self.threads, latency_one_thread, streams and backend in STREAMS)
+        self.modes = modes(batches, self.threads, latency_one_thread, streams)
         # ~equal work per timing at each batch, and at least 4 runs: with 2 runs of batch 64 a loaded
         # 2-core machine hid a 19% gain at batch 64 (the demo's stem kept float, ORT)
         self.runs = {b: max(4, 128 // b) for b in batches}
@@ -245,8 +240,10 @@ def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, 
     try:
         choice = choose(onnx_path, backend, work, x, threads, batches, timer, how) if fresh else choice
         # judged on every deployment, a saved choice too: the gate's settings may have changed since
-        rejected = accept and choice["whole_graph_float"] and accept(_write(onnx_path, out_dir, backend, choice))
+        written = _write(onnx_path, out_dir, backend, choice) if accept and choice["whole_graph_float"] else None
+        rejected = written and accept(written)
         if rejected:
+            written = None
             log(f"  precision: speed on {backend}: the whole graph in float fails parity ({rejected}); "
                 f"choosing per layer")
             choice = {**choose(onnx_path, backend, work, x, threads, batches, timer, how, whole_graph=False),
@@ -259,7 +256,7 @@ def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, 
             f"({choice['seconds']} s of timing)")
     if not choice["float_layers"]:
         return onnx_path, choice
-    return _write(onnx_path, out_dir, backend, choice), choice
+    return written or _write(onnx_path, out_dir, backend, choice), choice
 
 
 def _write(onnx_path: Path, out_dir: Path, backend: str, choice: dict) -> Path:

@@ -49,6 +49,8 @@ class Target(Protocol):
     artifact: str  # the manifest key of the format compile() takes: "onnx", or the backend's own
     suffixes: tuple[str, ...]  # file suffixes compile() accepts (`compress profile` checks them)
     Options: type[BaseModel]  # its own options; fields are keys of its targets[] entry
+    # optional: throughput_streams = True where run_many may run single-thread callers or streams
+    # side by side (`precision: speed` then times the throughput batch that way)
 
     def available(self) -> tuple[bool, str]:
         """(True, "") or (False, why not, in one line a person can act on)."""

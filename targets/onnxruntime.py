@@ -187,6 +187,7 @@ def read_tensors(path: Path, tensors: list[str], x: np.ndarray, cfg: CompileOpti
 
 class OnnxRuntimeTarget:
     name = "onnxruntime"
+    throughput_streams = True  # run_many may choose one single-thread session per caller (ort_throughput.py)
     artifact = "onnx"
     suffixes = (".onnx",)
     Options = OrtOptions

@@ -263,6 +263,7 @@ def read_input(path: Path) -> tuple[list, str]:
 
 class OpenVinoTarget:
     name = "openvino"
+    throughput_streams = True  # run_many may choose as many single-thread streams as threads (ov_throughput.py)
     artifact = "openvino"  # the manifest's files key of the IR
     suffixes = (".xml", ".onnx")  # the plugin reads ONNX directly: a one-off profile writes no IR
     Options = OvOptions

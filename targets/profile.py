@@ -29,8 +29,9 @@ VENDOR_SECONDS = 1.0  # benchmark_app -t: ~5k calls of a 0.1 ms model, ~750 of t
 WINDOW = 20  # warm-up runs per window: enough for a median and a CV, small enough to stop early
 # throughput is timed in rounds of `runs` batches until THROUGHPUT_SECONDS have passed or there
 # are THROUGHPUT_ROUNDS, and the median round counts: one round of the demo's int8 student
-# (30 batches, ~80 ms) measured 14-25k items/s on ORT in the same process minutes apart, while
-# the medians of ~10 rounds agreed within a few %; a teacher-sized round (~3 s) is one round
+# (30 batches, ~80 ms) measured 14-25k items/s on ORT in the same process minutes apart (its
+# first round after the setting search ran at 19-20k, every later one at 23-24k), while the
+# medians of ~10 rounds agreed within a few %; a teacher-sized round (~3 s) is one round
 THROUGHPUT_SECONDS = 1.0
 THROUGHPUT_ROUNDS = 10
 
@@ -113,9 +114,6 @@ def throughput(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, warmup: i
     many = getattr(run, "run_many", None) if search else None
     if many is not None:
         many([x] * max(1, warmup // 4))  # runs the runner's setting search, if it has one
-        # then warms the chosen setting: ORT's two single-thread callers of the demo's int8 student
-        # ran their first 30 batches after the search at 19-20k items/s, every later 30 at 23-24k
-        many([x] * max(1, warmup))
     else:
         for _ in range(max(1, warmup // 4)):
             run(x)

@@ -257,3 +257,15 @@ def test_deploy_judges_the_whole_float_graph_with_the_targets_parity_gate(int8, 
     chosen = row["speed_precision"]
     assert "max_abs_diff 0.001" in chosen["whole_graph_rejected"] and chosen["float_layers"] == [names[0]]
     assert any("failed parity" in line for line in speed_markdown([row]))
+
+
+def test_an_accepted_whole_float_graph_is_scored_once(int8, tmp_path, monkeypatch):
+    import compress.deploy as deploy
+    calls, real = [], deploy.logits_of
+    monkeypatch.setattr(deploy, "logits_of", lambda *a, **k: calls.append(1) or real(*a, **k))
+    row, names, _ = deploy_speed(int8, tmp_path, monkeypatch, fast=0, whole=1.0,
+                                 parity={"min_agreement": 0.0, "max_acc_drop": 1.0})
+    assert row["status"] == "ok", row["reason"]
+    assert row["speed_precision"]["whole_graph_float"] and "whole_graph_rejected" not in row["speed_precision"]
+    assert row["executed_precision"]["int8_layers"] == 0
+    assert len(calls) == 1 and 0 < row["agreement"] <= 1  # the gate's pass is the row's accuracy pass
