@@ -340,7 +340,8 @@ class TargetConfig(Strict):
     parity: ParityConfig = Field(default_factory=ParityConfig, description="the gate a deployment must pass")
     precision: Literal["as_exported", "speed"] = Field("as_exported", description=(
         "speed: an int8 export keeps float the layers this backend measures faster in float, timed the way "
-        "this target runs batch 1 and the throughput batch; the whole graph in float only if it passes parity"))
+        "this target runs batch 1 and the throughput batch; the whole graph in float only if it passes parity; "
+        "the backend's exact rewrites applied (ONNX Runtime: SiLU as one QuickGelu)"))
     shapes: Literal["dynamic", "auto"] = Field("dynamic", description=(
         "auto: batch 1 and the throughput batch run a static-shape compile where it measures faster"))
     latency_threads: Literal["configured", "auto"] = Field("configured", description=(

@@ -16,7 +16,7 @@ from compress.evaluate import compare, logits_of, preprocess
 from compress.export import EXPORT_FORMAT, export_model
 from compress.parity import diverging_layers
 from compress.plan import DeploymentPlan, Parity, StageArtifact, TargetSpec, quant_activations, sparse_layers
-from compress.speed_precision import mixed_onnx
+from compress.speed_precision import mixed_onnx, rewritten
 from compress.tasks import get_task
 from compress.train import predict
 from targets import base
@@ -156,7 +156,9 @@ def speed_precision(plan: DeploymentPlan, spec: TargetSpec, onnx_path: Path, sdi
            and getattr(target, "throughput_streams", False)}
     path, choice = speed_artifact(onnx_path, sdir, spec.backend, x[:plan.profile.throughput_batch], spec.threads,
                                   (1, plan.profile.throughput_batch), plan.log, how=how, accept=accept)
-    return path, choice, scored.get(path)
+    # only an accepted whole float graph was scored; a per-layer graph written to the same path after a
+    # rejection is another graph and is measured afresh
+    return path, choice, scored.get(path) if choice["whole_graph_float"] else None
 
 
 def static_shapes(plan: DeploymentPlan, target, source: Path, runner, cfg: base.CompileOptions, x: np.ndarray):
@@ -198,7 +200,7 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
         source, compared = onnx_path, None
         if spec.precision == "speed" and manifest["precision"] == "int8":
             path, row["speed_precision"], compared = speed_precision(plan, spec, onnx_path, sdir, x, labels, ref)
-            source = mixed_onnx(onnx_path, sdir, spec.backend) if row["speed_precision"]["float_layers"] else source
+            source = mixed_onnx(onnx_path, sdir, spec.backend) if rewritten(row["speed_precision"]) else source
         row["artifact"], row["size_bytes"] = str(path.relative_to(plan.run.run_dir)), artifact_size(path)
         runner = target.compile(path, cfg)
         if spec.shapes == "auto":  # the choice per batch lands in row["runtime"]["static_shapes"]

@@ -119,6 +119,9 @@ def _speed_table(d: dict, sp: dict) -> list[str]:
     lines = ["", f"### {d['stage']} @ {d['backend']}: precision per layer chosen by speed", "",
              f"score: median time relative to the all-int8 graph, summed over the batches timed, lower is faster; "
              f"a flip needs {sp.get('margin', 0):.0%}" + (f"; timed as deployed: {timed}" if timed else "")]
+    if sp.get("fused"):
+        fused = ", ".join(f"{n} x {op}" for op, n in sp["fused"].items())
+        lines += ["", f"exact rewrites in this artifact (the same numbers in fewer passes on {d['backend']}): {fused}"]
     if sp.get("whole_graph_rejected"):
         lines += ["", f"the whole graph in float measured faster but failed parity ({sp['whole_graph_rejected']}): "
                       f"layers chosen one by one instead"]
@@ -278,6 +281,13 @@ def float_markdown(deployments: list[dict]) -> list[str]:
         lines += ["", f"slower than its float model at batch 1 or in throughput: {', '.join(slower)} "
                       f"(one run: below ~1 ms a call, batch-1 times swing between runs on shared or virtual "
                       f"machines; benchmarks/int8_vs_fp32.py repeats both in fresh processes)"]
+    for d in rows:  # why a slower one is slower, where the runtime says
+        between = (d.get("executed_precision") or {}).get("float_between_qdq")
+        if between and f"{d['stage']} @ {d['backend']}" in slower:
+            ops = ", ".join(f"{n} {op}" for op, n in between.items())
+            lines += ["", f"{d['stage']} @ {d['backend']}: {ops} ran in float between DequantizeLinear and "
+                          f"QuantizeLinear (no int8 kernel on this runtime: each pays a dequantize and a quantize "
+                          f"pass that its float model does not)"]
     return lines
 
 

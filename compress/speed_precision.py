@@ -8,6 +8,9 @@ of a chosen layer are dequantized into a float initializer (its activation Q/DQ 
 numbers are those of the int8 graph with that layer computed in float: exact up to float
 summation order), and which layers is decided by timing the candidates on the backend itself,
 greedily in graph order, interleaved. The parity gate then judges the chosen graph like any other.
+Candidates are timed on, and the artifact written from, the graph with the backend's exact
+rewrites applied (ORT: SiLU as one QuickGelu, targets/ort_fusions.py), so a backend's artifact
+holds them even where every layer stays int8.
 """
 from __future__ import annotations
 
@@ -185,15 +188,28 @@ def choose(onnx_path: Path, backend: str, work: Path, x: np.ndarray, threads: Op
     """The speed-chosen precision of every quantized layer of `onnx_path` on `backend`. how:
     BackendTimer's keywords saying how the deployment runs each batch (latency_one_thread,
     streams, options)."""
-    model = onnx.load(str(onnx_path))
+    model, fused = backend_graph(onnx.load(str(onnx_path)), backend)
     layers = quantized_layers(model)[:MAX_LAYERS]
     t0 = time.time()
     timer = timer or BackendTimer(model, backend, work, x, threads, batches, **(how or {}))
     out = search(layers, timer, backend, whole_graph=whole_graph)
     out.update(backend=backend, threads=threads, batches=list(batches), seconds=round(time.time() - t0, 1),
-               source_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest(), how=key_of(how),
+               fused=fused, source_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest(), how=key_of(how),
                timed=getattr(timer, "described", dict)())
     return out
+
+
+def backend_graph(model: onnx.ModelProto, backend: str) -> tuple[onnx.ModelProto, dict]:
+    """The graph with the backend's exact rewrites (targets/ort_fusions.py) and what they did:
+    candidates are timed, and the artifact written, from this graph."""
+    from targets import base
+    rewrite = getattr(base.get(backend), "exact_rewrites", None)
+    return rewrite(model) if rewrite else (model, {})
+
+
+def rewritten(choice: dict) -> bool:
+    """Whether the deployment's artifact differs from the stage's ONNX."""
+    return bool(choice["float_layers"] or choice.get("fused"))
 
 
 def key_of(how: Optional[dict]) -> dict:
@@ -235,7 +251,8 @@ def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, 
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     choice = read_json(record)
     wanted = (digest, threads, list(batches), key_of(how))
-    fresh = not choice or tuple(choice.get(k) for k in ("source_sha256", "threads", "batches", "how")) != wanted
+    fresh = not choice or tuple(choice.get(k) for k in ("source_sha256", "threads", "batches", "how")) != wanted \
+        or "fused" not in choice  # saved before exact rewrites existed
     work = out_dir / f".speed-{backend}"
     try:
         choice = choose(onnx_path, backend, work, x, threads, batches, timer, how) if fresh else choice
@@ -252,9 +269,10 @@ def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, 
         shutil.rmtree(work, ignore_errors=True)
     if fresh or rejected:
         write_json(record, choice)
+        fused = ", ".join(f"{n} x {op}" for op, n in choice["fused"].items())
         log(f"  precision: speed on {backend}: float {choice['float_layers'] or 'none'} "
-            f"({choice['seconds']} s of timing)")
-    if not choice["float_layers"]:
+            f"({choice['seconds']} s of timing)" + (f"; exact rewrites: {fused}" if fused else ""))
+    if not rewritten(choice):
         return onnx_path, choice
     return written or _write(onnx_path, out_dir, backend, choice), choice
 
@@ -263,7 +281,7 @@ def _write(onnx_path: Path, out_dir: Path, backend: str, choice: dict) -> Path:
     """The chosen graph, written beside the stage and prepared for `backend`."""
     from targets import base
     mixed = mixed_onnx(onnx_path, out_dir, backend)
-    model = chosen_graph(onnx.load(str(onnx_path)), choice)
+    model = chosen_graph(backend_graph(onnx.load(str(onnx_path)), backend)[0], choice)
     atomic_write(mixed, lambda tmp: onnx.save(model, str(tmp)))
     return base.get(backend).prepare(mixed, out_dir)
 
@@ -276,5 +294,5 @@ def search_file(onnx_path: Path, backend: str, work: Path, threads: Optional[int
     x = np.random.default_rng(0).standard_normal((64, *shape)).astype(np.float32)
     choice = choose(onnx_path, backend, work / "cands", x, threads, how=how)
     mixed = work / f"{onnx_path.stem}.{backend}-speed.onnx"
-    onnx.save(chosen_graph(onnx.load(str(onnx_path)), choice), str(mixed))
+    onnx.save(chosen_graph(backend_graph(onnx.load(str(onnx_path)), backend)[0], choice), str(mixed))
     return mixed, choice

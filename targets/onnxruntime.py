@@ -71,6 +71,24 @@ def activation_matmuls(graph: onnx.GraphProto) -> dict[str, str]:
             and n.input[_MATMUL_B[n.op_type]] not in consts}
 
 
+def float_between_qdq(graph: onnx.GraphProto) -> dict[str, int]:
+    """Op type -> count of the optimized graph's non-compute nodes that read dequantized
+    activations before the next QuantizeLinear: what ORT ran in float inside an int8 graph (a
+    MobileNet's Hardswish, SiLU, SE gates). Each costs a DQ -> float op -> Q round trip, the
+    usual answer to "my int8 model is not faster" (benchmarks/RESULTS.md, SiLU as QuickGelu)."""
+    consts = {i.name for i in graph.initializer}
+    floating = {o for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in consts
+                for o in n.output}
+    out: Counter = Counter()
+    for n in graph.node:  # graph order is topological
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") or not floating & set(n.input):
+            continue
+        floating.update(n.output)
+        if n.op_type not in FLOAT_ORT_COMPUTE:
+            out[n.op_type] += 1
+    return dict(sorted(out.items()))
+
+
 def op_counts(path: Path, so, work: Path, providers: list[str]):
     """A session on `path`, the op types of the graph it optimized (written to `work` only to
     be counted, never beside a user's file) and its activation matmuls."""
@@ -80,7 +98,7 @@ def op_counts(path: Path, so, work: Path, providers: list[str]):
     session = ort.InferenceSession(str(path), so, providers=providers)
     graph = onnx.load(str(opt_path)).graph
     opt_path.unlink(missing_ok=True)
-    return session, Counter(n.op_type for n in graph.node), activation_matmuls(graph)
+    return session, Counter(n.op_type for n in graph.node), activation_matmuls(graph), float_between_qdq(graph)
 
 
 class OrtRunner:
@@ -91,7 +109,7 @@ class OrtRunner:
         so = session_options(options_of(TARGET, cfg), cfg.threads or os.cpu_count() or 1)
         self._again = (path, options_of(TARGET, cfg), cfg.threads or os.cpu_count() or 1, providers_for(cfg.device))
         self._many = None
-        self.session, ops, matmuls = op_counts(path, so, work, providers_for(cfg.device))
+        self.session, ops, matmuls, between = op_counts(path, so, work, providers_for(cfg.device))
         inp = self.session.get_inputs()[0]
         self.input_name, self.dtype = inp.name, INPUT_DTYPES.get(inp.type, np.float32)
         int8 = sum(v for k, v in ops.items() if k in INT8_ORT_OPS)
@@ -107,6 +125,8 @@ class OrtRunner:
                 int8, int8 + flt, {k: v for k, v in sorted(ops.items())
                                    if k in INT8_ORT_OPS | FLOAT_ORT_COMPUTE}, matmuls=matmuls),
         }
+        if between:
+            self.info["executed_precision"]["float_between_qdq"] = between
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, self.dtype)})[0]
@@ -201,6 +221,12 @@ class OnnxRuntimeTarget:
 
     def prepare(self, onnx_path: Path, work_dir: Path) -> Path:
         return onnx_path
+
+    def exact_rewrites(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+        """Rewrites of a Q/DQ graph that compute the same numbers faster on this runtime, applied
+        to the artifact `precision: speed` writes for it."""
+        from targets.ort_fusions import fuse_silu
+        return fuse_silu(model)
 
     def compile(self, artifact: Path, cfg: CompileOptions) -> OrtRunner:
         return OrtRunner(artifact, cfg)

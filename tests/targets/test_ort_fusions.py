@@ -1,0 +1,102 @@
+"""ORT's exact rewrites (targets/ort_fusions.py): SiLU between Q/DQ as one QuickGelu gives
+bit-identical logits on ONNX Runtime, touches no other Sigmoid, and `precision: speed` ships it
+in ORT's own artifact even where every layer stays int8 (never in the shared ONNX)."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from compress import keep_float as kf
+from compress import speed_precision as sp
+from compress.report import speed_markdown
+from targets.ort_fusions import fuse_silu
+from tests.compress.test_export_qdq import ort_run
+from tests.compress.test_speed_precision import fake_timer, int8  # noqa: F401 (the module fixture)
+
+SILUS = 6  # mobilenet_tiny's first three inverted residuals: SiLU after expand and depthwise
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def test_silu_between_qdq_becomes_quickgelu_with_identical_logits(int8, tmp_path):  # noqa: F811
+    path, x = int8
+    model = onnx.load(str(path))
+    fused, done = fuse_silu(model)
+    assert done == {"SiLU as QuickGelu": SILUS} and ops(model).count("Sigmoid") == SILUS
+    assert ops(fused).count("QuickGelu") == SILUS and "Sigmoid" not in ops(fused)
+    assert ops(fused).count("Mul") == ops(model).count("Mul") - SILUS  # the SE gates' Muls stay
+    onnx.checker.check_model(fused)
+    out = tmp_path / "fused.onnx"
+    onnx.save(fused, str(out))
+    for optimized in (False, True):
+        np.testing.assert_array_equal(ort_run(out, x, optimized), ort_run(path, x, optimized))
+
+
+def _graph(nodes, outputs):
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("x", "y")]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in outputs]
+    return helper.make_model(helper.make_graph(nodes, "g", vi, outs))
+
+
+@pytest.mark.parametrize("nodes,outputs", [
+    # a gate: x * Sigmoid(y) is not SiLU
+    ([helper.make_node("Sigmoid", ["y"], ["s"]), helper.make_node("Mul", ["x", "s"], ["z"])], ["z"]),
+    # the Sigmoid is read elsewhere too (a graph output): removing it would change the graph
+    ([helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["z"])], ["z", "s"]),
+])
+def test_only_x_times_its_own_sigmoid_is_fused(nodes, outputs):
+    model = _graph(nodes, outputs)
+    assert fuse_silu(model) == (model, {})
+
+
+def test_precision_speed_ships_the_rewrite_in_orts_artifact_only(int8, tmp_path):  # noqa: F811
+    path, x = int8
+    names = kf.quantized_layers(onnx.load(str(path)))
+    timer = fake_timer(dict.fromkeys(names, 1.0), dict.fromkeys(names, 1.5), [])  # float never faster
+    out, choice = sp.speed_artifact(path, tmp_path / "ort", "onnxruntime", x, 1, (1, 4), lambda s: None, timer)
+    assert choice["float_layers"] == [] and choice["fused"] == {"SiLU as QuickGelu": SILUS}
+    assert out != path and ops(onnx.load(str(out))).count("QuickGelu") == SILUS
+    np.testing.assert_array_equal(ort_run(out, x, True), ort_run(path, x, True))
+    assert "Sigmoid" in ops(onnx.load(str(path)))  # the shared ONNX is untouched
+    lines = speed_markdown([{"stage": "quantize", "backend": "onnxruntime", "speed_precision": choice}])
+    assert any("exact rewrites" in s and f"{SILUS} x SiLU as QuickGelu" in s for s in lines)
+    ov, ov_choice = sp.speed_artifact(path, tmp_path / "ov", "openvino", x, 1, (1, 4), lambda s: None, timer)
+    assert ov == path and ov_choice["fused"] == {}  # OpenVINO fuses SiLU itself: nothing to rewrite
+
+
+def test_a_choice_saved_before_the_rewrites_is_searched_again(int8, tmp_path):  # noqa: F811
+    import json
+    path, x = int8
+    names = kf.quantized_layers(onnx.load(str(path)))
+    log = []
+    timer = fake_timer(dict.fromkeys(names, 1.0), dict.fromkeys(names, 1.5), log)
+    first = sp.speed_artifact(path, tmp_path, "onnxruntime", x, 1, (1, 4), lambda s: None, timer)[1]
+    record = tmp_path / "speed-onnxruntime.json"
+    old = {k: v for k, v in json.loads(record.read_text()).items() if k != "fused"}
+    record.write_text(json.dumps(old))
+    searched = len(log)
+    assert sp.speed_artifact(path, tmp_path, "onnxruntime", x, 1, (1, 4), lambda s: None, timer)[1] == first
+    assert len(log) > searched
+
+
+def test_the_row_names_what_ort_ran_in_float_inside_the_int8_graph(int8, tmp_path):  # noqa: F811
+    from compress.report import float_markdown
+    from targets import base
+    path, _ = int8
+    ort = base.get("onnxruntime")
+    ep = ort.compile(path, base.CompileOptions(threads=1, work_dir=tmp_path)).info["executed_precision"]
+    between = ep["float_between_qdq"]
+    # no int8 kernel for SiLU / Hardswish on ORT: each is DQ -> float -> Q in the optimized graph
+    assert between["Sigmoid"] == SILUS and between["HardSigmoid"] >= 1 and "QLinearConv" not in between
+    fp32 = tmp_path / "fp32.onnx"
+    onnx.save(kf.float_graph(onnx.load(str(path))), str(fp32))
+    fp32_ep = ort.compile(fp32, base.CompileOptions(threads=1, work_dir=tmp_path)).info["executed_precision"]
+    assert "float_between_qdq" not in fp32_ep  # no Q/DQ left: nothing ran "between" them
+    row = {"stage": "quantize", "backend": "onnxruntime", "executed_precision": ep,
+           "vs_float": {"stage": "distill", "latency_speedup": 0.6, "throughput_ratio": 0.8}}
+    text = "\n".join(float_markdown([row]))
+    assert f"{SILUS} Sigmoid" in text and "ran in float between DequantizeLinear" in text
+    row["vs_float"].update(latency_speedup=1.2, throughput_ratio=1.7)  # not slower: no explanation owed
+    assert "ran in float" not in "\n".join(float_markdown([row]))
