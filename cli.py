@@ -14,7 +14,8 @@ SetOpt = typer.Option(None, "--set", help="override a config value: KEY.PATH=VAL
 
 
 def _load(config: Path, overrides: Optional[List[str]]):
-    from compress.config import ConfigError, load_config
+    from compress.config import ConfigError
+    from compress.config_load import load_config
     try:
         return load_config(config, overrides or [])
     except ConfigError as e:

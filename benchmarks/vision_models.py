@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))  # `benchmarks.fmnist32` and the packages, from an
 
 import yaml  # noqa: E402
 
-from compress.config import load_config  # noqa: E402
+from compress.config_load import load_config  # noqa: E402
 from compress.pipeline import Pipeline  # noqa: E402
 
 # name -> (student spec, factory kwargs). The zoo ViT is built through its class so that its

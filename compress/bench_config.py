@@ -13,7 +13,8 @@ CONFIG_FILE = "config.json"  # the resolved config, beside report.json in a run 
 
 def load_source(source: Path, overrides: list[str]):
     """RUN_DIR or CONFIG -> RunConfig."""
-    from compress.config import RunConfig, load_config
+    from compress.config import RunConfig
+    from compress.config_load import load_config
     if source.is_dir():
         path = source / CONFIG_FILE
         if not path.is_file():

@@ -13,7 +13,8 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from compress import stages as stage_table
-from compress.config import RunConfig, from_dict, load_config
+from compress.config import RunConfig
+from compress.config_load import from_dict, load_config
 from compress.errors import UserError
 from targets import base as backends
 

@@ -89,6 +89,6 @@ def test_the_check_passes_safe_code(snippet):
 def test_own_loaders_are_safe():
     import yaml
 
-    from compress import config
-    own = [getattr(config, n) for n in dir(config) if n.endswith("SafeLoader") and n != "SafeLoader"]
+    from compress import config_load
+    own = [getattr(config_load, n) for n in dir(config_load) if n.endswith("SafeLoader") and n != "SafeLoader"]
     assert own and all(issubclass(c, yaml.SafeLoader) for c in own)

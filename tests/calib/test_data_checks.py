@@ -11,7 +11,8 @@ import yaml
 
 from calib.checks import check_class_order, check_classification, check_images, check_limits, data_digest
 from calib.datasets import Dataset, Split
-from compress.config import ConfigError, load_config
+from compress.config import ConfigError
+from compress.config_load import load_config
 from compress.errors import UserError
 from compress.pipeline import Pipeline, load_data
 from compress.preflight import preflight

@@ -11,7 +11,8 @@ from PIL import Image
 
 from calib.datasets import DataError
 from calib.image_folder import image_folder, pixel_stats
-from compress.config import DataConfig, load_config
+from compress.config import DataConfig
+from compress.config_load import load_config
 from compress.evaluate import preprocess
 
 CLASSES = ["cat", "dog", "emu"]  # written in another order below: names decide, sorted

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 import compress.pipeline as pipeline_module
 from compress.checkpoint import read_sealed, write_sealed
-from compress.config import config_hash, load_config
+from compress.config import config_hash
+from compress.config_load import load_config
 from compress.pipeline import Pipeline
 
 

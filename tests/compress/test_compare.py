@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from compress.compare import compare
-from compress.config import load_config
+from compress.config_load import load_config
 from compress.pipeline import Pipeline
 
 

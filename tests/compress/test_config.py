@@ -4,7 +4,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from compress.config import ConfigError, load_config
+from compress.config import ConfigError
+from compress.config_load import load_config
 from tests.conftest import ROOT
 
 MINIMAL = """

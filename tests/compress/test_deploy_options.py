@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from compress.config import ConfigError, TargetConfig, load_config
+from compress.config import ConfigError, TargetConfig
+from compress.config_load import load_config
 from compress.deploy import deploy_one
 from compress.export import export_float
 from compress.plan import deployment_plan, target_spec

@@ -93,7 +93,7 @@ def test_exports_of_an_older_format_are_made_again_and_the_log_says_why(trained_
     import json
 
     from compress import export
-    from compress.config import load_config
+    from compress.config_load import load_config
     from compress.deploy import export_stage
     from compress.plan import deployment_plan
     from tests.conftest import ROOT, make_ctx

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from compress.config import load_config
+from compress.config_load import load_config
 from compress.pipeline import Pipeline
 
 # A user's module: 3-channel 12x12 images of 4 classes (unlike anything built in), and a

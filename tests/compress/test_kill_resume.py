@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from compress.config import load_config
+from compress.config_load import load_config
 from compress.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from cli import app
 from compress.checkpoint import save_weights
 from compress.classifier import find_classifier
-from compress.config import ConfigError, StudentConfig, load_config
+from compress.config import ConfigError, StudentConfig
+from compress.config_load import load_config
 from compress.errors import UserError
 from compress.models import build
 from compress.pipeline import Pipeline

@@ -125,7 +125,7 @@ def test_unpairable_graph_is_reported_not_guessed(exports, tmp_path):
 def test_deployment_that_fails_parity_names_the_layer(exports, tmp_path):
     """Through deploy_one, as a run sees it: status failed, the layer in the reason, the
     per-layer table in report.md."""
-    from compress.config import load_config
+    from compress.config_load import load_config
     from compress.deploy import deploy_one
     from compress.plan import deployment_plan
     from compress.report import diverging_markdown

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from compress.checkpoint import record_shapes
-from compress.config import load_config
+from compress.config_load import load_config
 from compress.evaluate import preprocess
 from compress.pipeline import Pipeline, load_data
 from compress.structure import Structure, rebuild

@@ -8,7 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cli import app
-from compress.config import load_config
+from compress.config_load import load_config
 from compress.distill.features import FeatureTerm
 from compress.distill.objectives import KL
 from compress.errors import UserError

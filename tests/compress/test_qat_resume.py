@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from compress import train_state
-from compress.config import load_config
+from compress.config_load import load_config
 from compress.pipeline import Pipeline
 from compress.quantize import resume as qat
 

@@ -6,7 +6,7 @@ import re
 import pytest
 import yaml
 
-from compress.config import load_config
+from compress.config_load import load_config
 from compress.pipeline import Pipeline
 
 BACKENDS = ["onnxruntime", "openvino"]

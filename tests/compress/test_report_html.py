@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from compress import plots
-from compress.config import load_config
+from compress.config_load import load_config
 from compress.pipeline import Pipeline
 from tests.compress.test_compare import config
 

@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict
 
 from compress import stages
 from compress.checkpoint import record_shapes, save_weights
-from compress.config import ConfigError, load_config
+from compress.config import ConfigError
+from compress.config_load import load_config
 from compress.models import build_model
 from compress.prune import PruneConfig, prune_channels
 from compress.stage import StageResult

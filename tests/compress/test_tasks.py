@@ -11,7 +11,8 @@ import torch
 import yaml
 from torch import nn
 
-from compress.config import ConfigError, load_config
+from compress.config import ConfigError
+from compress.config_load import load_config
 from compress.distill.objectives import CE, KL, MSE, Objective
 from compress.errors import UserError
 from compress.tasks import Regression, Segmentation, TaskConfig, make_task

@@ -10,7 +10,7 @@ import json
 import pytest
 import yaml
 
-from compress.config import load_config
+from compress.config_load import load_config
 from compress.pipeline import Pipeline
 
 pytestmark = pytest.mark.vision

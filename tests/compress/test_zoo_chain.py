@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from compress.config import load_config
+from compress.config_load import load_config
 from compress.models import ZOO
 from compress.pipeline import Pipeline
 

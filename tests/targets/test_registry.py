@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict
 from typer.testing import CliRunner
 
 from cli import app
-from compress.config import ConfigError, load_config
+from compress.config import ConfigError
+from compress.config_load import load_config
 from targets import base
 from targets.onnxruntime import TARGET as ORT
 from targets.onnxruntime import OrtRunner, read_tensors

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compress.config import ConfigError, load_config
+from compress.config import ConfigError
+from compress.config_load import load_config
 from compress.evaluate import compare, logits_of, preprocess
 from compress.export import export_model
 from compress.train import predict

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compress.config import load_config
+from compress.config_load import load_config
 from compress.distill.features import FeatureDistiller, FeatureTerm, attention_map
 from compress.distill.objectives import KL
 from compress.errors import UserError

@@ -114,7 +114,7 @@ def test_executed_precision_gate_fails_a_float_only_run_and_passes_int8_and_weig
         trained_tiny, tiny_data, tmp_path):
     """deploy fails an artifact that promises int8 but runs float kernels (constructed: the float
     export behind an int8 manifest); a real int8 export and an honest weight-only one pass."""
-    from compress.config import load_config
+    from compress.config_load import load_config
     from compress.deploy import deploy_one
     from compress.plan import deployment_plan
     cfg = load_config(ROOT / "examples" / "tiny.yaml", ["profile.runs=100", "profile.throughput_runs=1",
@@ -171,7 +171,8 @@ def test_bad_quantize_config_names_the_problem(kw, msg):
 
 
 def test_config_takes_the_new_keys_and_names_a_bad_calibration():
-    from compress.config import ConfigError, load_config
+    from compress.config import ConfigError
+    from compress.config_load import load_config
     tiny = ROOT / "examples" / "tiny.yaml"
     cfg = load_config(tiny, ["data.calibration=synthetic", "data.synthesis.steps=5",
                              "stages.2.activations=asymmetric", "stages.2.mixed_precision={avg_bits: 6}"])

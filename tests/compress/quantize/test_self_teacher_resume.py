@@ -7,7 +7,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from compress.config import load_config
+from compress.config_load import load_config
 from compress.pipeline import Pipeline
 from tests.compress.test_resume import same_weights
 
