@@ -246,7 +246,8 @@ def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, 
     from, the threads, batches and `how` are the same. accept(artifact) -> None, or why the
     whole graph in float may not ship: that graph computes other numbers than the int8 one (its
     activations are not rounded), so it is judged first, and where it fails the layers are
-    chosen one by one, each kept float with the int8 graph's own numbers."""
+    chosen one by one, each kept float with the int8 graph's own numbers. A rejected whole
+    graph is kept in the choice and judged again at every deployment."""
     record = out_dir / f"speed-{backend}.json"
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     choice = read_json(record)
@@ -256,25 +257,38 @@ def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, 
     work = out_dir / f".speed-{backend}"
     try:
         choice = choose(onnx_path, backend, work, x, threads, batches, timer, how) if fresh else choice
-        # judged on every deployment, a saved choice too: the gate's settings may have changed since
-        written = _write(onnx_path, out_dir, backend, choice) if accept and choice["whole_graph_float"] else None
-        rejected = written and accept(written)
-        if rejected:
-            written = None
-            log(f"  precision: speed on {backend}: the whole graph in float fails parity ({rejected}); "
-                f"choosing per layer")
-            choice = {**choose(onnx_path, backend, work, x, threads, batches, timer, how, whole_graph=False),
-                      "whole_graph_rejected": rejected}
+        choice, written, changed = _judged(onnx_path, out_dir, backend, choice, accept, log, lambda: choose(
+            onnx_path, backend, work, x, threads, batches, timer, how, whole_graph=False))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if fresh or rejected:
+    if fresh or changed:
         write_json(record, choice)
         fused = ", ".join(f"{n} x {op}" for op, n in choice["fused"].items())
         log(f"  precision: speed on {backend}: float {choice['float_layers'] or 'none'} "
             f"({choice['seconds']} s of timing)" + (f"; exact rewrites: {fused}" if fused else ""))
-    if not rewritten(choice):
+    if not rewritten(choice):  # the stage's ONNX itself; a rejected whole graph's file is not left as if it shipped
+        mixed_onnx(onnx_path, out_dir, backend).unlink(missing_ok=True)
         return onnx_path, choice
     return written or _write(onnx_path, out_dir, backend, choice), choice
+
+
+def _judged(onnx_path: Path, out_dir: Path, backend: str, choice: dict, accept, log, per_layer: Callable[[], dict]):
+    """The whole graph in float, chosen now or rejected before (kept as `whole_graph_choice`),
+    judged by the parity gate on every deployment: the gate's settings may have changed since.
+    -> (the choice, the whole graph's artifact where it ships, whether the choice changed)."""
+    whole = choice if choice["whole_graph_float"] else choice.get("whole_graph_choice")
+    if not accept or not whole:
+        return choice, None, False
+    written = _write(onnx_path, out_dir, backend, whole)
+    rejected = accept(written)
+    if not rejected:
+        if whole is not choice:
+            log(f"  precision: speed on {backend}: the whole graph in float now passes parity: it ships")
+        return whole, written, whole is not choice
+    if not choice["whole_graph_float"]:  # still rejected: the per-layer choice stands
+        return {**choice, "whole_graph_rejected": rejected}, None, rejected != choice.get("whole_graph_rejected")
+    log(f"  precision: speed on {backend}: the whole graph in float fails parity ({rejected}); choosing per layer")
+    return {**per_layer(), "whole_graph_rejected": rejected, "whole_graph_choice": whole}, None, True
 
 
 def _write(onnx_path: Path, out_dir: Path, backend: str, choice: dict) -> Path:

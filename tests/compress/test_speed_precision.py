@@ -234,7 +234,8 @@ def test_a_whole_float_graph_that_fails_parity_is_not_shipped(int8, tmp_path):
     path, x = int8
     names = kf.quantized_layers(onnx.load(str(path)))
     slow = names[2]
-    timer = fake_timer(dict.fromkeys(names, 1.0), {**dict.fromkeys(names, 1.5), slow: 0.2}, [], whole=1.0)
+    log = []
+    timer = fake_timer(dict.fromkeys(names, 1.0), {**dict.fromkeys(names, 1.5), slow: 0.2}, log, whole=1.0)
     judged = []
 
     def accept(artifact):  # what deploy passes: the parity gate's reasons, or None
@@ -247,7 +248,14 @@ def test_a_whole_float_graph_that_fails_parity_is_not_shipped(int8, tmp_path):
     assert choice["whole_graph_rejected"].startswith("agreement with torch 0.9400")
     assert len(kf.quantized_layers(onnx.load(str(out)))) == len(names) - 1  # the per-layer graph is what ships
     assert sp.speed_artifact(path, tmp_path, "onnxruntime", x, 1, (1, 4), lambda s: None, timer,
-                             accept=accept)[1] == choice and judged == [0]  # reused: not judged again
+                             accept=accept)[1] == choice and judged == [0, 0]  # reused, judged again
+    searched = len(log)
+    # the user relaxes the gate: the saved whole-graph choice ships, without timing anything again
+    out, relaxed = sp.speed_artifact(path, tmp_path, "onnxruntime", x, 1, (1, 4), lambda s: None, timer,
+                                     accept=lambda artifact: None)
+    assert relaxed["whole_graph_float"] and "whole_graph_rejected" not in relaxed and len(log) == searched
+    assert kf.quantized_layers(onnx.load(str(out))) == []
+    assert sp.read_json(tmp_path / "speed-onnxruntime.json") == relaxed
 
 
 def test_deploy_judges_the_whole_float_graph_with_the_targets_parity_gate(int8, tmp_path, monkeypatch):
@@ -271,3 +279,13 @@ def test_an_accepted_whole_float_graph_is_scored_once(int8, tmp_path, monkeypatc
     assert row["speed_precision"]["whole_graph_float"] and "whole_graph_rejected" not in row["speed_precision"]
     assert row["executed_precision"]["int8_layers"] == 0
     assert len(calls) == 1 and 0 < row["agreement"] <= 1  # the gate's pass is the row's accuracy pass
+
+
+def test_a_rejected_whole_graph_leaves_no_file_that_looks_deployed(int8, tmp_path):
+    path, x = int8
+    names = kf.quantized_layers(onnx.load(str(path)))
+    timer = fake_timer(dict.fromkeys(names, 1.0), dict.fromkeys(names, 1.5), [], whole=1.0)  # only the whole
+    out, choice = sp.speed_artifact(path, tmp_path, "openvino", x, 1, (1, 4), lambda s: None, timer,
+                                    accept=lambda artifact: "agreement with torch 0.9 < min_agreement 0.98")
+    assert out == path and choice["float_layers"] == [] and choice["whole_graph_rejected"]
+    assert not sp.mixed_onnx(path, tmp_path, "openvino").exists()
