@@ -253,7 +253,8 @@ def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, 
     choice = read_json(record)
     wanted = (digest, threads, list(batches), key_of(how))
     fresh = not choice or tuple(choice.get(k) for k in ("source_sha256", "threads", "batches", "how")) != wanted \
-        or "fused" not in choice  # saved before exact rewrites existed
+        or "fused" not in choice or ("whole_graph_rejected" in choice and "whole_graph_choice" not in choice)
+    # (the last two: saved before exact rewrites, or before a rejected whole graph was kept to judge again)
     work = out_dir / f".speed-{backend}"
     try:
         choice = choose(onnx_path, backend, work, x, threads, batches, timer, how) if fresh else choice
