@@ -265,7 +265,8 @@ def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, 
     if fresh or changed:
         write_json(record, choice)
         fused = ", ".join(f"{n} x {op}" for op, n in choice["fused"].items())
-        log(f"  precision: speed on {backend}: float {choice['float_layers'] or 'none'} "
+        floats = "the whole graph" if choice["whole_graph_float"] else choice["float_layers"] or "none"
+        log(f"  precision: speed on {backend}: float {floats} "
             f"({choice['seconds']} s of timing)" + (f"; exact rewrites: {fused}" if fused else ""))
     if not rewritten(choice):  # the stage's ONNX itself; a rejected whole graph's file is not left as if it shipped
         mixed_onnx(onnx_path, out_dir, backend).unlink(missing_ok=True)
