@@ -142,9 +142,7 @@ def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, found "
                           f"{'an empty file' if raw is None else type(raw).__name__}")
-    if "config_dir" in raw:
-        raise ConfigError(f"{path}: config_dir: unknown key")
-    for o in overrides:
+    for o in overrides:  # from_dict refuses a config_dir the file or an override sets
         apply_override(raw, o)
     add_import_path(path.parent)  # a 'pkg.module:factory' module beside the config imports
     return from_dict(raw, str(path), path.parent.resolve())

@@ -268,8 +268,10 @@ def speed_artifact(onnx_path: Path, out_dir: Path, backend: str, x: np.ndarray, 
         floats = "the whole graph" if choice["whole_graph_float"] else choice["float_layers"] or "none"
         log(f"  precision: speed on {backend}: float {floats} "
             f"({choice['seconds']} s of timing)" + (f"; exact rewrites: {fused}" if fused else ""))
-    if not rewritten(choice):  # the stage's ONNX itself; a rejected whole graph's file is not left as if it shipped
-        mixed_onnx(onnx_path, out_dir, backend).unlink(missing_ok=True)
+    if not rewritten(choice):  # the stage's ONNX itself; a rejected whole graph's files (ONNX, and the
+        # backend's prepared artifact from it: OpenVINO's .xml/.bin) are not left as if they shipped
+        for f in out_dir.glob(f"{mixed_onnx(onnx_path, out_dir, backend).stem}.*"):
+            f.unlink(missing_ok=True)
         return onnx_path, choice
     return written or _write(onnx_path, out_dir, backend, choice), choice
 

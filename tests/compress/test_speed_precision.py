@@ -289,3 +289,4 @@ def test_a_rejected_whole_graph_leaves_no_file_that_looks_deployed(int8, tmp_pat
                                     accept=lambda artifact: "agreement with torch 0.9 < min_agreement 0.98")
     assert out == path and choice["float_layers"] == [] and choice["whole_graph_rejected"]
     assert not sp.mixed_onnx(path, tmp_path, "openvino").exists()
+    assert not list(tmp_path.glob("*openvino-speed*"))  # nor the IR prepared from it
