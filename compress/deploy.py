@@ -130,7 +130,7 @@ def measure(plan: DeploymentPlan, runner, x: np.ndarray, labels: np.ndarray, ref
                        settle_tolerance=p.settle_tolerance, vendor_seconds=p.vendor_seconds,
                        throughput_search=p.throughput_search))
     out["executed_precision"] = runner.info["executed_precision"]
-    out["runtime"] = {k: v for k, v in runner.info.items() if k != "executed_precision"}
+    out["runtime"] = {k: v for k, v in runner.info.items() if k not in ("executed_precision", "fused_sums")}
     return out
 
 
@@ -194,6 +194,7 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
     ok, why = target.available()
     if not ok:
         return {**row, "status": "skipped", "reason": skipped(target, why, onnx_path, cfg, x)}
+    runner = None
     try:
         name = manifest["files"].get(target.artifact)
         path = sdir / name if name else target.prepare(onnx_path, sdir)
@@ -212,6 +213,9 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
         plan.log(traceback.format_exc())
         return {**row, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
     failures = parity_failures(row, task.score(ref, labels), spec.parity, task)
+    if failures and model is not None:
+        judged = judge_fused_sums(plan, row, model, onnx_path, runner, x, labels, ref, spec)
+        failures = failures if judged is None else judged
     if failures:
         row.update(status="failed", reason="parity: " + "; ".join(failures))
         if model is not None:
@@ -220,6 +224,28 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
         return row
     bad = int8_failure(row, manifest)
     return {**row, "status": "failed", "reason": bad} if bad else row
+
+
+def judge_fused_sums(plan: DeploymentPlan, row: dict, model, onnx_path: Path, runner, x: np.ndarray,
+                     labels: np.ndarray, ref: np.ndarray, spec: TargetSpec) -> Optional[list[str]]:
+    """A row that failed parity on a runtime that fused residual adds without their quantizer
+    (compress/runtime_arith.py), judged again against torch computing the same: -> the failures
+    that remain ([] passes), or None where there is nothing to emulate. The row keeps torch's
+    agreement; `runtime_fusion` records the other."""
+    from compress.runtime_arith import fused_sum_check
+    task, batch = get_task(plan.task), plan.data.batch_size
+    try:
+        check = fused_sum_check(model, onnx_path, runner, x, batch)
+        if check is None:
+            return None
+        got = compare(logits_of(runner, x, batch), labels, check.pop("logits"), plan.task, spec.parity)
+    except Exception:  # the emulation must never hide the failure it may explain
+        plan.log(traceback.format_exc())
+        return None
+    emulated = {"agreement": got["agreement"], "max_abs_diff": got["max_abs_diff"]}
+    again = parity_failures({**row, **emulated}, task.score(ref, labels), spec.parity, task)
+    row["runtime_fusion"] = {**check, **emulated, "passes": not again, "failures": "; ".join(again)}
+    return again
 
 
 def short(row: dict, task) -> str:
@@ -243,7 +269,9 @@ def deploy_stage(plan: DeploymentPlan, stage: StageArtifact) -> list[dict]:
         row = deploy_one(plan, stage.name, stage.dir, manifest, spec, x, labels, ref, model=stage.model)
         msg = row["reason"] if row["status"] != "ok" else (
             f"{short(row, plan.task)} agree {row['agreement']:.4f} "
-            f"p50 {row['latency_ms']['p50']:.3f} ms, {row['executed_precision']['summary']}")
+            f"p50 {row['latency_ms']['p50']:.3f} ms, {row['executed_precision']['summary']}"
+            + (f" (fused residual adds: agree {row['runtime_fusion']['agreement']:.4f} with torch computing the "
+               f"same)" if row.get("runtime_fusion") else ""))
         plan.log(f"[{stage.name} @ {spec.backend}] {row['status']}: {msg}")
         rows.append(row)
     return rows

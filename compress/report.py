@@ -92,6 +92,17 @@ def timer_cells(lat: dict, thr: dict) -> str:
     return f"{_fmt(rt.get('p50'), '.3f')} | {vendor} | {share}"
 
 
+def fusion_note(row: dict) -> str:
+    """A row whose parity gate was judged again against torch computing the runtime's fused
+    residual adds (compress/runtime_arith.py)."""
+    fusion = row["runtime_fusion"]
+    verdict = "the gate passes on that" if fusion["passes"] else f"still failing: {fusion['failures']}"
+    return (f"{row['stage']} @ {row['backend']}: the runtime fused {fusion['adds']} residual add(s) into their "
+            f"convolutions without re-quantizing the convolution's output first (Q(conv + r), where torch computes "
+            f"Q(Q(conv) + r)); agreement with torch {_fmt(row.get('agreement'), '.4f')}, with torch computing the "
+            f"same {_fmt(fusion['agreement'], '.4f')}: {verdict}")
+
+
 def diverging_markdown(deployments: list[dict]) -> list[str]:
     """Per failed deployment: each compute layer's relative error against torch, in graph
     order, the first one over tolerance marked."""
@@ -212,6 +223,7 @@ def to_markdown(report: dict) -> str:
             f"{_fmt((d.get('system') or {}).get('peak_rss_mb'), '.0f')} | "
             f"{_fmt(d['size_bytes'], ',')} | {executed} | {timer_cells(lat, thr)} |")
     lines += ["", TIMERS_NOTE]
+    lines += [line for d in report["deployments"] if d.get("runtime_fusion") for line in ("", fusion_note(d))]
     lines += diverging_markdown(report["deployments"])
     lines += speed_markdown(report["deployments"])
     lines += float_markdown(report["deployments"])

@@ -120,6 +120,13 @@ def fused_matmuls(layers: list[dict]) -> list[dict]:
     return out
 
 
+def fused_sums(layers: list[dict]) -> list[list[str]]:
+    """The graph nodes each compute layer fused with an Add (a residual sum post-op): where the
+    Add's input came through a QuantizeLinear, the plugin skips it (compress/runtime_arith.py)."""
+    return [names for lyr in layers if lyr["layerType"] in COMPUTE_TYPES
+            for names in [lyr["fused"].split(",")] if any(_op_kind(n) == "Add" for n in names)]
+
+
 def is_int8_layer(layer: dict) -> bool:
     prim, prec = layer["primitiveType"].lower(), layer["runtimePrecision"].lower()
     return prim.endswith("_i8") or prim.endswith("_u8") or prec in ("i8", "u8")
@@ -183,6 +190,7 @@ class OvRunner:
             "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
             "executed_precision": executed_precision(len(int8), len(compute), dict(kernels), dict(by_prec),
                                                      matmuls),
+            "fused_sums": fused_sums(layers),
         }
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
