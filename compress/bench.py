@@ -138,7 +138,9 @@ def _deploy_local(plan, stage, manifest, spec, x, labels, ref, local: LocalRound
     from compress.deploy import deploy_one
     from targets import base
     key = f"{stage.name}/{spec.backend}"
-    row = deploy_one(plan, stage.name, stage.dir, manifest, spec, x, labels, ref)
+    # the model: a row failing parity is judged as `compress run` judges it (a runtime's fused residual
+    # adds, compress/runtime_arith.py) and explained layer by layer
+    row = deploy_one(plan, stage.name, stage.dir, manifest, spec, x, labels, ref, model=stage.model)
     if row["latency_ms"] is not None:  # measured; a failed parity/int8 gate still gets its rounds
         opts = base.CompileOptions(threads=spec.threads, device=spec.device, precision=manifest["precision"],
                                    work_dir=stage.dir, options=spec.options,

@@ -149,7 +149,10 @@ def speed_precision(plan: DeploymentPlan, spec: TargetSpec, onnx_path: Path, sdi
         runner = target.compile(path, base.CompileOptions(threads=spec.threads, device=spec.device, precision="int8",
                                                           work_dir=sdir, options=spec.options))
         row = scored[path] = compare(logits_of(runner, x, plan.data.batch_size), labels, ref, plan.task, spec.parity)
-        return "; ".join(parity_failures(row, task.score(ref, labels), spec.parity, task)) or None
+        failures = parity_failures(row, task.score(ref, labels), spec.parity, task)
+        # what the user trades if they relax the gate: the float graph's own metric beside torch's
+        return "; ".join(failures) + (f"; its {task.primary} {row[task.primary]:.4f}, torch's "
+                                      f"{task.score(ref, labels):.4f}") if failures else None
     # streams: the target's throughput mode may run single-thread callers or streams side by side
     how = {"latency_one_thread": spec.latency_threads == "auto", "options": spec.options,
            "streams": plan.profile.throughput_search and spec.device == "cpu"

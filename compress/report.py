@@ -135,7 +135,8 @@ def _speed_table(d: dict, sp: dict) -> list[str]:
         lines += ["", f"exact rewrites in this artifact (the same numbers in fewer passes on {d['backend']}): {fused}"]
     if sp.get("whole_graph_rejected"):
         lines += ["", f"the whole graph in float measured faster but failed parity ({sp['whole_graph_rejected']}): "
-                      f"layers chosen one by one instead"]
+                      f"layers chosen one by one instead; a gate that allows it (targets[].parity) ships it at the "
+                      f"next deployment without timing again"]
     lines += ["", "| layer | runs in | int8 score | float score | why |", "|---|---|---:|---:|---|"]
     return lines + [f"| `{name}` | {r['precision']} | {_fmt(r.get('int8_score'), '.4f')} | "
                     f"{_fmt(r.get('float_score'), '.4f')} | {r.get('why', '')} |"
@@ -263,9 +264,10 @@ def add_teacher_ratios(deployments: list[dict], task=None) -> None:
         d["vs_teacher"][f"{primary}_delta"] = d[primary] - t[primary]
 
 
-def add_float_ratios(deployments: list[dict]) -> None:
+def add_float_ratios(deployments: list[dict], primary: str = "accuracy") -> None:
     """Each quantized deployment against the float stage it was quantized from (the last fp32
-    stage before it on the same backend): "my int8 model is not faster" answered per backend."""
+    stage before it on the same backend): "my int8 model is not faster" answered per backend.
+    primary: the task's metric, recorded for both rows (which one to ship is a trade the user makes)."""
     last_float: dict = {}
     for d in deployments:
         ok = d["status"] == "ok" and d.get("latency_ms") and d.get("throughput")
@@ -274,7 +276,8 @@ def add_float_ratios(deployments: list[dict]) -> None:
         elif ok and d["backend"] in last_float:
             f = last_float[d["backend"]]
             d["vs_float"] = {"stage": f["stage"], "latency_speedup": f["latency_ms"]["p50"] / d["latency_ms"]["p50"],
-                             "throughput_ratio": d["throughput"]["items_per_s"] / f["throughput"]["items_per_s"]}
+                             "throughput_ratio": d["throughput"]["items_per_s"] / f["throughput"]["items_per_s"],
+                             "artifact": f.get("artifact"), "metric": primary, "float_value": f.get(primary)}
 
 
 def float_markdown(deployments: list[dict]) -> list[str]:
@@ -300,7 +303,21 @@ def float_markdown(deployments: list[dict]) -> list[str]:
             lines += ["", f"{d['stage']} @ {d['backend']}: {ops} ran in float between DequantizeLinear and "
                           f"QuantizeLinear (no int8 kernel on this runtime: each pays a dequantize and a quantize "
                           f"pass that its float model does not)"]
-    return lines
+    faster = [_float_faster(d) for d in rows]
+    return lines + [line for note in faster if note for line in ("", note)]
+
+
+def _float_faster(d: dict) -> str:
+    """Where the float stage measured faster at batch 1 and in throughput: that it did, and both
+    rows' metric, so the user can choose per backend."""
+    v = d["vs_float"]
+    if max(v["latency_speedup"], v["throughput_ratio"]) >= 1 or v.get("float_value") is None:
+        return ""
+    name = HEADERS.get(v["metric"], v["metric"])
+    return (f"{d['stage']} @ {d['backend']}: its float model {v['stage']} measured faster here at batch 1 and in "
+            f"throughput, at {name} {v['float_value']:.4f} against this row's {_fmt(d.get(v['metric']), '.4f')}: where "
+            f"only {d['backend']} matters and that {name} is enough, {v['stage']}'s artifact "
+            f"({v.get('artifact') or 'its row'}) is the faster file")
 
 
 def write_report(run: RunIdentity, rows: list[dict], deployments: list[dict],
@@ -309,7 +326,7 @@ def write_report(run: RunIdentity, rows: list[dict], deployments: list[dict],
     run's compress.tasks.Task (its metrics are the tables' columns; None: classification)."""
     task = get_task(task)
     add_teacher_ratios(deployments, task)
-    add_float_ratios(deployments)
+    add_float_ratios(deployments, task.primary)
     env = environment()
     add_compute_rates(deployments, rows, env["hardware"])
     report = {

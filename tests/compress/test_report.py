@@ -180,3 +180,16 @@ def test_quantized_rows_are_compared_with_their_own_float_stage():
     assert "| quantize | onnxruntime | prune | 1.25× | 1.56× |" in md
     assert any(line.startswith("slower than its float model at batch 1 or in throughput: quantize @ openvino")
                for line in md)
+    assert not any("measured faster here" in line for line in md)  # openvino's int8 row has the throughput
+
+
+def test_a_float_stage_faster_on_both_counts_is_named_with_both_metrics():
+    from compress.report import add_float_ratios, float_markdown
+    rows = [{"stage": "prune", "backend": "onnxruntime", "precision": "fp32", "status": "ok", "accuracy": 0.7394,
+             "latency_ms": {"p50": 0.137}, "throughput": {"items_per_s": 16931}, "artifact": "02-prune/model.onnx"},
+            {"stage": "quantize", "backend": "onnxruntime", "precision": "int8", "status": "ok", "accuracy": 0.7478,
+             "latency_ms": {"p50": 0.180}, "throughput": {"items_per_s": 16545}}]
+    add_float_ratios(rows, "accuracy")
+    md = "\n".join(float_markdown(rows))
+    assert ("quantize @ onnxruntime: its float model prune measured faster here at batch 1 and in throughput, at "
+            "accuracy 0.7394 against this row's 0.7478") in md and "(02-prune/model.onnx) is the faster file" in md

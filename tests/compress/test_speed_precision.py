@@ -264,6 +264,7 @@ def test_deploy_judges_the_whole_float_graph_with_the_targets_parity_gate(int8, 
     row, names, _ = deploy_speed(int8, tmp_path, monkeypatch, fast=0, whole=1.0, parity={"max_abs_diff": 1e-3})
     chosen = row["speed_precision"]
     assert "max_abs_diff 0.001" in chosen["whole_graph_rejected"] and chosen["float_layers"] == [names[0]]
+    assert "; its accuracy 1.0000, torch's 1.0000" in chosen["whole_graph_rejected"]  # tiny data: both exact
     # the per-layer graph, written where the rejected one was, is scored afresh: it has the int8 numbers
     assert row["status"] == "ok" and row["max_abs_diff"] < 1e-3, row["reason"]
     assert any("failed parity" in line for line in speed_markdown([row]))
