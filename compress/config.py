@@ -300,7 +300,9 @@ class ParityConfig(Strict):
     # 0.98: a QAT model's int8 export agrees with its fake-quant torch model on >= 98% of
     # top-1 in practice (ORT matches brevitas exactly; OpenVINO rounds a little differently);
     # float exports agree on ~100%. Below that it is not the model that was validated.
-    min_agreement: float = Field(0.98, ge=0, le=1, description="least top-1 agreement with the torch model")
+    min_agreement: float = Field(0.98, ge=0, le=1, description=(
+        "least top-1 agreement with the torch model (where OpenVINO fused residual adds without their "
+        "quantizer, with torch computing the same: compress/runtime_arith.py)"))
     # half a point of accuracy is past run-to-run noise of a 10k test split
     max_acc_drop: float = Field(
         0.005, ge=0, le=1, description="largest accuracy loss against the torch model on the same data")
