@@ -217,8 +217,8 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
         return {**row, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
     failures = parity_failures(row, task.score(ref, labels), spec.parity, task)
     if failures and model is not None:
-        judged = judge_fused_sums(plan, row, model, onnx_path, runner, x, labels, ref, spec)
-        failures = failures if judged is None else judged
+        judged, twin = judge_fused_sums(plan, row, model, onnx_path, runner, x, labels, ref, spec)
+        failures, model = (failures, model) if judged is None else (judged, twin)  # diagnosed against the twin
     if failures:
         row.update(status="failed", reason="parity: " + "; ".join(failures))
         if model is not None:
@@ -230,25 +230,26 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
 
 
 def judge_fused_sums(plan: DeploymentPlan, row: dict, model, onnx_path: Path, runner, x: np.ndarray,
-                     labels: np.ndarray, ref: np.ndarray, spec: TargetSpec) -> Optional[list[str]]:
+                     labels: np.ndarray, ref: np.ndarray, spec: TargetSpec) -> tuple[Optional[list[str]], object]:
     """A row that failed parity on a runtime that fused residual adds without their quantizer
-    (compress/runtime_arith.py), judged again against torch computing the same: -> the failures
-    that remain ([] passes), or None where there is nothing to emulate. The row keeps torch's
-    agreement; `runtime_fusion` records the other."""
+    (compress/runtime_arith.py), judged again against torch computing the same: -> (the failures
+    that remain, [] passes, or None where there is nothing to emulate; that torch model). The row
+    keeps torch's agreement; `runtime_fusion` records the other."""
     from compress.runtime_arith import fused_sum_check
     task, batch = get_task(plan.task), plan.data.batch_size
     try:
         check = fused_sum_check(model, onnx_path, runner, x, batch)
         if check is None:
-            return None
+            return None, None
+        twin = check.pop("twin")
         got = compare(logits_of(runner, x, batch), labels, check.pop("logits"), plan.task, spec.parity)
     except Exception:  # the emulation must never hide the failure it may explain
         plan.log(traceback.format_exc())
-        return None
+        return None, None
     emulated = {"agreement": got["agreement"], "max_abs_diff": got["max_abs_diff"]}
     again = parity_failures({**row, **emulated}, task.score(ref, labels), spec.parity, task)
     row["runtime_fusion"] = {**check, **emulated, "passes": not again, "failures": "; ".join(again)}
-    return again
+    return again, twin
 
 
 def short(row: dict, task) -> str:

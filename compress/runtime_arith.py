@@ -82,7 +82,7 @@ def torch_logits(model: nn.Module, x: np.ndarray, batch: int) -> np.ndarray:
 
 def fused_sum_check(model: nn.Module, onnx_path: Path, runner, x: np.ndarray, batch: int) -> Optional[dict]:
     """Where the runner's execution graph fused residual adds that the model re-quantizes before
-    adding: {"adds", "modules", "logits"}, the logits of torch computing the same on x, else None."""
+    adding: {"adds", "modules", "logits", "twin"}: torch computing the same, and its logits on x; else None."""
     fused = (getattr(runner, "info", None) or {}).get("fused_sums") or []
     if not fused:
         return None
@@ -90,5 +90,5 @@ def fused_sum_check(model: nn.Module, onnx_path: Path, runner, x: np.ndarray, ba
     twin, changed = without_sum_requant(model, modules)
     if twin is None:
         return None
-    return {"adds": changed, "modules": modules, "logits": torch_logits(twin, x, batch)}
+    return {"adds": changed, "modules": modules, "logits": torch_logits(twin, x, batch), "twin": twin}
 

@@ -77,7 +77,7 @@ def test_openvino_computes_the_fused_sum_and_the_twin_matches_it(residual):
 
 def test_a_wrong_artifact_still_differs_from_the_twin(residual, tmp_path):
     q, x, path = residual
-    scale_weight_of(path, tmp_path / "bad.onnx", 3)  # b1.3, the first fused convolution
+    scale_weight_of(path, tmp_path / "bad.onnx", 3)  # Conv nodes: stem.0, b1.0, b1.3, b2.0 (this one), b2.3
     runner = compiled(tmp_path / "bad.onnx")
     check = fused_sum_check(q, tmp_path / "bad.onnx", runner, x, 64)
     got = np.concatenate([runner(x[i:i + 64]) for i in range(0, len(x), 64)])
@@ -120,7 +120,10 @@ def test_the_gate_judges_against_the_fused_sum(residual, tmp_path):
     assert right["runtime_fusion"]["passes"] and right["runtime_fusion"]["adds"] == 2
     assert right["runtime_fusion"]["max_abs_diff"] <= 0.0035
     assert wrong["status"] == "failed" and not wrong["runtime_fusion"]["passes"], wrong
-    assert "logits" not in right["runtime_fusion"]
+    assert "logits" not in right["runtime_fusion"] and "twin" not in right["runtime_fusion"]
+    # diagnosed layer by layer against torch computing the fused sums (the twin pairs with the graph): the
+    # scaled convolution is named
+    assert wrong["diverging_layers"]["first_diverging"]["module"] == "b2.0", wrong["diverging_layers"]
     line = fusion_note(right)
     assert line.startswith("quantize @ openvino: the runtime fused 2 residual add(s)") and "the gate passes on" in line
     assert "still failing: max |delta logit|" in fusion_note(wrong)
