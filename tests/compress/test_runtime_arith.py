@@ -2,6 +2,8 @@
 output quantizer (compress/runtime_arith.py): its execution graph says so; torch computing the
 same matches OpenVINO where torch as trained does not; the parity gate judged against that passes
 the right artifact and still fails a wrong one."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -121,6 +123,7 @@ def test_the_gate_judges_against_the_fused_sum(residual, tmp_path):
     assert right["runtime_fusion"]["max_abs_diff"] <= 0.0035
     assert wrong["status"] == "failed" and not wrong["runtime_fusion"]["passes"], wrong
     assert "logits" not in right["runtime_fusion"] and "twin" not in right["runtime_fusion"]
+    json.dumps([right, wrong])  # the rows go into report.json as they are
     # diagnosed layer by layer against torch computing the fused sums (the twin pairs with the graph): the
     # scaled convolution is named
     assert wrong["diverging_layers"]["first_diverging"]["module"] == "b2.0", wrong["diverging_layers"]
