@@ -77,10 +77,18 @@ def main() -> None:
     ap.add_argument("--fp32", default="prune", help="the FP32 stage the int8 one was quantized from")
     ap.add_argument("--int8", default="quantize")
     ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--threads", type=int, help="deploy both on this many threads instead of the targets' own "
+                    "(e.g. 1 against the default: how each scales, RESULTS.md 'a scaling limit')")
+    ap.add_argument("--backend", help="only this backend's rows")
     a = ap.parse_args()
     import os
-    print(f"load {os.getloadavg()[0]:.2f}, {a.trials} trials per artifact, a fresh process each, alternating")
+    print(f"load {os.getloadavg()[0]:.2f}, {a.trials} trials per artifact, a fresh process each, alternating"
+          + (f", {a.threads} thread(s)" if a.threads else ""))
     for backend, pair in rows(a.run, a.fp32, a.int8).items():
+        if a.backend and backend != a.backend:
+            continue
+        if a.threads:
+            pair = {k: {**r, "target": {**r["target"], "threads": a.threads}} for k, r in pair.items()}
         got: dict = {"fp32": [], "int8": []}
         for i in range(a.trials):
             for k in (("fp32", "int8") if i % 2 == 0 else ("int8", "fp32")):
