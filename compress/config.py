@@ -298,7 +298,8 @@ class ExportConfig(Strict):
 class ParityConfig(Strict):
     """How far a deployed artifact may stray from its torch model before it is `failed`."""
     # 0.98: a QAT model's int8 export agrees with its fake-quant torch model on >= 98% of
-    # top-1 in practice (ORT matches brevitas exactly; OpenVINO rounds a little differently);
+    # top-1 in practice (ORT matches brevitas exactly; OpenVINO skips the requantization of a conv feeding a
+    # residual add it fused, judged against torch doing the same: compress/runtime_arith.py);
     # float exports agree on ~100%. Below that it is not the model that was validated.
     min_agreement: float = Field(0.98, ge=0, le=1, description=(
         "least top-1 agreement with the torch model (where OpenVINO fused residual adds without their "
