@@ -118,13 +118,10 @@ def skipped(target, why: str, onnx_path: Path, cfg: base.CompileOptions, x: np.n
     return f"{why}; {more}" if more else why
 
 
-def measure(plan: DeploymentPlan, runner, x: np.ndarray, labels: np.ndarray, ref: np.ndarray,
-            parity: Parity = None, compared: Optional[dict] = None) -> dict:
-    """compared: compare()'s result for this artifact where it was already scored (the accuracy
-    pass is not run twice)."""
+def measure(plan: DeploymentPlan, runner, x: np.ndarray, compared: dict) -> dict:
+    """compared: compare()'s result for this artifact (its accuracy pass); the profile added."""
     p = plan.profile
-    out = dict(compared) if compared else compare(logits_of(runner, x, plan.data.batch_size), labels, ref,
-                                                  plan.task, parity)
+    out = dict(compared)
     out.update(profile(runner, x[:64], warmup=p.warmup, runs=p.runs, throughput_batch=p.throughput_batch,
                        throughput_runs=p.throughput_runs, max_warmup=p.max_warmup,
                        settle_tolerance=p.settle_tolerance, vendor_seconds=p.vendor_seconds,
@@ -211,14 +208,19 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
             runner = static_shapes(plan, target, source, runner, cfg, x)
         if spec.latency_threads == "auto":  # the choice lands in row["runtime"]["latency_threads"]
             runner = latency_threads(target, path, runner, cfg, x)
-        row.update(measure(plan, runner, x, labels, ref, spec.parity, compared))
+        logits = None  # kept where computed here: a row failing parity is judged again with them
+        if compared is None:
+            logits = logits_of(runner, x, plan.data.batch_size)
+            compared = compare(logits, labels, ref, plan.task, spec.parity)
+        row.update(measure(plan, runner, x, compared))
     except Exception as e:  # a backend failure is a result to report, not a crash of the run
         plan.log(traceback.format_exc())
         return {**row, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
     failures = parity_failures(row, task.score(ref, labels), spec.parity, task)
     if failures and model is not None:
-        judged, twin = judge_fused_sums(plan, row, model, onnx_path, runner, x, labels, ref, spec)
-        failures, model = (failures, model) if judged is None else (judged, twin)  # diagnosed against the twin
+        judged, twin = judge_fused_sums(plan, row, model, onnx_path, runner, x, labels, ref, spec, logits)
+        if judged is not None:  # what still fails is diagnosed against torch computing the runtime's fusion
+            failures, model = judged, twin
     if failures:
         row.update(status="failed", reason="parity: " + "; ".join(failures))
         if model is not None:
@@ -230,11 +232,13 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
 
 
 def judge_fused_sums(plan: DeploymentPlan, row: dict, model, onnx_path: Path, runner, x: np.ndarray,
-                     labels: np.ndarray, ref: np.ndarray, spec: TargetSpec) -> tuple[Optional[list[str]], object]:
+                     labels: np.ndarray, ref: np.ndarray, spec: TargetSpec,
+                     logits: Optional[np.ndarray] = None) -> tuple[Optional[list[str]], object]:
     """A row that failed parity on a runtime that fused residual adds without their quantizer
     (compress/runtime_arith.py), judged again against torch computing the same: -> (the failures
     that remain, [] passes, or None where there is nothing to emulate; that torch model). The row
-    keeps torch's agreement; `runtime_fusion` records the other."""
+    keeps torch's agreement; `runtime_fusion` records the other. logits: the runtime's, where the
+    row's accuracy pass kept them."""
     from compress.runtime_arith import fused_sum_check
     task, batch = get_task(plan.task), plan.data.batch_size
     try:
@@ -242,7 +246,8 @@ def judge_fused_sums(plan: DeploymentPlan, row: dict, model, onnx_path: Path, ru
         if check is None:
             return None, None
         twin = check.pop("twin")
-        got = compare(logits_of(runner, x, batch), labels, check.pop("logits"), plan.task, spec.parity)
+        logits = logits_of(runner, x, batch) if logits is None else logits
+        got = compare(logits, labels, check.pop("logits"), plan.task, spec.parity)
     except Exception:  # the emulation must never hide the failure it may explain
         plan.log(traceback.format_exc())
         return None, None

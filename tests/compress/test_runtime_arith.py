@@ -92,10 +92,11 @@ def test_only_a_graph_model_with_fused_modules_is_changed(residual):
     assert without_sum_requant(Res(), ["b1.3"]) == (None, 0)  # not an fx graph
 
 
-def test_the_gate_judges_against_the_fused_sum(residual, tmp_path):
+def test_the_gate_judges_against_the_fused_sum(residual, tmp_path, monkeypatch):
     """Through deploy_one: a gate tight enough that torch as trained fails the OpenVINO row
     passes it against torch computing the fused sums, and the row and report.md say so; the
     wrong artifact still fails."""
+    import compress.deploy as deploy
     from compress.config_load import load_config
     from compress.deploy import deploy_one
     from compress.plan import deployment_plan
@@ -107,6 +108,8 @@ def test_the_gate_judges_against_the_fused_sum(residual, tmp_path):
         "profile.runs=100", "profile.throughput_runs=1", "profile.max_warmup=0", "targets.0.backend=openvino",
         "targets.0.parity.max_abs_diff=0.0035"])  # measured: 0.0059 against torch, 0.0030 against the twin
     plan = deployment_plan(cfg, [], {}, None, tmp_path, log=lambda s: None)
+    calls, real = [], deploy.logits_of
+    monkeypatch.setattr(deploy, "logits_of", lambda *a, **k: calls.append(1) or real(*a, **k))
     rows = {}
     for name, src in (("right", path), ("wrong", None)):
         sdir = tmp_path / name
@@ -118,6 +121,7 @@ def test_the_gate_judges_against_the_fused_sum(residual, tmp_path):
         manifest = {"precision": "int8", "files": {"onnx": "model.onnx"}}
         rows[name] = deploy_one(plan, "quantize", sdir, manifest, plan.targets[0], x, ref.argmax(1), ref, model=q)
     right, wrong = rows["right"], rows["wrong"]
+    assert len(calls) == 2  # one accuracy pass per row: judged again with the same runtime logits
     assert right["status"] == "ok" and right["max_abs_diff"] > 0.0035, right
     assert right["runtime_fusion"]["passes"] and right["runtime_fusion"]["adds"] == 2
     assert right["runtime_fusion"]["max_abs_diff"] <= 0.0035
