@@ -115,8 +115,9 @@ def test_timm_vit_quantizes_and_exports_int8(tmp_path):
     info = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
     kinds = [i["primitiveType"].astype(str).lower() for i in info
              if i["layerType"].astype(str) in ("Convolution", "FullyConnected")]
-    # patch, qkv, proj, fc1, fc2, head. Read as is, OpenVINO 2026.4 runs all 6 int8 but computes
-    # this graph wrong, so _read keeps convert_model's IR (right logits; patch, proj, fc2 in f32)
-    assert len(kinds) == 6 and sum(k.endswith("i8") for k in kinds) >= 3, kinds
+    # patch, qkv, proj, fc1, fc2, head: all 6 int8. Read as is, OpenVINO 2026.4 computes this
+    # graph's patch embedding wrong (0.15 off ONNX Runtime's logits); with the patch conv's bias
+    # split out it is right (targets/ov_bias.py), where convert_model's IR ran patch, proj, fc2 in f32
+    assert len(kinds) == 6 and all(k.endswith("i8") for k in kinds), kinds
     ov_out = compiled(x.numpy())[0]
-    assert np.abs(ov_out - got).max() < 0.05 * np.ptp(got), (np.abs(ov_out - got).max(), np.ptp(got))
+    assert np.abs(ov_out - got).max() < 0.01 * np.ptp(got), (np.abs(ov_out - got).max(), np.ptp(got))
