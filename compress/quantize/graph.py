@@ -162,8 +162,45 @@ def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
             raise
         by_id.update({id(m): n for n, m in pristine.named_modules()})  # the bits lambda reads it
         qmodel = _layerwise(pristine, kwargs)
+    _float_into_splits(qmodel)
     _matmul_quantizers(qmodel, qsettings)
     return qmodel
+
+
+SPLITS = ("unbind", "chunk", "split")  # tensor methods brevitas' QuantTensor does not have
+LAYOUT = ("reshape", "view", "permute", "transpose", "contiguous", "flatten")
+
+
+def as_float(x):
+    """A QuantTensor's dequantized value (a plain tensor passes through)."""
+    return getattr(x, "value", x)
+
+
+def _float_into_splits(qmodel: nn.Module) -> None:
+    """Where a quantizer's QuantTensor reaches unbind/chunk/split or indexing (through layout
+    ops only), the graph takes its float value first. brevitas' IntQuantTensor is a tuple:
+    it has no unbind, `q[:, 0]` fails ("tuple indices must be integers or slices") and `q[0]`
+    returns its whole value, not row 0. Graph mode returns one from the qkv Linear of
+    torchvision's VisionTransformer (through compress' explicit attention), whose first
+    quantized forward failed with "'IntQuantTensor' object has no attribute 'unbind'". The
+    quantizer still quantizes (its Q/DQ is exported); other users still get its QuantTensor."""
+    import operator
+    graph = getattr(qmodel, "graph", None)
+    if graph is None:
+        return
+    for node in list(graph.nodes):
+        split = node.op == "call_method" and node.target in SPLITS
+        if not (split or (node.op == "call_function" and node.target is operator.getitem)):
+            continue
+        src = node.args[0]
+        while getattr(src, "op", None) == "call_method" and src.target in LAYOUT:
+            src = src.args[0]
+        if getattr(src, "op", None) != "call_module" or not getattr(
+                qmodel.get_submodule(src.target), "return_quant_tensor", False):
+            continue
+        with graph.inserting_before(node):
+            node.replace_input_with(node.args[0], graph.call_function(as_float, (node.args[0],)))
+    qmodel.recompile()
 
 
 def _matmul_quantizers(qmodel: nn.Module, qsettings: dict) -> None:

@@ -229,3 +229,63 @@ def test_quantized_model_without_pruning_rebuilds_from_its_structure(quantized, 
     rebuilt = rebuild(Structure.read(tmp_path / "structure.json"), tmp_path / "model.safetensors")
     with torch.no_grad():
         assert torch.equal(_out(rebuilt(_x())), _out(quantized(_x())))
+
+
+class _TvBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attention = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, inp):
+        x = self.ln_1(inp)
+        x, _ = self.self_attention(x, x, x, need_weights=False)
+        x = x + inp
+        return x + self.mlp(self.ln_2(x))
+
+
+class TvLikeViT(nn.Module):
+    """torchvision VisionTransformer's layout at toy size: patch conv, class token, position
+    embedding, pre-norm nn.MultiheadAttention blocks, the class token read out by indexing."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.d = d
+        self.conv_proj = nn.Conv2d(1, d, 4, 4)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embedding = nn.Parameter(torch.randn(1, 17, d) * 0.02)
+        self.block = _TvBlock(d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        n = x.shape[0]
+        x = self.conv_proj(x).reshape(n, self.d, -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1) + self.pos_embedding
+        return self.head(self.block(x)[:, 0])
+
+
+def test_a_torchvision_style_vit_quantizes_in_graph_mode_and_exports_int8(tmp_path):
+    """Graph mode hands the qkv Linear's QuantTensor to unbind and the residual sum's to [:, 0];
+    brevitas' IntQuantTensor is a tuple (no unbind; `q[:, 0]` fails, `q[0]` is its whole value),
+    so the first quantized forward failed. Those ops now take the float value."""
+    from brevitas.graph.calibrate import calibration_mode
+
+    from compress.export import export_qcdq
+    from compress.quantize.config import QuantizeConfig, settings
+    from compress.quantize.graph import as_float, prepare
+    torch.manual_seed(0)
+    float_model = TvLikeViT().eval()
+    x = torch.randn(16, 1, 16, 16)
+    q = prepare(float_model, settings(QuantizeConfig())).eval()
+    assert any(n.target is as_float for n in q.graph.nodes)
+    with torch.no_grad(), calibration_mode(q):
+        q(x)
+    with torch.no_grad():
+        want, ref = _out(q(x)).numpy(), float_model(x).numpy()
+    assert want.shape == (16, 10) and np.abs(want - ref).max() < 0.1 * np.ptp(ref)  # the class token's row
+    export_qcdq(q, tmp_path / "m.onnx", (1, 16, 16), uint8_activations=True)
+    import onnxruntime as ort
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    _parity(got, want)
