@@ -168,7 +168,6 @@ def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
 
 
 SPLITS = ("unbind", "chunk", "split")  # tensor methods brevitas' QuantTensor does not have
-LAYOUT = ("reshape", "view", "permute", "transpose", "contiguous", "flatten")
 
 
 def as_float(x):
@@ -177,29 +176,23 @@ def as_float(x):
 
 
 def _float_into_splits(qmodel: nn.Module) -> None:
-    """Where a quantizer's QuantTensor reaches unbind/chunk/split or indexing (through layout
-    ops only), the graph takes its float value first. brevitas' IntQuantTensor is a tuple:
-    it has no unbind, `q[:, 0]` fails ("tuple indices must be integers or slices") and `q[0]`
-    returns its whole value, not row 0. Graph mode returns one from the qkv Linear of
-    torchvision's VisionTransformer (through compress' explicit attention), whose first
-    quantized forward failed with "'IntQuantTensor' object has no attribute 'unbind'". The
-    quantizer still quantizes (its Q/DQ is exported); other users still get its QuantTensor."""
+    """unbind/chunk/split and indexing take their input's float value first (as_float: a
+    plain tensor, tuple or shape passes through). brevitas' IntQuantTensor is a tuple: it has no
+    unbind or chunk, `q[:, 0]` fails ("tuple indices must be integers or slices") and `q[0]`
+    returns its whole value, not row 0. Graph mode hands one to torchvision's VisionTransformer's
+    qkv unbind (through compress' explicit attention) and to ShuffleNetV2's chunk (a quantized
+    cat), whose first quantized forwards failed ("'IntQuantTensor' object has no attribute
+    'unbind'" / "'chunk'"). The quantizers still quantize (their Q/DQ is exported); other users
+    of their outputs still get the QuantTensor."""
     import operator
     graph = getattr(qmodel, "graph", None)
     if graph is None:
         return
     for node in list(graph.nodes):
         split = node.op == "call_method" and node.target in SPLITS
-        if not (split or (node.op == "call_function" and node.target is operator.getitem)):
-            continue
-        src = node.args[0]
-        while getattr(src, "op", None) == "call_method" and src.target in LAYOUT:
-            src = src.args[0]
-        if getattr(src, "op", None) != "call_module" or not getattr(
-                qmodel.get_submodule(src.target), "return_quant_tensor", False):
-            continue
-        with graph.inserting_before(node):
-            node.replace_input_with(node.args[0], graph.call_function(as_float, (node.args[0],)))
+        if split or (node.op == "call_function" and node.target is operator.getitem):
+            with graph.inserting_before(node):
+                node.replace_input_with(node.args[0], graph.call_function(as_float, (node.args[0],)))
     qmodel.recompile()
 
 

@@ -1,0 +1,51 @@
+"""brevitas' IntQuantTensor is a tuple: no unbind/chunk, `q[:, 0]` fails and `q[0]` is its
+whole value. Graph-mode models that split or index a quantized tensor (ShuffleNetV2's chunk of a
+quantized cat; torchvision ViT's qkv unbind and class-token read-out: test_transformer.py) take
+the float value there (compress.quantize.graph._float_into_splits), quantize, run and export."""
+import numpy as np
+import onnxruntime as ort
+import torch
+from brevitas.graph.calibrate import calibration_mode
+from torch import nn
+
+from compress.export import export_qcdq
+from compress.quantize.config import QuantizeConfig, settings
+from compress.quantize.graph import as_float, prepare
+
+
+class Shuffle(nn.Module):
+    """ShuffleNetV2's unit at toy size: chunk, branch, cat, channel shuffle, head."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c // 2, c // 2, 1), nn.BatchNorm2d(c // 2), nn.ReLU()) for _ in range(2))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for branch in self.branches:  # the second chunk splits a (quantized) cat, shuffled
+            a, b = x.chunk(2, dim=1)
+            x = torch.cat((a, branch(b)), dim=1)
+            n, c, h, w = x.shape
+            x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.head(x.mean((2, 3)))
+
+
+def test_chunk_of_a_quantized_cat_runs_and_exports(tmp_path):
+    torch.manual_seed(0)
+    float_model = Shuffle().eval()
+    x = torch.randn(8, 1, 8, 8)
+    q = prepare(float_model, settings(QuantizeConfig())).eval()
+    assert any(n.target is as_float for n in q.graph.nodes)
+    with torch.no_grad(), calibration_mode(q):
+        q(x)
+    with torch.no_grad():
+        y = q(x)
+        want, ref = getattr(y, "value", y).numpy(), float_model(x).numpy()
+    assert want.shape == (8, 10) and np.abs(want - ref).max() < 0.1 * np.ptp(ref)
+    export_qcdq(q, tmp_path / "m.onnx", (1, 8, 8), uint8_activations=True)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    assert np.abs(got - want).max() < 0.02 * np.ptp(want)
