@@ -194,7 +194,29 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path):
     assert outcome(res, case.expect) == "clear", (res.exit_code, res.output, repr(res.exception))
 
 
+class Branchy(torch.nn.Module):
+    """Python control flow on a tensor value (as torchvision's swin_t pads only where needed):
+    torch.fx cannot trace it."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.mean() > 0:
+            x = x.relu()
+        return self.fc(x.mean((2, 3)))
+
+
+def _quantize_untraceable(cfg: dict, tmp: Path) -> None:
+    cfg["student"]["model"] = "tests.test_bad_inputs:Branchy"
+    cfg["stages"].append({"kind": "quantize", "epochs": 0})
+
+
 EXTRA_CASES = [
+    Case("quantize-untraceable-student", config(_quantize_untraceable), "stages.1: the quantize stage traces"),
     Case("epochs-0-distill", config(_set("stages.0.epochs", 0)), "stages.0.epochs"),
     Case("epochs-0-teacher", config(_set("teacher.train.epochs", 0)), "teacher.train.epochs"),
     Case("stdlib-factory", config(_set("student.model", "os:system")), "standard library"),

@@ -11,6 +11,7 @@ import copy
 import torch
 from torch import nn
 
+from compress.errors import UserError
 from compress.names import unknown_name
 from compress.quantize.attention import has_torch_attention, quantize_matmul_inputs, rewrite
 
@@ -43,6 +44,22 @@ def check_layer_names(model: nn.Module, names, where: str) -> None:
         if n not in known:
             raise unknown_name(where, n, known, "no quantizable compute layer (Conv/Linear) named",
                                fallback=f"compute layers: {', '.join(known)}")
+
+
+def check_traceable(model: nn.Module, where: str) -> None:
+    """The quantize stage traces the model with torch.fx (brevitas' graph quantization). A
+    forward with Python control flow on tensor values cannot be traced (torchvision's swin_t:
+    "symbolically traced variables cannot be used as inputs to control flow"), and that failure
+    used to come after the distill and prune stages had run: now one line at validate."""
+    m = copy.deepcopy(model)
+    rewrite(m)
+    try:
+        trace_with_defaults(m.eval())
+    except Exception as e:  # a user's model can raise anything while traced: one line
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise UserError(f"{where}: the quantize stage traces the model with torch.fx, which fails on it "
+                        f"({type(e).__name__}: {msg}); quantize a model whose forward has no Python control "
+                        f"flow on tensor values, or leave the quantize stage out") from None
 
 
 def resolve_bits(names: list[str], cfg) -> dict[str, int]:

@@ -17,6 +17,7 @@ from compress.quantize.calibrate import equalize_activations, layer_sqnr, pass_c
 from compress.quantize.config import QuantizeConfig, format_name, settings
 from compress.quantize.graph import (
     check_layer_names,
+    check_traceable,
     compute_layers,
     preprocess,
     quantize_graph,
@@ -31,7 +32,9 @@ from compress.train import fit, predict
 
 
 def check(model: nn.Module, cfg: QuantizeConfig, where: str) -> None:
-    """Before any work: every per-layer name must be a compute layer of the model."""
+    """Before any work: the model traces (graph quantization needs torch.fx), and every
+    per-layer name is a compute layer of it."""
+    check_traceable(model, where)
     check_layer_names(model, list(cfg.layer_bits), f"{where}.layer_bits")
 
 
