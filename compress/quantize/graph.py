@@ -180,34 +180,62 @@ def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
         by_id.update({id(m): n for n, m in pristine.named_modules()})  # the bits lambda reads it
         qmodel = _layerwise(pristine, kwargs)
     _float_into_splits(qmodel)
+    _quantize_before_sigmoid(qmodel)
     _matmul_quantizers(qmodel, qsettings)
     return qmodel
 
 
-SPLITS = ("unbind", "chunk", "split")  # tensor methods brevitas' QuantTensor does not have
+def _quantize_before_sigmoid(qmodel: nn.Module) -> None:
+    """A quantizer between a compute layer and the QuantSigmoid it feeds. brevitas quantizes a
+    sigmoid's output only, so the layer's output reached it in float and ONNX Runtime, which
+    fuses DQ -> Conv -> Q into QLinearConv, ran the layer as a float Conv + Sigmoid: all 16
+    squeeze-excite expand convs of torchvision's EfficientNet-B0 (66/82 int8). OpenVINO ran
+    them int8 either way. The cost is one more int8 rounding, before a sigmoid."""
+    from brevitas.nn import QuantIdentity, QuantSigmoid
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+    from brevitas.quant import Int8ActPerTensorFloat
+    graph = getattr(qmodel, "graph", None)
+    if graph is None:
+        return
+    mods = dict(qmodel.named_modules())
+    for node in list(graph.nodes):
+        src = node.args[0] if node.op == "call_module" and node.args else None
+        if not isinstance(mods.get(node.target), QuantSigmoid) or getattr(src, "op", None) != "call_module":
+            continue
+        layer = mods.get(src.target)
+        if not isinstance(layer, QuantWeightBiasInputOutputLayer) or layer.output_quant.is_quant_enabled:
+            continue
+        name = f"{src.target.replace('.', '_')}_sigmoid_input_quant"
+        qmodel.add_module(name, QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=True))
+        with graph.inserting_after(src):
+            q = graph.call_module(name, (src,))
+        node.replace_input_with(src, q)
+    qmodel.recompile()
 
 
 def as_float(x):
-    """A QuantTensor's dequantized value (a plain tensor passes through)."""
+    """A QuantTensor's dequantized value (a plain tensor, tuple or shape passes through)."""
     return getattr(x, "value", x)
 
 
 def _float_into_splits(qmodel: nn.Module) -> None:
-    """unbind/chunk/split and indexing take their input's float value first (as_float: a
-    plain tensor, tuple or shape passes through). brevitas' IntQuantTensor is a tuple: it has no
-    unbind or chunk, `q[:, 0]` fails ("tuple indices must be integers or slices") and `q[0]`
-    returns its whole value, not row 0. Graph mode hands one to torchvision's VisionTransformer's
-    qkv unbind (through compress' explicit attention) and to ShuffleNetV2's chunk (a quantized
-    cat), whose first quantized forwards failed ("'IntQuantTensor' object has no attribute
-    'unbind'" / "'chunk'"). The quantizers still quantize (their Q/DQ is exported); other users
-    of their outputs still get the QuantTensor."""
+    """Tensor methods brevitas' IntQuantTensor lacks, and indexing, take their input's float
+    value first (as_float). IntQuantTensor is a tuple: it has no unbind, chunk or mean, `q[:, 0]`
+    fails ("tuple indices must be integers or slices") and `q[0]` returns its whole value, not
+    row 0. Graph mode hands one to torchvision's VisionTransformer's qkv unbind (through
+    compress' explicit attention) and to ShuffleNetV2's chunk (a quantized cat), whose first
+    quantized forwards failed ("'IntQuantTensor' object has no attribute 'unbind'" / "'chunk'").
+    The quantizers still quantize (their Q/DQ is exported); other users of their outputs still
+    get the QuantTensor."""
     import operator
+
+    from brevitas.quant_tensor import IntQuantTensor
     graph = getattr(qmodel, "graph", None)
     if graph is None:
         return
     for node in list(graph.nodes):
-        split = node.op == "call_method" and node.target in SPLITS
-        if split or (node.op == "call_function" and node.target is operator.getitem):
+        lacks = node.op == "call_method" and not hasattr(IntQuantTensor, node.target)
+        if lacks or (node.op == "call_function" and node.target is operator.getitem):
             with graph.inserting_before(node):
                 node.replace_input_with(node.args[0], graph.call_function(as_float, (node.args[0],)))
     qmodel.recompile()
