@@ -45,11 +45,12 @@ class Search:
         self.pool = ThreadPoolExecutor(max(c for c, _ in candidates))
         self.best, self.table = None, []
         self.last = None  # the candidate that ran last; None: the runner's own session may have
+        self.threaded = any(t != 1 for _, t in candidates)  # single-thread sessions have no workers
 
     def _run(self, c: tuple, batches: list) -> float:
         """run() on candidate c, once the idle workers of a threaded session that ran before it
         sleep (SETTLE_S): timed right after one, two single-thread callers lost ~13% here."""
-        if c != self.last and (self.last is None or self.last[1] > 1):
+        if self.threaded and c != self.last and (self.last is None or self.last[1] != 1):
             time.sleep(SETTLE_S)
         self.last = c
         return run(self.candidates[c], self.name, batches, self.pool)

@@ -123,7 +123,8 @@ def throughput(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, warmup: i
     else:
         for _ in range(max(1, warmup // 4)):
             run(x)
-    time.sleep(SETTLE_S)  # the latency runs' (or another artifact's) threads stop spinning
+    if (getattr(run, "info", None) or {}).get("threads") not in (1, None):  # its latency runs' workers
+        time.sleep(SETTLE_S)  # stop spinning (one thread has none; None: TensorRT, no CPU pool)
     rates, mode, start = [], {"mode": "sequential"}, time.perf_counter()
     while not rates or (len(rates) < max_rounds and time.perf_counter() - start < THROUGHPUT_SECONDS):
         t = time.perf_counter()

@@ -34,3 +34,11 @@ def test_search_settles_after_a_threaded_candidate_and_never_inside_a_timed_call
     n = len(log)
     search([x] * 3)
     assert "settle" not in log[n:] and len(log) - n == 3  # profile.throughput settles before its rounds
+
+
+def test_single_thread_sessions_have_no_workers_to_wait_for(monkeypatch):
+    log = []
+    monkeypatch.setattr(ort_throughput.time, "sleep", lambda s: log.append("settle"))
+    search = ort_throughput.Search({(1, 1): [FakeSession((1, 1), log)]}, "input")
+    search.choose(np.zeros((4, 1, 8, 8), np.float32))
+    assert "settle" not in log and log
