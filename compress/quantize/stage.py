@@ -117,7 +117,9 @@ class QuantizeStage:
     def run(self, model: nn.Module, ctx: RunContext, cfg: QuantizeConfig) -> StageResult:
         qs = settings(cfg)
         names = compute_layers(model)
-        check(model, cfg, ctx.where)  # again: an earlier stage may have removed a named block
+        # again: an earlier stage may have removed a named block (traceability was checked at
+        # preflight, and preprocess below traces anyway)
+        check_layer_names(model, list(cfg.layer_bits), f"{ctx.where}.layer_bits")
         # MACs are counted on the float model (the op counter does not see brevitas layers);
         # preprocess merges BatchNorm into `model` in place, so keep it as it came
         float_model = copy.deepcopy(model).eval()

@@ -269,23 +269,14 @@ def test_a_torchvision_style_vit_quantizes_in_graph_mode_and_exports_int8(tmp_pa
     """Graph mode hands the qkv Linear's QuantTensor to unbind and the residual sum's to [:, 0];
     brevitas' IntQuantTensor is a tuple (no unbind; `q[:, 0]` fails, `q[0]` is its whole value),
     so the first quantized forward failed. Those ops now take the float value."""
-    from brevitas.graph.calibrate import calibration_mode
-
-    from compress.export import export_qcdq
-    from compress.quantize.config import QuantizeConfig, settings
-    from compress.quantize.graph import as_float, prepare
+    from compress.quantize.graph import as_float
+    from tests.compress.quantize.test_quant_tensor_ops import ort_logits, quantized_export
     torch.manual_seed(0)
     float_model = TvLikeViT().eval()
     x = torch.randn(16, 1, 16, 16)
-    q = prepare(float_model, settings(QuantizeConfig())).eval()
+    q, want = quantized_export(float_model, x, tmp_path / "m.onnx")
     assert any(n.target is as_float for n in q.graph.nodes)
-    with torch.no_grad(), calibration_mode(q):
-        q(x)
     with torch.no_grad():
-        want, ref = _out(q(x)).numpy(), float_model(x).numpy()
+        ref = float_model(x).numpy()
     assert want.shape == (16, 10) and np.abs(want - ref).max() < 0.1 * np.ptp(ref)  # the class token's row
-    export_qcdq(q, tmp_path / "m.onnx", (1, 16, 16), uint8_activations=True)
-    import onnxruntime as ort
-    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"input": x.numpy()})[0]
-    _parity(got, want)
+    _parity(ort_logits(tmp_path / "m.onnx", x), want)

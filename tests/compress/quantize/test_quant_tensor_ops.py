@@ -33,19 +33,30 @@ class Shuffle(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+def quantized_export(float_model: nn.Module, x: torch.Tensor, path):
+    """W8A8 graph quantization as the stage prepares it, calibrated on x, exported as Q/DQ to
+    path -> (the quantized model, its logits on x)."""
+    q = prepare(float_model, settings(QuantizeConfig())).eval()
+    with torch.no_grad(), calibration_mode(q):
+        q(x)
+    with torch.no_grad():
+        want = as_float(q(x)).numpy()
+    export_qcdq(q, path, tuple(x.shape[1:]), uint8_activations=True)
+    return q, want
+
+
+def ort_logits(path, x: torch.Tensor) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+
+
 def test_chunk_of_a_quantized_cat_runs_and_exports(tmp_path):
     torch.manual_seed(0)
     float_model = Shuffle().eval()
     x = torch.randn(8, 1, 8, 8)
-    q = prepare(float_model, settings(QuantizeConfig())).eval()
+    q, want = quantized_export(float_model, x, tmp_path / "m.onnx")
     assert any(n.target is as_float for n in q.graph.nodes)
-    with torch.no_grad(), calibration_mode(q):
-        q(x)
     with torch.no_grad():
-        y = q(x)
-        want, ref = getattr(y, "value", y).numpy(), float_model(x).numpy()
+        ref = float_model(x).numpy()
     assert want.shape == (8, 10) and np.abs(want - ref).max() < 0.1 * np.ptp(ref)
-    export_qcdq(q, tmp_path / "m.onnx", (1, 8, 8), uint8_activations=True)
-    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"input": x.numpy()})[0]
+    got = ort_logits(tmp_path / "m.onnx", x)
     assert np.abs(got - want).max() < 0.02 * np.ptp(want)

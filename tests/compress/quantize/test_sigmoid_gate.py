@@ -3,14 +3,11 @@ output only, so ONNX Runtime ran the conv in float (no DQ -> Conv -> Q to fuse).
 between them (compress.quantize.graph._quantize_before_sigmoid) gives every conv an int8 kernel."""
 import numpy as np
 import torch
-from brevitas.graph.calibrate import calibration_mode
 from torch import nn
 
-from compress.export import export_qcdq
-from compress.quantize.config import QuantizeConfig, settings
-from compress.quantize.graph import prepare
 from targets.base import CompileOptions
 from targets.onnxruntime import OrtRunner
+from tests.compress.quantize.test_quant_tensor_ops import quantized_export
 
 
 class SE(nn.Module):
@@ -30,14 +27,8 @@ class SE(nn.Module):
 def test_the_gate_conv_runs_int8_on_onnx_runtime_with_parity(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(32, 1, 8, 8)
-    q = prepare(SE().eval(), settings(QuantizeConfig())).eval()
+    q, want = quantized_export(SE().eval(), x, tmp_path / "m.onnx")
     assert any(n.endswith("_sigmoid_input_quant") for n, _ in q.named_modules())
-    with torch.no_grad(), calibration_mode(q):
-        q(x)
-    with torch.no_grad():
-        y = q(x)
-        want = getattr(y, "value", y).numpy()
-    export_qcdq(q, tmp_path / "m.onnx", (1, 8, 8), uint8_activations=True)
     runner = OrtRunner(tmp_path / "m.onnx", CompileOptions(threads=1, precision="int8", work_dir=tmp_path))
     ep = runner.info["executed_precision"]
     assert (ep["int8_layers"], ep["compute_layers"]) == (4, 4), ep  # stem, reduce, expand, head
