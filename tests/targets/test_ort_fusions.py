@@ -1,15 +1,16 @@
 """ORT's exact rewrites (targets/ort_fusions.py): SiLU between Q/DQ as one QuickGelu gives
 bit-identical logits on ONNX Runtime, touches no other Sigmoid, and `precision: speed` ships it
-in ORT's own artifact even where every layer stays int8 (never in the shared ONNX)."""
+in ORT's own artifact even where every layer stays int8 (never in the shared ONNX). A ReLU read
+by a zero-point-128 Q becomes a clip of the codes: same numbers, and its Conv runs QLinearConv."""
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from compress import keep_float as kf
 from compress import speed_precision as sp
 from compress.report import speed_markdown
-from targets.ort_fusions import fuse_silu
+from targets.ort_fusions import fuse_silu, relu_into_quantize
 from tests.compress.test_export_qdq import ort_run
 from tests.compress.test_speed_precision import fake_timer, int8  # noqa: F401 (the module fixture)
 
@@ -102,3 +103,57 @@ def test_the_row_names_what_ort_ran_in_float_inside_the_int8_graph(int8, tmp_pat
     assert f"{SILUS} Sigmoid" in text and "ran in float between DequantizeLinear" in text
     row["vs_float"].update(latency_speedup=1.2, throughput_ratio=1.7)  # not slower: no explanation owed
     assert "ran in float" not in "\n".join(float_markdown([row]))
+
+
+def _conv_relu_q(zero_point: int, relu_is_output: bool = False) -> onnx.ModelProto:
+    """input -> Q -> DQ -> Conv(int8 weight) -> Relu -> Q(zero_point, uint8) -> DQ: the Q/DQ
+    brevitas writes where a ReLU's output shares a signed quantizer (zero point 128)."""
+    rng = np.random.default_rng(0)
+    init = [numpy_helper.from_array(v, k) for k, v in {
+        "sx": np.array(0.05, np.float32), "zx": np.array(128, np.uint8), "sy": np.array(0.02, np.float32),
+        "zy": np.array(zero_point, np.uint8), "w": rng.integers(-127, 128, (6, 4, 3, 3)).astype(np.int8),
+        "sw": np.array(0.01, np.float32), "zw": np.array(0, np.int8)}.items()]
+    make = helper.make_node
+    nodes = [make("QuantizeLinear", ["input", "sx", "zx"], ["xq"], name="qx"),
+             make("DequantizeLinear", ["xq", "sx", "zx"], ["xf"], name="dqx"),
+             make("DequantizeLinear", ["w", "sw", "zw"], ["wf"], name="dqw"),
+             make("Conv", ["xf", "wf"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             make("Relu", ["c"], ["r"], name="relu"),
+             make("QuantizeLinear", ["r", "sy", "zy"], ["yq"], name="qy"),
+             make("DequantizeLinear", ["yq", "sy", "zy"], ["out"], name="dqy")]
+    outs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 6, 6, 6])]
+    outs += [helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, 6, 6, 6])] if relu_is_output else []
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 4, 6, 6])],
+                              outs, init)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _optimized_ops(path, tmp_path) -> list[str]:
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # no NCHWc: portable file
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ops(onnx.load(str(tmp_path / "opt.onnx")))
+
+
+def test_relu_before_a_zero_point_128_quantizer_becomes_a_clip_and_the_conv_int8(tmp_path):
+    model = _conv_relu_q(128)
+    rewritten, done = relu_into_quantize(model)
+    assert done == {"ReLU as a clip of its codes": 1} and "Relu" not in ops(rewritten)
+    onnx.checker.check_model(rewritten)
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(model, str(a))
+    onnx.save(rewritten, str(b))
+    x = np.random.default_rng(1).standard_normal((2, 4, 6, 6)).astype(np.float32) * 3  # half the ReLU inputs < 0
+    for optimized in (False, True):
+        np.testing.assert_array_equal(ort_run(b, x, optimized), ort_run(a, x, optimized))
+    assert (ort_run(a, x, True) == 0).mean() > 0.2  # the clip did work
+    assert "QLinearConv" not in _optimized_ops(a, tmp_path)  # ORT cannot drop this ReLU: the Conv runs float
+    assert "QLinearConv" in _optimized_ops(b, tmp_path)
+
+
+@pytest.mark.parametrize("zero_point,relu_is_output", [(0, False), (128, True)])
+def test_relu_left_where_ort_drops_it_itself_or_another_reads_it(zero_point, relu_is_output):
+    model = _conv_relu_q(zero_point, relu_is_output)
+    assert relu_into_quantize(model) == (model, {})
