@@ -228,7 +228,25 @@ def deploy_one(plan: DeploymentPlan, stage: str, sdir: Path, manifest: dict, spe
             row["reason"] += "; " + explain(diag)
         return row
     bad = int8_failure(row, manifest)
+    if bad and spec.precision != "speed":
+        bad += speed_would_rewrite(target, onnx_path)
     return {**row, "status": "failed", "reason": bad} if bad else row
+
+
+def speed_would_rewrite(target, onnx_path: Path) -> str:
+    """Where the backend's exact rewrites that turn float layers int8 apply to this graph (ORT: a
+    ReLU before a zero-point-128 quantizer keeps its conv float until rewritten), the text that
+    says `precision: speed` ships them; else ''."""
+    rewrite = getattr(target, "int8_rewrites", None)
+    if rewrite is None:
+        return ""
+    import onnx
+    done = rewrite(onnx.load(str(onnx_path)))[1]
+    if not done:
+        return ""
+    what = ", ".join(f"{n} x {op}" for op, n in done.items())
+    return (f"; `precision: speed` on this target writes its exact rewrites into the artifact ({what}: the "
+            f"same numbers), with which such layers run int8")
 
 
 def judge_fused_sums(plan: DeploymentPlan, row: dict, model, onnx_path: Path, runner, x: np.ndarray,

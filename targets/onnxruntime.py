@@ -228,6 +228,11 @@ class OnnxRuntimeTarget:
         from targets.ort_fusions import exact_rewrites
         return exact_rewrites(model)
 
+    def int8_rewrites(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+        """Those of exact_rewrites that let layers run int8 which run float without them."""
+        from targets.ort_fusions import relu_into_quantize
+        return relu_into_quantize(model)
+
     def compile(self, artifact: Path, cfg: CompileOptions) -> OrtRunner:
         return OrtRunner(artifact, cfg)
 

@@ -215,8 +215,50 @@ def _quantize_untraceable(cfg: dict, tmp: Path) -> None:
     cfg["stages"].append({"kind": "quantize", "epochs": 0})
 
 
+def _shuffle(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.size()
+    return x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+
+
+class ShuffleUnit(torch.nn.Module):
+    """torchvision ShuffleNetV2's unit, one conv per branch: split (or downsample into two
+    branches), concat, channel shuffle."""
+
+    def __init__(self, c: int, down: bool):
+        super().__init__()
+        self.down = down
+        self.branch1 = torch.nn.Conv2d(c, c // 2, 1, stride=2) if down else None
+        self.branch2 = torch.nn.Conv2d(c if down else c // 2, c // 2, 1, stride=2 if down else 1)
+
+    def forward(self, x):
+        if self.down:
+            return _shuffle(torch.cat((self.branch1(x), self.branch2(x)), 1))
+        x1, x2 = x.chunk(2, dim=1)
+        return _shuffle(torch.cat((x1, self.branch2(x2)), 1))
+
+
+class Shuffly(torch.nn.Module):
+    """A downsampling unit and two split units: torch-pruning 1.6.1's index mapping divides by
+    zero on the second shuffle (as on torchvision's shufflenet_v2_x0_5)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.units = torch.nn.Sequential(ShuffleUnit(8, True), ShuffleUnit(8, False), ShuffleUnit(8, False))
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.units(self.stem(x)).mean((2, 3)))
+
+
+def _prune_unmappable(cfg: dict, tmp: Path) -> None:
+    cfg["student"]["model"] = "tests.test_bad_inputs:Shuffly"
+    cfg["stages"].append({"kind": "prune", "ratio": 0.3, "epochs": 0})
+
+
 EXTRA_CASES = [
     Case("quantize-untraceable-student", config(_quantize_untraceable), "stages.1: the quantize stage traces"),
+    Case("prune-unmappable-channels", config(_prune_unmappable), "stages.1: torch-pruning cannot build"),
     Case("epochs-0-distill", config(_set("stages.0.epochs", 0)), "stages.0.epochs"),
     Case("epochs-0-teacher", config(_set("teacher.train.epochs", 0)), "teacher.train.epochs"),
     Case("stdlib-factory", config(_set("student.model", "os:system")), "standard library"),

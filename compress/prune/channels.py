@@ -6,6 +6,9 @@ gradients of the same objective), lamp, and random as a control.
 """
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -27,11 +30,31 @@ def check(model: nn.Module, cfg: PruneConfig, where: str, input_shape=(1, 28, 28
     resolve(model, cfg.block_candidates, f"{where}.block_candidates")
     if cfg.semi_structured:
         sparse.select(model, cfg.semi_structured)
+    if cfg.ratio > 0 or cfg.target is not None:
+        dependency_check(model, cfg, where, input_shape)
     if cfg.remove_blocks:
         found = blocks.candidates(model, torch.zeros(1, *input_shape), cfg.block_candidates)
         if cfg.remove_blocks > len(found):
             raise UserError(f"{where}.remove_blocks={cfg.remove_blocks}, but the model has only "
                             f"{len(found)} removable blocks ({', '.join(found) or 'none'})")
+
+
+def dependency_check(model: nn.Module, cfg: PruneConfig, where: str, input_shape) -> None:
+    """The stage's pruner built on a copy of the student, so a model torch-pruning cannot map
+    channels through fails here, before training, in one line (torchvision's ShuffleNetV2:
+    its channel shuffle's reshapes raise ZeroDivisionError in torch-pruning 1.6.1's index
+    mapping, an open limitation upstream, VainF/Torch-Pruning#14)."""
+    import traceback
+    try:
+        make_pruner(copy.deepcopy(model), cfg, torch.zeros(1, *input_shape))
+    except UserError:
+        raise
+    except Exception as e:
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        raise UserError(f"{where}: torch-pruning cannot build this student's channel dependencies "
+                        f"({type(e).__name__}: {e} in {Path(frame.filename).name}:{frame.lineno} {frame.name}); "
+                        f"channel pruning cannot run on it: remove the prune stage (the other stages do not "
+                        f"need it)") from e
 
 
 def ignored(model: nn.Module, cfg: PruneConfig, input_shape) -> dict:

@@ -157,3 +157,15 @@ def test_relu_before_a_zero_point_128_quantizer_becomes_a_clip_and_the_conv_int8
 def test_relu_left_where_ort_drops_it_itself_or_another_reads_it(zero_point, relu_is_output):
     model = _conv_relu_q(zero_point, relu_is_output)
     assert relu_into_quantize(model) == (model, {})
+
+
+def test_a_plain_int8_row_that_fails_for_such_relus_names_precision_speed(tmp_path):
+    from compress.deploy import speed_would_rewrite
+    from targets import base
+    bad, good = tmp_path / "bad.onnx", tmp_path / "good.onnx"
+    onnx.save(_conv_relu_q(128), str(bad))
+    onnx.save(_conv_relu_q(0), str(good))
+    ort = base.get("onnxruntime")
+    hint = speed_would_rewrite(ort, bad)
+    assert "`precision: speed`" in hint and "1 x ReLU as a clip of its codes" in hint
+    assert speed_would_rewrite(ort, good) == "" and speed_would_rewrite(base.get("openvino"), bad) == ""
