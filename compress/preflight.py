@@ -47,6 +47,7 @@ class Built:
     spec: str
     model: Optional[nn.Module] = None
     ok: bool = False  # built, its checkpoint loaded, and its dry forward gave the right logits
+    export_problem: Optional[str] = None  # what the ONNX exporter will reject (compress/exportable.py)
 
 
 def data_info(cfg: "RunConfig", log: Callable[[str], None] = lambda s: None):
@@ -150,8 +151,9 @@ def _dry_forward(b: Built, x: torch.Tensor, data, task=None) -> Optional[str]:
     task = get_task(task)
     want = task.output_shape(BATCH, data)
     where = f"{b.role}.model={b.spec}"
+    from compress.exportable import recorded_pools
     try:
-        with torch.no_grad():
+        with torch.no_grad(), recorded_pools(b.model) as pools:
             out = b.model.eval()(x)
     except Exception as e:  # a user's model can raise anything: one line, not a traceback
         from compress.classifier import first_conv
@@ -167,6 +169,7 @@ def _dry_forward(b: Built, x: torch.Tensor, data, task=None) -> Optional[str]:
         what = "logits" if task.name == "classification" else f"{task.name} outputs"
         return (f"{where}: {what} of shape {tuple(out.shape)} for a batch of {BATCH}, expected "
                 f"{want} {task.output_text(data)}")
+    b.export_problem = f"{where}: {pools[0]}" if pools else None
     return None
 
 
@@ -206,7 +209,21 @@ def build_all(cfg: "RunConfig", data, errors: list[str], task=None) -> list[Buil
         b.ok = line is None
         if line:
             errors.append(line)
+        elif b.export_problem and exported(cfg, role):
+            errors.append(b.export_problem)
     return out
+
+
+def exported(cfg: "RunConfig", role: str) -> bool:
+    """Whether the run exports this model: a teacher as its own stage, the student as any other."""
+    wanted = cfg.export.stages
+    if wanted is None:
+        return True
+    names = stage_names(cfg)
+    if role == "student":
+        return any(n in wanted for n in names[len(cfg.teachers):])
+    i = 0 if role == "teacher" else int(role.split(".")[1])
+    return names[i] in wanted
 
 
 def check_features(cfg: "RunConfig", teacher: nn.Module, student: nn.Module, x: torch.Tensor) -> list[str]:

@@ -251,6 +251,24 @@ class Shuffly(torch.nn.Module):
         return self.fc(self.units(self.stem(x)).mean((2, 3)))
 
 
+class Pooly(torch.nn.Module):
+    """torchvision VGG's head on small images: 16x16 features pooled to 7x7 (torch upsamples;
+    the ONNX exporter refuses)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(7)
+        self.fc = torch.nn.Linear(4 * 7 * 7, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.conv(x)).flatten(1))
+
+
+def _pool_unexportable(cfg: dict, tmp: Path) -> None:
+    cfg["student"]["model"] = "tests.test_bad_inputs:Pooly"
+
+
 def _prune_unmappable(cfg: dict, tmp: Path) -> None:
     cfg["student"]["model"] = "tests.test_bad_inputs:Shuffly"
     cfg["stages"].append({"kind": "prune", "ratio": 0.3, "epochs": 0})
@@ -259,6 +277,7 @@ def _prune_unmappable(cfg: dict, tmp: Path) -> None:
 EXTRA_CASES = [
     Case("quantize-untraceable-student", config(_quantize_untraceable), "stages.1: the quantize stage traces"),
     Case("prune-unmappable-channels", config(_prune_unmappable), "stages.1: torch-pruning cannot build"),
+    Case("export-unexportable-pool", config(_pool_unexportable), "`pool` (AdaptiveAvgPool2d) pools 16x16 to 7x7"),
     Case("epochs-0-distill", config(_set("stages.0.epochs", 0)), "stages.0.epochs"),
     Case("epochs-0-teacher", config(_set("teacher.train.epochs", 0)), "teacher.train.epochs"),
     Case("stdlib-factory", config(_set("student.model", "os:system")), "standard library"),
