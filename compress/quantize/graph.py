@@ -80,9 +80,32 @@ def preprocess(model: nn.Module, qsettings: dict) -> nn.Module:
     compress/quantize/attention.py for why)."""
     from brevitas.graph.quantize import preprocess_for_quantize
     rewrite(model)
+    plain_linears(model)
     return preprocess_for_quantize(trace_with_defaults(model.eval()), trace_model=False,
                                    merge_bn=qsettings.get("merge_bn", True),
                                    equalize_iters=qsettings.get("equalize_iters", 0))
+
+
+def plain_linears(model: nn.Module) -> None:
+    """Subclasses of nn.Linear that compute what nn.Linear computes become nn.Linear, in place
+    and sharing their parameters (the state dict keeps its keys). FX traces into a subclass's
+    forward (only torch.nn's own classes are leaves), so brevitas saw a functional F.linear
+    and left it float: timm's `timm.layers.Linear` classifier of MobileNetV3, LCNet and GhostNet
+    ran as a float Gemm on both runtimes. Checked on a probe batch: a subclass that computes
+    anything else keeps its own forward."""
+    gen = torch.Generator().manual_seed(0)
+    for name, m in list(model.named_modules()):
+        subclass = isinstance(m, nn.Linear) and type(m) is not nn.Linear
+        if not name or not subclass or type(m).__module__.startswith("brevitas"):
+            continue
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        plain.weight, plain.bias = m.weight, m.bias
+        x = torch.randn(2, m.in_features, generator=gen).to(m.weight)
+        with torch.no_grad():
+            same = torch.equal(m(x), plain(x))
+        if same:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, plain)
 
 
 def trace_with_defaults(model: nn.Module) -> nn.Module:
@@ -224,7 +247,8 @@ def _float_into_splits(qmodel: nn.Module) -> None:
     fails ("tuple indices must be integers or slices") and `q[0]` returns its whole value, not
     row 0. Graph mode hands one to torchvision's VisionTransformer's qkv unbind (through
     compress' explicit attention) and to ShuffleNetV2's chunk (a quantized cat), whose first
-    quantized forwards failed ("'IntQuantTensor' object has no attribute 'unbind'" / "'chunk'").
+    quantized forwards failed ("'IntQuantTensor' object has no attribute 'unbind'" / "'chunk'"),
+    and attributes it lacks (timm's `x.ndim` checks: "... no attribute 'ndim'").
     The quantizers still quantize (their Q/DQ is exported); other users of their outputs still
     get the QuantTensor."""
     import operator
@@ -235,6 +259,9 @@ def _float_into_splits(qmodel: nn.Module) -> None:
         return
     for node in list(graph.nodes):
         lacks = node.op == "call_method" and not hasattr(IntQuantTensor, node.target)
+        # attributes too: timm's BatchNormAct2d asserts `x.ndim == 4`, and that getattr stays in
+        # the graph after its BatchNorm is folded (timm's EfficientNet, MobileNetV3, RegNet, ...)
+        lacks |= node.op == "call_function" and node.target is getattr and not hasattr(IntQuantTensor, node.args[1])
         if lacks or (node.op == "call_function" and node.target is operator.getitem):
             with graph.inserting_before(node):
                 node.replace_input_with(node.args[0], graph.call_function(as_float, (node.args[0],)))

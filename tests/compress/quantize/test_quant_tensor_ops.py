@@ -60,3 +60,57 @@ def test_chunk_of_a_quantized_cat_runs_and_exports(tmp_path):
     assert want.shape == (8, 10) and np.abs(want - ref).max() < 0.1 * np.ptp(ref)
     got = ort_logits(tmp_path / "m.onnx", x)
     assert np.abs(got - want).max() < 0.02 * np.ptp(want)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm subclass that checks `x.ndim` and applies its act; fx
+    traces through it (not a torch.nn leaf), so the getattr stays after the BatchNorm is folded."""
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected a 4-d input")  # as timm does: traceable
+        x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                                     self.eps)
+        return torch.relu(x)
+
+
+def test_an_attribute_the_quant_tensor_lacks_reads_the_float_value(tmp_path):
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), BatchNormAct(8), nn.Conv2d(8, 8, 1),
+                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    x = torch.randn(8, 1, 8, 8)
+    q, want = quantized_export(float_model, x, tmp_path / "m.onnx")  # failed: "... no attribute 'ndim'"
+    assert any(n.target is as_float for n in q.graph.nodes)
+    got = ort_logits(tmp_path / "m.onnx", x)
+    assert np.abs(got - want).max() < 0.02 * np.ptp(want)
+
+
+class TimmLinear(nn.Linear):
+    """timm.layers.Linear: nn.Linear's numbers through its own forward (fx traces into it)."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_a_linear_subclass_with_nn_linears_numbers_is_quantized_as_one(tmp_path):
+    import onnx
+
+    from compress.quantize.graph import plain_linears
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                TimmLinear(8, 10)).eval()
+    x = torch.randn(8, 1, 8, 8)
+    q, want = quantized_export(float_model, x, tmp_path / "m.onnx")
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    made = {o: n.op_type for n in graph.node for o in n.output}
+    gemm = next(n for n in graph.node if n.op_type in ("Gemm", "MatMul"))
+    assert made[gemm.input[1]] == "DequantizeLinear"  # an int8 weight: it was left float before
+    assert np.abs(ort_logits(tmp_path / "m.onnx", x) - want).max() < 0.02 * np.ptp(want)
+    other = nn.Sequential(ScaledLinear(4, 3))
+    before = other(torch.ones(1, 4))
+    plain_linears(other)
+    assert type(other[0]) is ScaledLinear and torch.equal(other(torch.ones(1, 4)), before)
