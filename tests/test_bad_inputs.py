@@ -269,6 +269,26 @@ def _pool_unexportable(cfg: dict, tmp: Path) -> None:
     cfg["student"]["model"] = "tests.test_bad_inputs:Pooly"
 
 
+class Mixy(torch.nn.Module):
+    """timm MixNet's mixed conv: fixed split sizes, which pruning the conv before leaves stale."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(in_channels, 16, 3, padding=1)
+        self.mix = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, k, padding=k // 2) for k in (3, 5))
+        self.fc = torch.nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        parts = torch.split(self.stem(x), [8, 8], dim=1)
+        x = torch.cat([conv(p) for conv, p in zip(self.mix, parts)], 1)
+        return self.fc(x.mean((2, 3)))
+
+
+def _prune_stale_splits(cfg: dict, tmp: Path) -> None:
+    cfg["student"]["model"] = "tests.test_bad_inputs:Mixy"
+    cfg["stages"].append({"kind": "prune", "ratio": 0.5, "epochs": 0})
+
+
 def _prune_unmappable(cfg: dict, tmp: Path) -> None:
     cfg["student"]["model"] = "tests.test_bad_inputs:Shuffly"
     cfg["stages"].append({"kind": "prune", "ratio": 0.3, "epochs": 0})
@@ -276,7 +296,8 @@ def _prune_unmappable(cfg: dict, tmp: Path) -> None:
 
 EXTRA_CASES = [
     Case("quantize-untraceable-student", config(_quantize_untraceable), "stages.1: the quantize stage traces"),
-    Case("prune-unmappable-channels", config(_prune_unmappable), "stages.1: torch-pruning cannot build"),
+    Case("prune-unmappable-channels", config(_prune_unmappable), "stages.1: torch-pruning cannot build the pruner for"),
+    Case("prune-stale-splits", config(_prune_stale_splits), "stages.1: torch-pruning cannot run this student once"),
     Case("export-unexportable-pool", config(_pool_unexportable), "`pool` (AdaptiveAvgPool2d) pools 16x16 to 7x7"),
     Case("epochs-0-distill", config(_set("stages.0.epochs", 0)), "stages.0.epochs"),
     Case("epochs-0-teacher", config(_set("teacher.train.epochs", 0)), "teacher.train.epochs"),

@@ -40,19 +40,32 @@ def check(model: nn.Module, cfg: PruneConfig, where: str, input_shape=(1, 28, 28
 
 
 def dependency_check(model: nn.Module, cfg: PruneConfig, where: str, input_shape) -> None:
-    """The stage's pruner built on a copy of the student, so a model torch-pruning cannot map
-    channels through fails here, before training, in one line (torchvision's ShuffleNetV2:
-    its channel shuffle's reshapes raise ZeroDivisionError in torch-pruning 1.6.1's index
-    mapping, an open limitation upstream, VainF/Torch-Pruning#14)."""
+    """A trial of the stage's pruning on a copy of the student (one step to the final ratio,
+    L2 magnitude: no data), then a forward, so a model torch-pruning cannot prune fails here,
+    before training, in one line. Measured on torchvision/timm (benchmarks/RESULTS.md):
+    ShuffleNetV2's channel shuffle raises ZeroDivisionError while the pruner is built
+    (torch-pruning 1.6.1's index mapping, open upstream as VainF/Torch-Pruning#14); MixNet's
+    mixed convs keep their split sizes and fail in the pruned forward; EfficientViT and EdgeNeXt
+    fail in the step itself."""
     import traceback
+    x = torch.zeros(2, *input_shape)
+    doing = "build the pruner for this student"
     try:
-        make_pruner(copy.deepcopy(model), cfg, torch.zeros(1, *input_shape))
+        trial = copy.deepcopy(model).eval()
+        pruner = make_pruner(trial, cfg.model_copy(update={"steps": 1}), x[:1], importance("l2"))
+        doing = "prune this student"
+        pruner.step()
+        sync_heads(trial, pruner)
+        doing = "run this student once pruned"
+        with torch.no_grad():
+            trial(x)
     except UserError:
         raise
     except Exception as e:
         frame = traceback.extract_tb(e.__traceback__)[-1]
-        raise UserError(f"{where}: torch-pruning cannot build this student's channel dependencies "
-                        f"({type(e).__name__}: {e} in {Path(frame.filename).name}:{frame.lineno} {frame.name}); "
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"{where}: torch-pruning cannot {doing}, tried on a copy at ratio {cfg.ratio} "
+                        f"({type(e).__name__}: {msg} in {Path(frame.filename).name}:{frame.lineno} {frame.name}); "
                         f"channel pruning cannot run on it: remove the prune stage (the other stages do not "
                         f"need it)") from e
 
