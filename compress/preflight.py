@@ -6,7 +6,8 @@ logits, resolves every module name the stages use (their `check`), and runs the 
 pairs once through their adapters. Each problem is one line naming its field (and both
 sides of a mismatch); all lines are reported together.
 
-Cost: a few models built and one batch-2 forward each (well under a second for the demo);
+Cost: a few models built and one batch-2 forward each, and a trial prune of a copy of the
+student where a stage prunes channels (well under a second for the demo);
 data is loaded (and checked: calib/checks.py) only for an image folder or a factory dataset
 (Fashion-MNIST's sizes come from its IDX headers, synthetic's from the config).
 """

@@ -65,20 +65,18 @@ def fuse_silu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     return out, {"SiLU as QuickGelu": len(found)}
 
 
-def _relu_quantizers(relu: onnx.NodeProto, cons: dict, inits: dict, outputs: set) -> list[onnx.NodeProto]:
-    """The QuantizeLinears reading `relu`, when they are all it feeds and each has a constant
-    per-tensor zero point above its type's lowest code (else [] : ORT drops such a ReLU itself)."""
+def _relu_before_quantizers(relu: onnx.NodeProto, cons: dict, inits: dict, outputs: set) -> bool:
+    """`relu` is read only by QuantizeLinears, each with a constant per-tensor zero point above
+    its type's lowest code (at the lowest code ORT drops the ReLU itself)."""
     users = cons.get(relu.output[0], [])
     if relu.op_type != "Relu" or not users or relu.output[0] in outputs:
-        return []
+        return False
     for q in users:
         zp = inits.get(q.input[2]) if q.op_type == "QuantizeLinear" and len(q.input) > 2 else None
-        if zp is None or numpy_helper.to_array(zp).size != 1:
-            return []
-        z = numpy_helper.to_array(zp)
-        if z.item() == np.iinfo(z.dtype).min:
-            return []
-    return users
+        z = numpy_helper.to_array(zp) if zp is not None else None
+        if z is None or z.size != 1 or z.item() == np.iinfo(z.dtype).min:
+            return False
+    return True
 
 
 def relu_into_quantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
@@ -86,7 +84,7 @@ def relu_into_quantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     QuantizeLinear -> Clip(z, highest code), and {"ReLU as a clip of its codes": count}."""
     g = model.graph
     cons, inits, outputs = consumers(g), {i.name: i for i in g.initializer}, {o.name for o in g.output}
-    relus = {r.output[0]: r.input[0] for r in g.node if _relu_quantizers(r, cons, inits, outputs)}
+    relus = {r.output[0]: r.input[0] for r in g.node if _relu_before_quantizers(r, cons, inits, outputs)}
     if not relus:
         return model, {}
     out = copy.deepcopy(model)

@@ -31,7 +31,7 @@ def check(model: nn.Module, cfg: PruneConfig, where: str, input_shape=(1, 28, 28
     if cfg.semi_structured:
         sparse.select(model, cfg.semi_structured)
     if cfg.ratio > 0 or cfg.target is not None:
-        dependency_check(model, cfg, where, input_shape)
+        trial_prune(model, cfg, where, input_shape)
     if cfg.remove_blocks:
         found = blocks.candidates(model, torch.zeros(1, *input_shape), cfg.block_candidates)
         if cfg.remove_blocks > len(found):
@@ -39,7 +39,7 @@ def check(model: nn.Module, cfg: PruneConfig, where: str, input_shape=(1, 28, 28
                             f"{len(found)} removable blocks ({', '.join(found) or 'none'})")
 
 
-def dependency_check(model: nn.Module, cfg: PruneConfig, where: str, input_shape) -> None:
+def trial_prune(model: nn.Module, cfg: PruneConfig, where: str, input_shape) -> None:
     """A trial of the stage's pruning on a copy of the student (one step to the final ratio,
     L2 magnitude: no data), then a forward, so a model torch-pruning cannot prune fails here,
     before training, in one line. Measured on torchvision/timm (benchmarks/RESULTS.md):

@@ -202,7 +202,7 @@ def quantize_graph(graph: nn.Module, qsettings: dict) -> nn.Module:
             raise
         by_id.update({id(m): n for n, m in pristine.named_modules()})  # the bits lambda reads it
         qmodel = _layerwise(pristine, kwargs)
-    _float_into_splits(qmodel)
+    _float_where_quant_tensor_lacks(qmodel)
     _quantize_before_sigmoid(qmodel)
     _matmul_quantizers(qmodel, qsettings)
     return qmodel
@@ -241,7 +241,7 @@ def as_float(x):
     return getattr(x, "value", x)
 
 
-def _float_into_splits(qmodel: nn.Module) -> None:
+def _float_where_quant_tensor_lacks(qmodel: nn.Module) -> None:
     """Tensor methods brevitas' IntQuantTensor lacks, and indexing, take their input's float
     value first (as_float). IntQuantTensor is a tuple: it has no unbind, chunk or mean, `q[:, 0]`
     fails ("tuple indices must be integers or slices") and `q[0]` returns its whole value, not

@@ -27,7 +27,7 @@ MODELS = {
     "timm:resnet18": {},
     # torchvision's ViT as a user builds a small one: graph-mode quantization handed QuantTensors
     # to unbind (its qkv) and to indexing, and its first quantized forward failed
-    # (compress.quantize.graph._float_into_splits)
+    # (compress.quantize.graph._float_where_quant_tensor_lacks)
     "torchvision.models.vision_transformer:VisionTransformer": {
         "image_size": 32, "patch_size": 8, "num_layers": 2, "num_heads": 4, "hidden_dim": 32, "mlp_dim": 64},
 }

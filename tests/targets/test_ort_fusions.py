@@ -12,6 +12,7 @@ from compress import speed_precision as sp
 from compress.report import speed_markdown
 from targets.ort_fusions import fuse_silu, relu_into_quantize
 from tests.compress.test_export_qdq import ort_run
+from tests.compress.test_parity import ort_ops
 from tests.compress.test_speed_precision import fake_timer, int8  # noqa: F401 (the module fixture)
 
 SILUS = 6  # mobilenet_tiny's first three inverted residuals: SiLU after expand and depthwise
@@ -128,15 +129,6 @@ def _conv_relu_q(zero_point: int, relu_is_output: bool = False) -> onnx.ModelPro
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def _optimized_ops(path, tmp_path) -> list[str]:
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # no NCHWc: portable file
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return ops(onnx.load(str(tmp_path / "opt.onnx")))
-
-
 def test_relu_before_a_zero_point_128_quantizer_becomes_a_clip_and_the_conv_int8(tmp_path):
     model = _conv_relu_q(128)
     rewritten, done = relu_into_quantize(model)
@@ -149,8 +141,8 @@ def test_relu_before_a_zero_point_128_quantizer_becomes_a_clip_and_the_conv_int8
     for optimized in (False, True):
         np.testing.assert_array_equal(ort_run(b, x, optimized), ort_run(a, x, optimized))
     assert (ort_run(a, x, True) == 0).mean() > 0.2  # the clip did work
-    assert "QLinearConv" not in _optimized_ops(a, tmp_path)  # ORT cannot drop this ReLU: the Conv runs float
-    assert "QLinearConv" in _optimized_ops(b, tmp_path)
+    assert "QLinearConv" not in ort_ops(model, tmp_path / "a.opt.onnx")  # ORT cannot drop this ReLU: float Conv
+    assert "QLinearConv" in ort_ops(rewritten, tmp_path / "b.opt.onnx")
 
 
 @pytest.mark.parametrize("zero_point,relu_is_output", [(0, False), (128, True)])

@@ -1,7 +1,7 @@
 """brevitas' IntQuantTensor is a tuple: no unbind/chunk, `q[:, 0]` fails and `q[0]` is its
 whole value. Graph-mode models that split or index a quantized tensor (ShuffleNetV2's chunk of a
 quantized cat; torchvision ViT's qkv unbind and class-token read-out: test_transformer.py) take
-the float value there (compress.quantize.graph._float_into_splits), quantize, run and export."""
+the float value there (compress.quantize.graph._float_where_quant_tensor_lacks), quantize, run and export."""
 import numpy as np
 import onnxruntime as ort
 import torch
