@@ -52,21 +52,34 @@ def without_sum_requant(model: nn.Module, modules: list[str]) -> tuple[Optional[
     if not hasattr(model, "graph") or not modules:
         return None, 0
     twin, changed = copy.deepcopy(model), 0
+    mods = dict(twin.named_modules())
     for node in list(twin.graph.nodes):
         quant = _only_user(node) if node.op == "call_module" and node.target in modules else None
-        add = _only_user(quant) if quant is not None and quant.op == "call_module" else None
+        if quant is None or quant.op != "call_module":
+            continue
+        end = quant  # timm leaves nn.Identity modules (drop, act, drop_path) between it and the add
+        while _is_identity(_only_user(end), mods):
+            end = _only_user(end)
+        add = _only_user(end)
         if add is None or not (add.target in ADDS or (add.op == "call_method" and add.target == "add")):
             continue
         with twin.graph.inserting_before(add):
-            add.args = tuple(twin.graph.call_function(_as_float, (node if a is quant else a,))
+            add.args = tuple(twin.graph.call_function(_as_float, (node if a is end else a,))
                              if hasattr(a, "users") else a for a in add.args)  # brevitas' backported fx Node
-        twin.graph.erase_node(quant)
+        while end is not node:  # the quantizer and the identities after it, now unused
+            prev = end.args[0]
+            twin.graph.erase_node(end)
+            end = prev
         changed += 1
     if not changed:
         return None, 0
     twin.graph.lint()
     twin.recompile()
     return twin, changed
+
+
+def _is_identity(node, mods: dict) -> bool:
+    return node is not None and node.op == "call_module" and isinstance(mods.get(node.target), nn.Identity)
 
 
 def _only_user(node):

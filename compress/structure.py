@@ -47,6 +47,9 @@ class QuantSettings(_Record):
     weight_scaling: str = "per_channel"
     bias: str = "int32"
     merge_bn: bool = True
+    plain_batchnorms: bool = False
+    """BatchNorm subclasses (timm's BatchNormAct2d) split into BatchNorm + act so they fold;
+    records from before it hold those BatchNorms unfolded, and rebuild so"""
     equalize_iters: int = 0
     layer_bits: dict[str, int] = Field(default_factory=dict)
     """every compute layer's final weight bits, by qualified name"""

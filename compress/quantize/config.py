@@ -134,7 +134,7 @@ def settings(cfg: QuantizeConfig) -> dict:
     return {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits,
             "activations": cfg.activations, "weight_scaling": "per_channel",
             "bias": "int32" if cfg.act_bits == 8 else "float", "merge_bn": True,
-            "equalize_iters": cfg.equalize_iters}
+            "plain_batchnorms": True, "equalize_iters": cfg.equalize_iters}
 
 
 def format_name(qs: dict) -> str:

@@ -81,6 +81,8 @@ def preprocess(model: nn.Module, qsettings: dict) -> nn.Module:
     from brevitas.graph.quantize import preprocess_for_quantize
     rewrite(model)
     plain_linears(model)
+    if qsettings.get("plain_batchnorms"):
+        plain_batchnorms(model)
     return preprocess_for_quantize(trace_with_defaults(model.eval()), trace_model=False,
                                    merge_bn=qsettings.get("merge_bn", True),
                                    equalize_iters=qsettings.get("equalize_iters", 0))
@@ -106,6 +108,46 @@ def plain_linears(model: nn.Module) -> None:
         if same:
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, plain)
+
+
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def plain_batchnorms(model: nn.Module) -> None:
+    """Subclasses of BatchNorm that compute a BatchNorm, then their own `drop` and `act`
+    children (timm's BatchNormAct2d) become nn.Sequential(BatchNorm, drop, act), in place and
+    sharing parameters and statistics. FX traces into the subclass's forward and sees
+    F.batch_norm, which brevitas does not fold: each ran as a float BatchNormalization between
+    Q/DQ on both runtimes (timm's MobileNetV3, EfficientNet, LCNet, GhostNet, RegNet; folded,
+    ORT ran their int8 graphs 1.16-1.30x as fast: benchmarks/RESULTS.md). Folding changes the
+    quantized state dict, so a structure record says whether it was done (QuantSettings).
+    Checked on a probe batch in eval mode: a subclass that computes anything else keeps its
+    own forward."""
+    gen = torch.Generator().manual_seed(0)
+    for name, m in list(model.named_modules()):
+        kind = next((k for k in _PLAIN_BN if isinstance(m, k)), None)
+        if not name or kind is None or type(m) is kind or type(m).__module__.startswith("brevitas"):
+            continue
+        plain = kind(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(plain, key, getattr(m, key))
+        tail = [getattr(m, k) for k in ("drop", "act") if isinstance(getattr(m, k, None), nn.Module)
+                and not isinstance(getattr(m, k), nn.Identity)]  # no-op nodes between a quantizer and its user
+        split = nn.Sequential(plain, *tail)
+        shape = {nn.BatchNorm1d: (2, m.num_features), nn.BatchNorm2d: (2, m.num_features, 3, 3)}.get(
+            kind, (2, m.num_features, 2, 2, 2))
+        ref = next(iter([*m.parameters(), *m.buffers()]), None)
+        x = torch.randn(*shape, generator=gen) if ref is None else torch.randn(*shape, generator=gen).to(ref)
+        was = m.training
+        m.eval(), split.eval()
+        try:
+            with torch.no_grad():
+                same = torch.equal(m(x), split(x))
+        finally:
+            m.train(was), split.train(was)
+        if same:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, split)
 
 
 def trace_with_defaults(model: nn.Module) -> nn.Module:

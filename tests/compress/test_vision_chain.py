@@ -25,6 +25,9 @@ MIN_AGREEMENT = {"onnxruntime": 0.98, "openvino": 0.95}
 MODELS = {
     "torchvision:mobilenet_v3_small": {},
     "timm:resnet18": {},
+    # timm's BatchNormAct2d (a BatchNorm subclass with its activation): fx traced into it, and
+    # each ran as a float BatchNormalization between Q/DQ until split so that brevitas folds it
+    "timm:mobilenetv3_small_050": {},
     # torchvision's ViT as a user builds a small one: graph-mode quantization handed QuantTensors
     # to unbind (its qkv) and to indexing, and its first quantized forward failed
     # (compress.quantize.graph._float_where_quant_tensor_lacks)
@@ -88,6 +91,13 @@ def test_int8_on_every_quantized_layer_with_parity(chain, backend):
     # trained logits span several units: a wrong scale or layer is off by that much, rounding
     # ties by a few quantization steps (torchvision mobilenet_v3_small on ORT: 0.29)
     assert r["max_abs_diff"] < 1.0
+
+
+def test_batchnorms_fold_into_the_int8_convs(chain):
+    import onnx
+    spec, run_dir, report = chain
+    ops = [n.op_type for n in onnx.load(str(run_dir / "03-quantize" / "model.onnx")).graph.node]
+    assert "BatchNormalization" not in ops
 
 
 def test_timm_vit_quantizes_and_exports_int8(tmp_path):

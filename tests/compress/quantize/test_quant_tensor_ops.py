@@ -2,6 +2,8 @@
 whole value. Graph-mode models that split or index a quantized tensor (ShuffleNetV2's chunk of a
 quantized cat; torchvision ViT's qkv unbind and class-token read-out: test_transformer.py) take
 the float value there (compress.quantize.graph._float_where_quant_tensor_lacks), quantize, run and export."""
+import copy
+
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -114,3 +116,53 @@ def test_a_linear_subclass_with_nn_linears_numbers_is_quantized_as_one(tmp_path)
     before = other(torch.ones(1, 4))
     plain_linears(other)
     assert type(other[0]) is ScaledLinear and torch.equal(other(torch.ones(1, 4)), before)
+
+
+class TimmBatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d as it is built: `drop` and `act` children after F.batch_norm."""
+
+    def __init__(self, c, act=nn.Hardswish):
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), act()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected a 4-d input")
+        x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                     self.training, self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class ShiftedBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+def test_a_batchnorm_act_subclass_is_folded_into_its_conv(tmp_path):
+    import onnx
+
+    from compress.quantize.graph import plain_batchnorms
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), TimmBatchNormAct(8), nn.Conv2d(8, 8, 1),
+                                TimmBatchNormAct(8, nn.ReLU), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                nn.Linear(8, 10))
+    for bn in (float_model[1], float_model[3]):  # statistics that are not the identity
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    float_model.eval()
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        ref = float_model(x).numpy()
+    unsplit = copy.deepcopy(float_model)  # prepare splits them in place
+    q, want = quantized_export(float_model, x, tmp_path / "m.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert "BatchNormalization" not in ops  # each ran as a float BatchNormalization between Q/DQ before
+    assert np.abs(want - ref).max() < 0.1 * np.ptp(ref)
+    assert np.abs(ort_logits(tmp_path / "m.onnx", x) - want).max() < 0.02 * np.ptp(want)
+    from compress.quantize.graph import prepare
+    from compress.structure import QuantSettings
+    # a structure recorded before the split rebuilds without it: its weights hold the BatchNorm
+    recorded = QuantSettings(**{k: v for k, v in settings(QuantizeConfig()).items() if k != "plain_batchnorms"})
+    assert "1.running_var" in prepare(unsplit, recorded.model_dump()).state_dict()
+    other = nn.Sequential(ShiftedBatchNorm(4)).eval()
+    before = other(torch.ones(2, 4, 3, 3))
+    plain_batchnorms(other)
+    assert type(other[0]) is ShiftedBatchNorm and torch.equal(other(torch.ones(2, 4, 3, 3)), before)
