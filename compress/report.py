@@ -92,15 +92,28 @@ def timer_cells(lat: dict, thr: dict) -> str:
     return f"{_fmt(rt.get('p50'), '.3f')} | {vendor} | {share}"
 
 
+def _judged_again(row: dict, key: str, what: str, against: str) -> str:
+    """`{stage} @ {backend}: {what}; agreement with torch ..., with torch computing {against} ...: verdict`."""
+    j = row[key]
+    verdict = "the gate passes on that" if j["passes"] else f"still failing: {j['failures']}"
+    return (f"{row['stage']} @ {row['backend']}: {what}; agreement with torch {_fmt(row.get('agreement'), '.4f')}, "
+            f"with torch computing {against} {_fmt(j['agreement'], '.4f')}: {verdict}")
+
+
 def fusion_note(row: dict) -> str:
     """A row whose parity gate was judged again against torch computing the runtime's fused
     residual adds (compress/runtime_arith.py)."""
-    fusion = row["runtime_fusion"]
-    verdict = "the gate passes on that" if fusion["passes"] else f"still failing: {fusion['failures']}"
-    return (f"{row['stage']} @ {row['backend']}: the runtime fused {fusion['adds']} residual add(s) into their "
-            f"convolutions without re-quantizing the convolution's output first (Q(conv + r), where torch computes "
-            f"Q(Q(conv) + r)); agreement with torch {_fmt(row.get('agreement'), '.4f')}, with torch computing the "
-            f"same {_fmt(fusion['agreement'], '.4f')}: {verdict}")
+    return _judged_again(row, "runtime_fusion", f"the runtime fused {row['runtime_fusion']['adds']} residual add(s) "
+                         f"into their convolutions without re-quantizing the convolution's output first (Q(conv + r), "
+                         f"where torch computes Q(Q(conv) + r))", "the same")
+
+
+def float_graph_note(row: dict) -> str:
+    """A `precision: speed` row that ships the whole graph in float, judged against torch
+    computing that graph (compress/deploy.judge_float_graph), its metric held to the int8 model's."""
+    return _judged_again(row, "float_graph", "the whole graph runs in float (measured faster; its activations are "
+                         "not rounded to int8, so it is another model than the int8 one trained, its metric held to "
+                         "the int8 model's)", "the float graph")
 
 
 def diverging_markdown(deployments: list[dict]) -> list[str]:
@@ -225,6 +238,7 @@ def to_markdown(report: dict) -> str:
             f"{_fmt(d['size_bytes'], ',')} | {executed} | {timer_cells(lat, thr)} |")
     lines += ["", TIMERS_NOTE]
     lines += [line for d in report["deployments"] if d.get("runtime_fusion") for line in ("", fusion_note(d))]
+    lines += [line for d in report["deployments"] if d.get("float_graph") for line in ("", float_graph_note(d))]
     lines += diverging_markdown(report["deployments"])
     lines += speed_markdown(report["deployments"])
     lines += float_markdown(report["deployments"])

@@ -193,9 +193,10 @@ def test_precision_speed_is_a_target_key():
         TargetConfig(backend="onnxruntime", precision="fastest")
 
 
-def deploy_speed(int8, tmp_path, monkeypatch, fast: int, whole: float = 1e9, parity: dict = None):
+def deploy_speed(int8, tmp_path, monkeypatch, fast: int, whole: float = 1e9, parity: dict = None, model=None):
     """deploy_one on the int8 export with `precision: speed` (ORT, 1 thread), a fake timer making
-    layer `fast` faster in float and the whole float graph score `whole`; parity: the gate's changes."""
+    layer `fast` faster in float and the whole float graph score `whole`; parity: the gate's changes;
+    model: the torch model deploy_one gets (the one exported)."""
     import dataclasses
 
     from compress.deploy import deploy_one
@@ -214,7 +215,7 @@ def deploy_speed(int8, tmp_path, monkeypatch, fast: int, whole: float = 1e9, par
                 "quant_format": {"weight_bits": dict.fromkeys(names, 8)}}
     spec = target_spec(TargetConfig(backend="onnxruntime", threads=1, precision="speed"))
     spec = dataclasses.replace(spec, parity=dataclasses.replace(spec.parity, **(parity or {})))
-    return deploy_one(plan, "quantize", d, manifest, spec, x, ref.argmax(1), ref), names, d
+    return deploy_one(plan, "quantize", d, manifest, spec, x, ref.argmax(1), ref, model=model), names, d
 
 
 def test_deployment_row_says_which_layers_run_float_and_why(int8, tmp_path, monkeypatch):
@@ -268,6 +269,43 @@ def test_deploy_judges_the_whole_float_graph_with_the_targets_parity_gate(int8, 
     # the per-layer graph, written where the rejected one was, is scored afresh: it has the int8 numbers
     assert row["status"] == "ok" and row["max_abs_diff"] < 1e-3, row["reason"]
     assert any("failed parity" in line for line in speed_markdown([row]))
+
+
+def test_the_whole_float_graph_is_judged_against_torch_computing_it(int8, tmp_path, monkeypatch):
+    """With the torch model at hand, a float graph that misses the gate against the int8 model (its
+    activations are not rounded: logits 1.2e-3 apart here) is judged against the same model with
+    activation and bias quantizers off (4e-7 apart), and ships; the row keeps the int8 agreement."""
+    from compress.quantize import QuantizeConfig
+    from compress.report import float_graph_note
+    from tests.compress.test_export_qdq import calibrated
+    _, x = int8
+    q = calibrated("mobilenet_tiny", QuantizeConfig(), x)  # the model the fixture exported
+    row, _, _ = deploy_speed(int8, tmp_path, monkeypatch, fast=0, whole=1.0, parity={"max_abs_diff": 1e-3}, model=q)
+    assert row["status"] == "ok", row["reason"]
+    assert row["speed_precision"]["whole_graph_float"] and row["executed_precision"]["int8_layers"] == 0
+    assert row["max_abs_diff"] > 1e-3 and row["float_graph"]["passes"] and row["float_graph"]["max_abs_diff"] < 1e-5
+    assert "with torch computing the float graph 1.0000" in float_graph_note(row)
+
+
+def test_the_float_graph_is_held_to_the_int8_models_accuracy(monkeypatch, tmp_path):
+    """Agreeing with torch computing it is not enough: a float graph less accurate than the int8
+    model stays rejected, and says why."""
+    import compress.deploy as deploy
+    import compress.runtime_arith as ra
+    from compress.plan import deployment_plan, target_spec
+    from tests.compress.test_deploy_options import CFG
+    plan = deployment_plan(CFG, [], {}, None, tmp_path, log=lambda s: None)
+    spec = target_spec(TargetConfig(backend="onnxruntime", precision="speed"))
+    labels = np.arange(8) % 4
+    ref = np.eye(4, dtype=np.float32)[labels]  # the int8 model: all 8 right
+    wrong = np.eye(4, dtype=np.float32)[(labels + 1) % 4]
+    for right, passes in ((8, True), (6, False)):
+        got = np.concatenate([ref[:right], wrong[right:]])
+        monkeypatch.setattr(ra, "float_activation_logits", lambda model, x, batch: got)  # torch computing it
+        row = deploy.compare(got, labels, ref, plan.task, spec.parity)
+        again = deploy.judge_float_graph(plan, row, object(), got, np.zeros((8, 1)), labels, ref, spec)
+        assert row["float_graph"]["agreement"] == 1.0 and (again == []) == passes, again
+        assert passes or "accuracy" in again[0]
 
 
 def test_an_accepted_whole_float_graph_is_scored_once(int8, tmp_path, monkeypatch):
