@@ -152,11 +152,11 @@ def speed_precision(plan: DeploymentPlan, spec: TargetSpec, onnx_path: Path, sdi
         logits = logits_of(runner, x, plan.data.batch_size)
         row = scored[path] = compare(logits, labels, ref, plan.task, spec.parity)
         failures = parity_failures(row, task.score(ref, labels), spec.parity, task)
-        judged = failures and model is not None
-        again = judge_float_graph(plan, row, model, logits, x, labels, ref, spec) if judged else None
-        if again == []:
-            return None
-        if again:
+        judge = failures and model is not None
+        again = judge_float_graph(plan, row, model, logits, x, labels, ref, spec) if judge else None
+        if again is not None:  # judged against torch computing the float graph: the verdict that stands
+            if not again:
+                return None
             failures.append(f"against torch computing the float graph: {'; '.join(again)}")
         # what the user trades if they relax the gate: the float graph's own metric beside torch's
         return "; ".join(failures) + (f"; its {task.primary} {row[task.primary]:.4f}, torch's "
@@ -264,7 +264,7 @@ def speed_would_rewrite(target, onnx_path: Path) -> str:
 
 
 def judge_float_graph(plan: DeploymentPlan, row: dict, model, logits: np.ndarray, x: np.ndarray,
-                      labels: np.ndarray, ref: np.ndarray, spec: TargetSpec) -> list[str]:
+                      labels: np.ndarray, ref: np.ndarray, spec: TargetSpec) -> Optional[list[str]]:
     """The whole graph in float, failing against torch's int8 model, judged against torch
     computing that graph: -> the failures that remain ([]: it passes; None: no such torch model).
     The row keeps the int8 model's agreement; `float_graph` records the other. Its metric is still

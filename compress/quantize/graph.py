@@ -11,6 +11,7 @@ import copy
 import torch
 from torch import nn
 
+from compress.checkpoint import set_module
 from compress.errors import UserError
 from compress.names import unknown_name
 from compress.quantize.attention import has_torch_attention, quantize_matmul_inputs, rewrite
@@ -96,21 +97,13 @@ def plain_linears(model: nn.Module) -> None:
     ran as a float Gemm on both runtimes. Checked on a probe batch: a subclass that computes
     anything else keeps its own forward."""
     gen = torch.Generator().manual_seed(0)
-    for name, m in list(model.named_modules()):
-        subclass = isinstance(m, nn.Linear) and type(m) is not nn.Linear
-        if not name or not subclass or type(m).__module__.startswith("brevitas"):
-            continue
+    for name, m in _subclasses(model, (nn.Linear,)):
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
         plain.weight, plain.bias = m.weight, m.bias
-        x = torch.randn(2, m.in_features, generator=gen).to(m.weight)
-        with torch.no_grad():
-            same = torch.equal(m(x), plain(x))
-        if same:
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, plain)
+        _replace_if_same(model, name, m, plain, torch.randn(2, m.in_features, generator=gen).to(m.weight))
 
 
-_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BN_SPATIAL = {nn.BatchNorm1d: 0, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}  # dims after (N, C) of a probe
 
 
 def plain_batchnorms(model: nn.Module) -> None:
@@ -119,35 +112,41 @@ def plain_batchnorms(model: nn.Module) -> None:
     sharing parameters and statistics. FX traces into the subclass's forward and sees
     F.batch_norm, which brevitas does not fold: each ran as a float BatchNormalization between
     Q/DQ on both runtimes (timm's MobileNetV3, EfficientNet, LCNet, GhostNet, RegNet; folded,
-    ORT ran their int8 graphs 1.16-1.30x as fast: benchmarks/RESULTS.md). Folding changes the
+    ORT ran their int8 graphs 1.11-1.72x as fast: benchmarks/RESULTS.md). Folding changes the
     quantized state dict, so a structure record says whether it was done (QuantSettings).
     Checked on a probe batch in eval mode: a subclass that computes anything else keeps its
     own forward."""
     gen = torch.Generator().manual_seed(0)
-    for name, m in list(model.named_modules()):
-        kind = next((k for k in _PLAIN_BN if isinstance(m, k)), None)
-        if not name or kind is None or type(m) is kind or type(m).__module__.startswith("brevitas"):
-            continue
+    for name, m in _subclasses(model, tuple(_BN_SPATIAL)):
+        kind = next(k for k in _BN_SPATIAL if isinstance(m, k))
         plain = kind(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
         for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             setattr(plain, key, getattr(m, key))
         tail = [getattr(m, k) for k in ("drop", "act") if isinstance(getattr(m, k, None), nn.Module)
                 and not isinstance(getattr(m, k), nn.Identity)]  # no-op nodes between a quantizer and its user
-        split = nn.Sequential(plain, *tail)
-        shape = {nn.BatchNorm1d: (2, m.num_features), nn.BatchNorm2d: (2, m.num_features, 3, 3)}.get(
-            kind, (2, m.num_features, 2, 2, 2))
-        ref = next(iter([*m.parameters(), *m.buffers()]), None)
-        x = torch.randn(*shape, generator=gen) if ref is None else torch.randn(*shape, generator=gen).to(ref)
-        was = m.training
-        m.eval(), split.eval()
-        try:
-            with torch.no_grad():
-                same = torch.equal(m(x), split(x))
-        finally:
-            m.train(was), split.train(was)
-        if same:
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, split)
+        x = torch.randn(2, m.num_features, *[3] * _BN_SPATIAL[kind], generator=gen)
+        ref = next((t for t in (m.running_mean, m.weight) if t is not None), x)  # the module's device and dtype
+        _replace_if_same(model, name, m, nn.Sequential(plain, *tail), x.to(ref))
+
+
+def _subclasses(model: nn.Module, kinds: tuple) -> list:
+    """(name, module) of each submodule that subclasses one of `kinds` without being one of them
+    (brevitas' own layers aside)."""
+    return [(n, m) for n, m in model.named_modules() if n and isinstance(m, kinds) and type(m) not in kinds
+            and not type(m).__module__.startswith("brevitas")]
+
+
+def _replace_if_same(model: nn.Module, name: str, old: nn.Module, new: nn.Module, x: torch.Tensor) -> None:
+    """`new` in place of `old` where both compute the same on x in eval mode (modes restored)."""
+    was = old.training
+    old.eval(), new.eval()
+    try:
+        with torch.no_grad():
+            same = torch.equal(old(x), new(x))
+    finally:
+        old.train(was), new.train(was)
+    if same:
+        set_module(model, name, new)
 
 
 def trace_with_defaults(model: nn.Module) -> nn.Module:
